@@ -1,0 +1,13 @@
+"""The exceptions jaxrlhf raises on bad input: each message says what is wrong and where."""
+
+
+class JaxRLHFError(Exception):
+    """Base class: catch this to handle every jaxrlhf input error at once."""
+
+
+class ConfigError(JaxRLHFError, ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+class CheckpointError(JaxRLHFError, ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""

@@ -1,0 +1,29 @@
+"""Flax GPT-2, BERT and DistilBERT that load and save Hugging Face checkpoints."""
+
+from jaxrlhf.models.bert import (
+    BertForSequenceClassification,
+    BertModel,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
+)
+from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config
+from jaxrlhf.models.gpt2 import CausalLMOutput, GPT2LMHeadModel, GPT2Model
+from jaxrlhf.models.hub import check_tokenizer, from_config, load_pretrained, load_tokenizer, save_pretrained
+
+__all__ = [
+    "BertConfig",
+    "BertForSequenceClassification",
+    "BertModel",
+    "CausalLMOutput",
+    "DistilBertConfig",
+    "DistilBertForSequenceClassification",
+    "DistilBertModel",
+    "GPT2Config",
+    "GPT2LMHeadModel",
+    "GPT2Model",
+    "check_tokenizer",
+    "from_config",
+    "load_pretrained",
+    "load_tokenizer",
+    "save_pretrained",
+]

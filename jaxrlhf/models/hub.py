@@ -1,0 +1,444 @@
+"""Hugging Face checkpoints <-> our Flax param trees.
+
+Loading walks our abstract param tree and, for each leaf, derives the HF tensor name by rule
+(`_hf_key`), looks it up, transposes torch `Linear` kernels, and checks the shape. Nothing is
+ever unpickled except through torch's `weights_only` loader.
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxrlhf.errors import CheckpointError
+from jaxrlhf.models.bert import (
+    BertForSequenceClassification,
+    BertModel,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
+)
+from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config
+from jaxrlhf.models.gpt2 import GPT2LMHeadModel, GPT2Model
+
+log = logging.getLogger(__name__)
+
+Params = dict[str, Any]
+
+_SAFE_INDEX = "model.safetensors.index.json"
+_TORCH_INDEX = "pytorch_model.bin.index.json"
+_HUB_FILES = ["config.json", "*.safetensors", _SAFE_INDEX, "*.bin", _TORCH_INDEX, "*.json", "*.txt", "*.model"]
+
+# The encoder layer's generic names, as each BERT-family checkpoint spells them.
+_BERT_LAYER = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attn_out": "attention.output.dense",
+    "attn_ln": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+    "ffn_ln": "output.LayerNorm",
+}
+_DISTILBERT_LAYER = {
+    "query": "attention.q_lin",
+    "key": "attention.k_lin",
+    "value": "attention.v_lin",
+    "attn_out": "attention.out_lin",
+    "attn_ln": "sa_layer_norm",
+    "ffn_in": "ffn.lin1",
+    "ffn_out": "ffn.lin2",
+    "ffn_ln": "output_layer_norm",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Head:
+    cls: type[nn.Module]  # built as cls(config, dtype)
+    hf_architecture: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Arch:
+    config_cls: type
+    trunk: str  # the trunk's name under a head model, and the HF key prefix
+    heads: dict[str, _Head]
+    module_names: Callable[[str], str]  # our module path "a/b_0/c" -> HF module path "a.b.0.c"
+    is_torch_linear: Callable[[str], bool]  # HF module path -> kernel stored [out, in]
+    new_ok: str  # regex: params a checkpoint may lack (heads), initialised fresh instead
+
+
+def _dotted(path: str) -> str:
+    """"transformer/h_0/attn" -> "transformer.h.0.attn": Flax names list members `h_0`."""
+    return re.sub(r"(^|/)(h|layer)_(\d+)(?=/|$)", r"\1\2.\3", path).replace("/", ".")
+
+
+def _encoder_names(layer_names: dict[str, str], trunk: str, encoder: str) -> Callable[[str], str]:
+    def rename(path: str) -> str:
+        m = re.fullmatch(rf"((?:{trunk}/)?)layer_(\d+)/(\w+)", path)
+        if m:
+            prefix = m[1].replace("/", ".")
+            return f"{prefix}{encoder}.layer.{m[2]}.{layer_names[m[3]]}"
+        return _dotted(path.replace("pooler", "pooler/dense"))
+
+    return rename
+
+
+ARCHITECTURES: dict[str, _Arch] = {
+    "gpt2": _Arch(
+        GPT2Config,
+        "transformer",
+        {
+            "base": _Head(GPT2Model, "GPT2Model"),
+            "lm": _Head(GPT2LMHeadModel, "GPT2LMHeadModel"),
+        },
+        _dotted,
+        # GPT-2's Conv1D stores [in, out] like Flax; only the value head is a torch Linear.
+        lambda name: name.startswith("v_head"),
+        r"v_head\.",
+    ),
+    "bert": _Arch(
+        BertConfig,
+        "bert",
+        {
+            "base": _Head(BertModel, "BertModel"),
+            "classification": _Head(BertForSequenceClassification, "BertForSequenceClassification"),
+        },
+        _encoder_names(_BERT_LAYER, "bert", "encoder"),
+        lambda name: True,
+        r"(bert\.)?pooler\.|classifier\.",
+    ),
+    "distilbert": _Arch(
+        DistilBertConfig,
+        "distilbert",
+        {
+            "base": _Head(DistilBertModel, "DistilBertModel"),
+            "classification": _Head(DistilBertForSequenceClassification, "DistilBertForSequenceClassification"),
+        },
+        _encoder_names(_DISTILBERT_LAYER, "distilbert", "transformer"),
+        lambda name: True,
+        r"pre_classifier\.|classifier\.",
+    ),
+}
+
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def _hf_key(arch: _Arch, path: tuple[str, ...]) -> tuple[str, bool]:
+    """Our param path -> (HF tensor name, whether the HF tensor is the transpose of ours)."""
+    module = arch.module_names("/".join(path[:-1]))
+    return f"{module}.{_LEAF_NAMES[path[-1]]}", path[-1] == "kernel" and arch.is_torch_linear(module)
+
+
+def _candidates(key: str, trunk: str) -> list[str]:
+    """Names a tensor may have: with or without the trunk prefix (HF saves base models without
+    it), and the gamma/beta LayerNorm names of older BERT checkpoints."""
+    names = [key, key.removeprefix(trunk + ".") if key.startswith(trunk + ".") else f"{trunk}.{key}"]
+    for name in list(names):
+        if name.endswith("LayerNorm.weight"):
+            names.append(name.removesuffix("weight") + "gamma")
+        if name.endswith("LayerNorm.bias"):
+            names.append(name.removesuffix("bias") + "beta")
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading files
+
+
+def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or a hub name resolved through huggingface_hub (so a
+    populated cache works with `HF_HUB_OFFLINE=1`)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name_or_path)
+    if path.exists():
+        raise CheckpointError(f"{text} is a file; expected a checkpoint directory holding config.json")
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:  # a path, not "org/name"
+        raise CheckpointError(f"checkpoint directory {text} does not exist")
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(text, revision=revision, allow_patterns=_HUB_FILES))
+    except Exception as e:  # the hub client raises many types; all mean "not found"
+        raise CheckpointError(
+            f"{text} is neither a local directory nor a model found on the Hugging Face hub "
+            f"or in its local cache ({type(e).__name__}: {e})"
+        ) from e
+
+
+def read_hf_config(directory: Path) -> dict[str, Any]:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face checkpoint directory?")
+    try:
+        hf = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{path}: model_type {model_type!r} is not supported; jaxrlhf loads {sorted(ARCHITECTURES)}"
+        )
+    return hf
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    for index, single in ((_SAFE_INDEX, "model.safetensors"), (_TORCH_INDEX, "pytorch_model.bin")):
+        if (directory / index).is_file():
+            try:
+                weight_map = json.loads((directory / index).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{directory / index} is not a valid shard index: {e}") from e
+            files = [directory / f for f in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.is_file():
+                    raise CheckpointError(f"shard {f} named in {directory / index} is missing")
+            return files
+        if (directory / single).is_file():
+            return [directory / single]
+    raise CheckpointError(
+        f"{directory} holds no weights: expected model.safetensors, {_SAFE_INDEX}, pytorch_model.bin "
+        f"or {_TORCH_INDEX} (found: {sorted(p.name for p in directory.iterdir())})"
+    )
+
+
+def _read_tensors(path: Path) -> dict[str, np.ndarray]:
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            # The flax reader handles bfloat16, which numpy alone cannot represent.
+            with safe_open(str(path), framework="flax") as f:
+                return {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle; install torch to read it (safely, with weights_only=True) "
+            "or convert the checkpoint to safetensors"
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        raise CheckpointError(f"{path} could not be loaded with torch weights_only=True: {e}") from e
+    return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def load_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    head: str | None = None,
+    value_head: bool = False,
+    num_labels: int | None = None,
+    dtype: jnp.dtype = jnp.float32,
+    revision: str | None = None,
+    rng: jax.Array | None = None,
+) -> tuple[nn.Module, Params, Any]:
+    """Load a GPT-2, BERT or DistilBERT checkpoint -> `(module, params, config)`.
+
+    `head`: "base", "lm" (GPT-2) or "classification" (BERT/DistilBERT); by default the one the
+    checkpoint's `architectures` names. `value_head` adds PPO's scalar head to GPT-2;
+    `num_labels` sets the classification width (1 = regression). Head tensors the checkpoint
+    lacks are initialised from `rng` (with a warning naming them); any other missing tensor is
+    an error. Params are float32; `dtype` is the compute dtype. Use as
+    `module.apply({"params": params}, input_ids, attention_mask)`.
+    """
+    directory = resolve(name_or_path, revision)
+    hf = read_hf_config(directory)
+    module = _build(hf, head, value_head, num_labels, dtype, where=str(directory / "config.json"))
+    state: dict[str, tuple[np.ndarray, Path]] = {}
+    for path in _weight_files(directory):
+        state.update({k: (v, path) for k, v in _read_tensors(path).items()})
+    params = _params_from_state(ARCHITECTURES[hf["model_type"]], module, state, directory, rng)
+    return module, params, module.config
+
+
+def from_config(
+    hf_config: dict[str, Any],
+    rng: jax.Array,
+    *,
+    head: str | None = None,
+    value_head: bool = False,
+    dtype: jnp.dtype = jnp.float32,
+    where: str = "model config",
+) -> tuple[nn.Module, Params, Any]:
+    """A freshly initialised model from a config.json-style dict (with `model_type`)."""
+    if hf_config.get("model_type") not in ARCHITECTURES:
+        raise CheckpointError(
+            f"{where}: model_type {hf_config.get('model_type')!r} is not supported; "
+            f"jaxrlhf builds {sorted(ARCHITECTURES)}"
+        )
+    module = _build(hf_config, head, value_head, None, dtype, where)
+    params = jax.jit(module.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return module, params, module.config
+
+
+def _build(hf, head, value_head, num_labels, dtype, where) -> nn.Module:
+    arch = ARCHITECTURES[hf["model_type"]]
+    if num_labels is not None:
+        hf = {**{k: v for k, v in hf.items() if k not in ("id2label", "label2id")}, "num_labels": num_labels}
+    config = arch.config_cls.from_hf(hf, where=where)
+    head = head or _default_head(arch, hf)
+    if head not in arch.heads:
+        raise CheckpointError(f"head={head!r} is not available for {hf['model_type']}; choose one of {sorted(arch.heads)}")
+    if value_head and hf["model_type"] != "gpt2":
+        raise CheckpointError("value_head=True is only available for GPT-2 policies")
+    return arch.heads[head].cls(config, dtype, **({"value_head": True} if value_head else {}))
+
+
+def _default_head(arch: _Arch, hf: dict[str, Any]) -> str:
+    named = set(hf.get("architectures") or [])
+    for head, spec in arch.heads.items():
+        if spec.hf_architecture in named:
+            return head
+    # A checkpoint that names no architecture we know: the most useful head for its family.
+    return "lm" if "lm" in arch.heads else "base"
+
+
+def _abstract_params(module: nn.Module) -> Params:
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), ids))["params"]
+
+
+def _params_from_state(arch, module, state, directory, rng) -> Params:
+    flat = flatten_dict(_abstract_params(module))
+    params, missing, fresh, used = {}, [], [], set()
+    for path, leaf in flat.items():
+        key, transposed = _hf_key(arch, path)
+        found = next((k for k in _candidates(key, arch.trunk) if k in state), None)
+        if found is None:
+            (fresh if re.match(arch.new_ok, key) else missing).append((path, key))
+            continue
+        used.add(found)
+        tensor, file = state[found]
+        value = tensor.T if transposed else tensor
+        if value.shape != leaf.shape:
+            raise CheckpointError(
+                f"tensor {found} in {file} has shape {tuple(tensor.shape)}; the model built from "
+                f"{directory / 'config.json'} expects {tuple(leaf.shape[::-1] if transposed else leaf.shape)}"
+            )
+        params[path] = jnp.asarray(value, jnp.float32)
+    if missing:
+        names = ", ".join(k for _, k in missing[:5])
+        raise CheckpointError(
+            f"{directory}: {len(missing)} tensor(s) the model needs are not in the checkpoint, e.g. {names}"
+        )
+    if fresh:
+        warnings.warn(
+            f"{directory}: initialising new head tensors not in the checkpoint: {', '.join(k for _, k in fresh)}",
+            stacklevel=3,
+        )
+        rng = jax.random.key(0) if rng is None else rng
+        init = flatten_dict(module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+        params.update({path: init[path] for path, _ in fresh})
+    unused = sorted(set(state) - used)
+    if unused:
+        log.info("%s: %d checkpoint tensors not used by this model, e.g. %s", directory, len(unused), unused[:3])
+    return unflatten_dict(params)
+
+
+def save_pretrained(
+    directory: str | os.PathLike,
+    module: nn.Module,
+    params: Params,
+    tokenizer: Any | None = None,
+) -> Path:
+    """Write `module`'s params in HF layout (config.json + model.safetensors, and the tokenizer's
+    files when given) that `transformers.AutoModel*.from_pretrained` loads unchanged.
+
+    The folder is built beside the target and swapped in at the end, so an interrupted save
+    never leaves a half-written checkpoint, nor loses the one that was there.
+    """
+    from safetensors.numpy import save_file
+
+    arch_name, head = _architecture_of(module)
+    arch = ARCHITECTURES[arch_name]
+    config = module.config
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, config, where="save_pretrained")
+    tensors = {}
+    for path, value in flatten_dict(params).items():
+        key, transposed = _hf_key(arch, path)
+        value = np.asarray(value, np.float32)
+        tensors[key] = np.ascontiguousarray(value.T if transposed else value)
+
+    target = Path(directory).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        hf = config.to_hf(arch.heads[head].hf_architecture)
+        hf["torch_dtype"] = "float32"
+        (staging / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        _swap_in(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    if not target.exists():
+        staging.rename(target)
+        return
+    if not target.is_dir():
+        raise CheckpointError(f"cannot save to {target}: it exists and is not a directory")
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _architecture_of(module: nn.Module) -> tuple[str, str]:
+    for arch_name, arch in ARCHITECTURES.items():
+        for head, spec in arch.heads.items():
+            if type(module) is spec.cls:
+                return arch_name, head
+    raise CheckpointError(f"save_pretrained does not know how to export a {type(module).__name__}")
+
+
+def check_tokenizer(tokenizer: Any, config: Any, where: str) -> None:
+    """Raise if the tokenizer can produce ids past the model's embedding table."""
+    vocab_size = config.vocab_size
+    if len(tokenizer) > vocab_size:
+        raise CheckpointError(
+            f"{where}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+            f"{vocab_size}; ids >= {vocab_size} would index past the embedding table"
+        )
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, config: Any | None = None, revision: str | None = None):
+    """The checkpoint's tokenizer (transformers `AutoTokenizer`), checked against `config`."""
+    from transformers import AutoTokenizer
+
+    directory = resolve(name_or_path, revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory} has no loadable tokenizer: {e}") from e
+    if config is not None:
+        check_tokenizer(tokenizer, config, where=str(directory))
+    return tokenizer

@@ -1,0 +1,74 @@
+"""Building blocks shared by GPT-2, BERT and DistilBERT.
+
+Shapes are in the names: B batch, T query length, S key length, H heads, K head dim, D width.
+"""
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.errors import ConfigError
+
+# The activations Hugging Face configs name (transformers' ACT2FN), with the same formulas.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_python_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "linear": lambda x: x,
+}
+
+
+def activation(name: str, key: str = "activation") -> Callable[[jax.Array], jax.Array]:
+    """The activation function called `name`; `key` names the config field in the error."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ConfigError(
+            f"{key}={name!r} is not supported; choose one of {sorted(ACTIVATIONS)}"
+        ) from None
+
+
+def attend(
+    q_BxTxHxK: jax.Array,
+    k_BxSxHxK: jax.Array,
+    v_BxSxHxK: jax.Array,
+    mask_BxTxS: jax.Array,
+    scale: float,
+) -> jax.Array:
+    """Softmax attention in float32; `mask_BxTxS` is True where a query may see a key.
+
+    A query that sees no key at all (a left-pad position) gets a uniform average instead of
+    NaN; its output is garbage by design and callers mask it out.
+    """
+    logits_BxHxTxS = jnp.einsum("bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK).astype(jnp.float32)
+    logits_BxHxTxS = jnp.where(
+        mask_BxTxS[:, None], logits_BxHxTxS * scale, jnp.finfo(jnp.float32).min
+    )
+    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
+    return jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS, v_BxSxHxK)
+
+
+def split_heads(x_BxTxD: jax.Array, num_heads: int) -> jax.Array:
+    b, t, d = x_BxTxD.shape
+    return x_BxTxD.reshape(b, t, num_heads, d // num_heads)
+
+
+def merge_heads(x_BxTxHxK: jax.Array) -> jax.Array:
+    b, t, h, k = x_BxTxHxK.shape
+    return x_BxTxHxK.reshape(b, t, h * k)
+
+
+def positions_from_mask(mask_BxT: jax.Array) -> jax.Array:
+    """Position ids that start at 0 on each row's first real token (left padding aware)."""
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)

@@ -1,0 +1,176 @@
+"""Jitted generation for GPT-2 with a KV cache: one compiled call does prefill and decoding.
+
+Prompts come left-padded (`[B, P]` ids and a 0/1 mask), so every row's next token goes in the
+same column. The decode loop is a `lax.while_loop` that writes into a fixed `[B, N]` buffer and
+stops early once every row has emitted EOS, so shapes (and the compiled program) never change.
+After EOS a row emits `pad_token_id` with response mask 0.
+"""
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxrlhf.errors import ConfigError
+from jaxrlhf.models.gpt2 import KVCache, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick tokens. `top_k=0` and `top_p=1.0` switch those filters off; `greedy` takes
+    the argmax of the processed logits. Hashable: it is a static argument of the compiled call."""
+
+    max_new_tokens: int
+    pad_token_id: int
+    eos_token_id: int | None = None
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    return_raw_logprobs: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ConfigError(f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}]")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0 (use greedy=True for argmax decoding)")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k} must be >= 0 (0 switches it off)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+
+
+class GenerateOutput(NamedTuple):
+    sequences: jax.Array  # [B, P + N] prompt then response, int32
+    attention_mask: jax.Array  # [B, P + N] 1 on real prompt and response tokens
+    response_mask: jax.Array  # [B, N] 1 up to and including EOS
+    logprobs: jax.Array  # [B, N] log p of each sampled token under the processed distribution
+    raw_logprobs: jax.Array | None  # [B, N] under the model's own softmax, when asked
+
+
+def process_logits(logits_BxV: jax.Array, step: jax.Array, settings: SamplingConfig) -> jax.Array:
+    """The logits the sampler draws from: EOS banned before `min_new_tokens`, divided by the
+    temperature, then top-k and top-p filtered (removed tokens get -inf)."""
+    x = logits_BxV.astype(jnp.float32)
+    vocab_V = jnp.arange(x.shape[-1])
+    if settings.min_new_tokens and settings.eos_token_id is not None:
+        x = jnp.where((step < settings.min_new_tokens) & (vocab_V == settings.eos_token_id), -jnp.inf, x)
+    x = x / settings.temperature
+    if 0 < settings.top_k < x.shape[-1]:
+        kth_B1 = lax.top_k(x, settings.top_k)[0][:, -1:]
+        x = jnp.where(x < kth_B1, -jnp.inf, x)
+    if settings.top_p < 1.0:
+        order_BxV = jnp.argsort(-x, axis=-1)
+        sorted_BxV = jnp.take_along_axis(x, order_BxV, axis=-1)
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is below.
+        keep_sorted = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < settings.top_p
+        keep_BxV = jnp.zeros_like(keep_sorted).at[jnp.arange(x.shape[0])[:, None], order_BxV].set(keep_sorted)
+        x = jnp.where(keep_BxV, x, -jnp.inf)
+    return x
+
+
+def _pick(logits_BxV, key, step, settings):
+    """-> (token `[B]`, its processed logprob `[B]`, its raw logprob `[B]` or None)."""
+    processed_BxV = process_logits(logits_BxV, step, settings)
+    if settings.greedy:
+        token_B = jnp.argmax(processed_BxV, axis=-1)
+    else:
+        token_B = jax.random.categorical(key, processed_BxV, axis=-1)
+
+    def logprob_of(x_BxV):
+        return jnp.take_along_axis(jax.nn.log_softmax(x_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
+
+    raw_B = logprob_of(logits_BxV.astype(jnp.float32)) if settings.return_raw_logprobs else None
+    return token_B.astype(jnp.int32), logprob_of(processed_BxV), raw_B
+
+
+def generate(
+    module: nn.Module,
+    params,
+    prompt_ids_BxP: jax.Array,
+    prompt_mask_BxP: jax.Array,
+    key: jax.Array,
+    settings: SamplingConfig,
+) -> GenerateOutput:
+    """Sample `settings.max_new_tokens` tokens after each left-padded prompt.
+
+    `module` is a `GPT2LMHeadModel`; the KV cache is made here and donated to the compiled
+    call, which updates it in place. Same shapes and settings reuse the compiled program.
+    """
+    b, p = prompt_ids_BxP.shape
+    if prompt_mask_BxP.shape != (b, p):
+        raise ConfigError(f"prompt mask has shape {prompt_mask_BxP.shape}; the prompt ids have {(b, p)}")
+    total = p + settings.max_new_tokens
+    if total > module.config.n_positions:
+        raise ConfigError(
+            f"prompt length {p} + max_new_tokens {settings.max_new_tokens} = {total} exceeds the model's "
+            f"n_positions={module.config.n_positions}"
+        )
+    cache = init_cache(module.config, b, total, module.dtype)
+    out, _ = _generate(module, settings, params, cache, prompt_ids_BxP, prompt_mask_BxP, key)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_mask_BxP, key):
+    """-> (GenerateOutput, final cache). Returning the cache lets XLA alias the donated input
+    buffers to it, so the loop updates them in place instead of allocating a second cache."""
+    b, n = prompt_ids_BxP.shape[0], settings.max_new_tokens
+    eos = -1 if settings.eos_token_id is None else settings.eos_token_id
+    prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
+    prefill = module.apply({"params": params}, prompt_ids_BxP, prompt_mask_BxP, cache=cache)
+
+    def record(carry, step, logits_BxV):
+        """Pick token `step` from `logits_BxV` and write it into the buffers."""
+        tokens, mask, lps, raws, done, key, cache = carry
+        key, sub = jax.random.split(key)
+        token_B, lp_B, raw_B = _pick(logits_BxV, sub, step, settings)
+        token_B = jnp.where(done, settings.pad_token_id, token_B)
+        tokens = tokens.at[:, step].set(token_B)
+        mask = mask.at[:, step].set(~done)
+        lps = lps.at[:, step].set(jnp.where(done, 0.0, lp_B))
+        if raws is not None:
+            raws = raws.at[:, step].set(jnp.where(done, 0.0, raw_B))
+        return tokens, mask, lps, raws, done | (token_B == eos), key, cache
+
+    zeros = jnp.zeros((b, n), jnp.float32)
+    carry = (
+        jnp.full((b, n), settings.pad_token_id, jnp.int32),
+        jnp.zeros((b, n), bool),
+        zeros,
+        zeros if settings.return_raw_logprobs else None,
+        jnp.zeros((b,), bool),
+        key,
+        prefill.cache,
+    )
+    carry = record(carry, 0, prefill.logits[:, -1])
+
+    def cond(state):
+        step, carry = state
+        return (step < n) & ~jnp.all(carry[4])
+
+    def body(state):
+        step, (tokens, mask, lps, raws, done, key, cache) = state
+        prev_B1 = lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
+        alive_B1 = lax.dynamic_slice_in_dim(mask, step - 1, 1, axis=1).astype(jnp.int32)
+        out = module.apply({"params": params}, prev_B1, alive_B1, cache=cache)
+        carry = (tokens, mask, lps, raws, done, key, out.cache)
+        return step + 1, record(carry, step, out.logits[:, 0])
+
+    _, (tokens, mask, lps, raws, _, _, cache) = lax.while_loop(cond, body, (jnp.int32(1), carry))
+    out = GenerateOutput(
+        sequences=jnp.concatenate([prompt_ids_BxP.astype(jnp.int32), tokens], axis=1),
+        attention_mask=jnp.concatenate([prompt_mask_BxP, mask.astype(jnp.int32)], axis=1),
+        response_mask=mask.astype(jnp.int32),
+        logprobs=lps,
+        raw_logprobs=raws,
+    )
+    return out, cache

@@ -77,16 +77,46 @@ def process_logits(logits_BxV: jax.Array, step: jax.Array, settings: SamplingCon
     return x
 
 
+def sample_categorical(key: jax.Array, logits_BxV: jax.Array, chunk: int = 128) -> jax.Array:
+    """One draw per row from softmax(logits) -> `[B]` int32, by inverting the CDF.
+
+    Exact like `jax.random.categorical`, but it needs one uniform per row instead of V Gumbel
+    draws, which dominate a decode step on CPU at GPT-2's vocabulary (measured 8.8 ms vs 0.5 ms
+    for 16 x 50257). The search is two-level (chunk sums, then within the chunk) to avoid a
+    full-vocabulary cumsum. Tokens with -inf logits are never drawn.
+    """
+    b, v = logits_BxV.shape
+    p_BxV = jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True))
+    p_BxCxK = jnp.pad(p_BxV, ((0, 0), (0, (-v) % chunk))).reshape(b, -1, chunk)
+    mass_BxC = jnp.sum(p_BxCxK, axis=-1)
+    cdf_BxC = jnp.cumsum(mass_BxC, axis=-1)
+    u_B1 = jax.random.uniform(key, (b, 1)) * cdf_BxC[:, -1:]
+
+    def first_above(cdf, weights):
+        # The first index whose cdf exceeds u, clamped to the last index with mass so that
+        # rounding at the top end can never land on a zero-probability entry.
+        idx = jnp.sum(cdf <= u_B1, axis=-1)
+        last = weights.shape[-1] - 1 - jnp.argmax(weights[:, ::-1] > 0, axis=-1)
+        return jnp.minimum(idx, last)
+
+    c_B = first_above(cdf_BxC, mass_BxC)
+    before_B1 = jnp.take_along_axis(cdf_BxC - mass_BxC, c_B[:, None], axis=-1)
+    inner_BxK = jnp.take_along_axis(p_BxCxK, c_B[:, None, None], axis=1)[:, 0]
+    j_B = first_above(before_B1 + jnp.cumsum(inner_BxK, axis=-1), inner_BxK)
+    return (c_B * chunk + j_B).astype(jnp.int32)
+
+
 def _pick(logits_BxV, key, step, settings):
     """-> (token `[B]`, its processed logprob `[B]`, its raw logprob `[B]` or None)."""
     processed_BxV = process_logits(logits_BxV, step, settings)
     if settings.greedy:
         token_B = jnp.argmax(processed_BxV, axis=-1)
     else:
-        token_B = jax.random.categorical(key, processed_BxV, axis=-1)
+        token_B = sample_categorical(key, processed_BxV)
 
     def logprob_of(x_BxV):
-        return jnp.take_along_axis(jax.nn.log_softmax(x_BxV, axis=-1), token_B[:, None], axis=-1)[:, 0]
+        picked_B = jnp.take_along_axis(x_BxV, token_B[:, None], axis=-1)[:, 0]
+        return picked_B - jax.nn.logsumexp(x_BxV, axis=-1)
 
     raw_B = logprob_of(logits_BxV.astype(jnp.float32)) if settings.return_raw_logprobs else None
     return token_B.astype(jnp.int32), logprob_of(processed_BxV), raw_B

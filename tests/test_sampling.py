@@ -173,3 +173,15 @@ def test_prompt_plus_budget_over_the_context_is_an_error():
     with pytest.raises(ConfigError, match=r"prompt length 10 \+ max_new_tokens 8 = 18 exceeds the model's n_positions=16"):
         generate(module, params, jnp.ones((1, 10), jnp.int32), jnp.ones((1, 10), jnp.int32), jax.random.key(0),
                  SamplingConfig(max_new_tokens=8, pad_token_id=PAD))
+
+
+@pytest.mark.parametrize("only", [0, 127, 128, 200, 299])
+def test_inverse_cdf_sampler_draws_only_tokens_with_mass(only):
+    from jaxrlhf.sampling import sample_categorical
+
+    logits = jnp.full((64, 300), -jnp.inf).at[:, only].set(0.0)  # one token left, anywhere in its chunk
+    assert (np.asarray(sample_categorical(jax.random.key(only), logits)) == only).all()
+    two = jnp.full((20000, 300), -jnp.inf).at[:, 5].set(0.0).at[:, 260].set(jnp.log(3.0))
+    draws = np.asarray(sample_categorical(jax.random.key(1), two))
+    assert set(np.unique(draws)) == {5, 260}
+    assert abs((draws == 260).mean() - 0.75) < 0.015  # 5 standard errors

@@ -1,0 +1,87 @@
+"""Data parallelism with `pmap`: one axis name, replicated state, sharded batches.
+
+Update functions are written per device: they take `axis_name` (None on one device), sum
+their gradients and statistics over it (see `losses` for why sums of global-mean shares), and
+derive per-device randomness with `device_key`. This module only wraps them.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxrlhf.errors import ConfigError
+
+AXIS = "batch"
+
+
+def device_key(key: jax.Array, axis_name: str | None) -> jax.Array:
+    """A key of this device's own: `key` folded with the device index (unchanged on one device)."""
+    return key if axis_name is None else jax.random.fold_in(key, lax.axis_index(axis_name))
+
+
+def psum(tree: Any, axis_name: str | None) -> Any:
+    return tree if axis_name is None else lax.psum(tree, axis_name)
+
+
+def pmean(tree: Any, axis_name: str | None) -> Any:
+    return tree if axis_name is None else lax.pmean(tree, axis_name)
+
+
+def replicate(tree: Any, devices=None) -> Any:
+    """Put a copy of `tree` on every local device (leading axis = device), one transfer per
+    device and no stacked copy on the host."""
+    devices = devices or jax.local_devices()
+    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
+
+    def put(x):
+        x = jnp.asarray(x)
+        shards = [jax.device_put(x[None], d) for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices), *x.shape), sharding, shards)
+
+    return jax.tree.map(put, tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """The first device's copy of a replicated tree."""
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+def shard(batch: dict[str, Any], num_devices: int | None = None) -> dict[str, Any]:
+    """Split every array's leading (batch) axis into `[num_devices, batch / num_devices, ...]`."""
+    n = num_devices or jax.local_device_count()
+    out = {}
+    for name, x in batch.items():
+        x = np.asarray(x)
+        if x.shape[0] % n:
+            raise ConfigError(
+                f"batch field {name!r} has {x.shape[0]} rows, which does not divide over {n} devices; "
+                f"use a batch size that is a multiple of {n}"
+            )
+        out[name] = x.reshape(n, x.shape[0] // n, *x.shape[1:])
+    return out
+
+
+def pmap_step(step: Callable, axis_name: str = AXIS) -> Callable:
+    """`step(state, batch, key)` over all local devices: state replicated and donated, batch
+    sharded with `shard`, the same key on every device (steps fold in the device index)."""
+    return jax.pmap(step, axis_name=axis_name, in_axes=(0, 0, None), donate_argnums=(0,))
+
+
+def jit_step(step: Callable) -> Callable:
+    """`step(state, batch, key)` on one device, with the state donated."""
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def initialize_multihost(coordinator: str | None = None, num_processes: int | None = None,
+                         process_id: int | None = None, cpu: bool = False) -> None:
+    """Join the processes of a multi-host run (`jax.distributed.initialize`); call it before
+    anything else touches JAX. On GPU/TPU clusters with a scheduler (SLURM, Cloud TPU) the
+    arguments are discovered and may be omitted; `cpu=True` selects the gloo collectives so
+    `pmap` sums work across CPU processes."""
+    if cpu:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes, process_id)

@@ -1,0 +1,131 @@
+"""PPO for a GPT-2 policy with a value head: the whole update as one compiled function.
+
+`make_ppo_update` scores a rollout (policy logprobs and values, reference logprobs, and the
+reward when a jittable reward function is given), builds per-token rewards (KL penalty to
+the reference on every response token, the score on the last real one), runs GAE, whitens
+the advantages, then all epochs x minibatches as nested `lax.scan`s. Nothing returns to
+Python inside. Defaults follow TRL's PPO and "The N Implementation Details of RLHF with PPO".
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxrlhf import losses
+from jaxrlhf.errors import ConfigError
+from jaxrlhf.parallel import device_key, psum
+from jaxrlhf.steps import TrainState, apply_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    epochs: int = 4
+    num_minibatches: int = 1
+    clip_eps: float = 0.2
+    vf_clip_eps: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    temperature: float = 1.0  # must equal the sampling temperature of the rollout
+    kl_estimator: str = "k1"
+    whiten_rewards: bool = False
+    kl_coef: float = 0.05  # the initial coefficient; stays fixed unless kl_target is set
+    kl_target: float | None = None  # adaptive control (Ziegler et al.) toward this KL
+    kl_horizon: int = 10000
+
+    def __post_init__(self):
+        if self.kl_estimator not in losses.KL_ESTIMATORS:
+            raise ConfigError(f"kl_estimator={self.kl_estimator!r} is not one of {list(losses.KL_ESTIMATORS)}")
+        for name in ("epochs", "num_minibatches", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+
+
+def update_kl_coef(coef: jax.Array, kl: jax.Array, n_steps, config: PPOConfig) -> jax.Array:
+    """The KL controller. Fixed when `config.kl_target` is None; else Ziegler et al.'s
+    adaptive rule: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon."""
+    if config.kl_target is None:
+        return coef
+    error = jnp.clip(kl / config.kl_target - 1.0, -0.2, 0.2)
+    return coef * (1.0 + error * n_steps / config.kl_horizon)
+
+
+def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_name: str | None = None):
+    """-> `update(state, batch, key) -> (state, metrics)`.
+
+    `state.apply_fn` is a `GPT2LMHeadModel(value_head=True)`; `state.ref_params` the frozen
+    reference (same module, e.g. the initial params); `state.kl_coef` the KL coefficient.
+    Batch: `sequences` `[B, P + N]` (left-padded prompt then response), `attention_mask`
+    `[B, P + N]`, `response_mask` `[B, N]`, and `scores` `[B]` unless `reward_fn` is given:
+    `reward_fn(state.reward_params, sequences, attention_mask, response_mask) -> [B]`, traced
+    into the update.
+    With several minibatches each device permutes its own shard of the rollout.
+    """
+
+    def response_outputs(params, apply_fn, seq, attn, n):
+        """Logits, logprobs of the response tokens, and the values of the states before them."""
+        out = apply_fn({"params": params}, seq, attn)
+        logits = out.logits[:, -n - 1 : -1]
+        return logits, losses.token_logprobs(logits, seq[:, -n:], config.temperature), out.values[:, -n - 1 : -1]
+
+    def update(state: TrainState, batch, key):
+        seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"].astype(jnp.float32)
+        b, n = resp.shape
+        logits, old_logprobs, old_values = lax.stop_gradient(response_outputs(state.params, state.apply_fn, seq, attn, n))
+        entropy = psum(losses.masked_mean(losses.entropy(logits, config.temperature), resp, axis_name=axis_name), axis_name)
+        _, ref_logprobs, _ = lax.stop_gradient(response_outputs(state.ref_params, state.apply_fn, seq, attn, n))
+        scores = batch["scores"] if reward_fn is None else reward_fn(state.reward_params, seq, attn, batch["response_mask"])
+        scores = lax.stop_gradient(scores.astype(jnp.float32))
+
+        kl = losses.kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator) * resp
+        last_real = jax.nn.one_hot(jnp.sum(resp, axis=-1).astype(jnp.int32) - 1, n)
+        rewards = -state.kl_coef * kl + last_real * scores[:, None]
+        if config.whiten_rewards:
+            rewards = losses.masked_whiten(rewards, resp, shift_mean=False, axis_name=axis_name)
+        advantages, returns = losses.gae(rewards, old_values, resp, config.gamma, config.lam)
+        advantages = losses.masked_whiten(advantages, resp, axis_name=axis_name)
+
+        mb = b // config.num_minibatches
+
+        def minibatch(state, idx):
+            def loss_fn(params):
+                _, logprobs, values = response_outputs(params, state.apply_fn, seq[idx], attn[idx], n)
+                pg, pg_metrics = losses.ppo_policy_loss(
+                    logprobs, old_logprobs[idx], advantages[idx], resp[idx], config.clip_eps, axis_name)
+                vf, vf_metrics = losses.ppo_value_loss(
+                    values, old_values[idx], returns[idx], resp[idx], config.vf_clip_eps, axis_name)
+                return pg + config.vf_coef * vf, {"policy/loss": pg, "value/loss": vf, **pg_metrics, **vf_metrics}
+
+            return apply_loss(state, loss_fn, axis_name)
+
+        def epoch(state, epoch_key):
+            order = jax.random.permutation(epoch_key, b)[: mb * config.num_minibatches]
+            return lax.scan(minibatch, state, order.reshape(config.num_minibatches, mb))
+
+        epoch_keys = jax.random.split(device_key(key, axis_name), config.epochs)
+        state, train_metrics = lax.scan(epoch, state, epoch_keys)
+
+        def global_mean(x_B):
+            return psum(losses.masked_mean(x_B, jnp.ones_like(x_B), axis_name=axis_name), axis_name)
+
+        kl_per_seq = jnp.sum(kl, axis=-1)
+        mean_kl = global_mean(kl_per_seq)
+        score_mean = global_mean(scores)
+        metrics = {
+            **jax.tree.map(jnp.mean, train_metrics),
+            "objective/scores": score_mean,
+            "objective/scores_std": jnp.sqrt(jnp.maximum(global_mean(scores**2) - score_mean**2, 0.0)),
+            "objective/kl": mean_kl,
+            "objective/kl_coef": state.kl_coef,
+            "objective/non_score_reward": -state.kl_coef * mean_kl,
+            "objective/entropy": entropy,
+            "response_length": global_mean(jnp.sum(resp, axis=-1)),
+        }
+        n_rollouts = psum(jnp.float32(b), axis_name)
+        state = state.replace(kl_coef=update_kl_coef(state.kl_coef, mean_kl, n_rollouts, config))
+        return state, metrics
+
+    return update

@@ -1,0 +1,213 @@
+"""Train state, optimizer and the update-function factories for SFT, reward and DPO / SLiC.
+
+Each factory returns a pure `step(state, batch, key) -> (state, metrics)` for one device;
+with `axis_name` set, run it under `parallel.pmap_step` and the gradients and metrics are
+summed over devices as global-mean shares (see `losses`), so one device and N devices give
+the same update on the same global batch. PPO's update lives in `ppo.py`.
+
+Batches are dicts of arrays; each factory's docstring lists the keys it reads.
+"""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from jaxrlhf import losses
+from jaxrlhf.errors import ConfigError
+from jaxrlhf.parallel import psum
+
+Params = Any
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+    """Trained params and optimizer state, plus the frozen params a stage scores with.
+
+    Frozen params travel in the state (not in a closure) so they stay arguments of the
+    compiled step instead of being baked into it as constants."""
+
+    apply_fn: Callable = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    step: jax.Array
+    params: Params
+    opt_state: Any
+    ref_params: Params | None = None  # the frozen reference policy (DPO, PPO)
+    reward_params: Params | None = None  # a reward model scored inside the PPO update
+    kl_coef: jax.Array | None = None  # PPO's KL penalty coefficient
+
+    @classmethod
+    def create(cls, module, params, tx, **frozen) -> "TrainState":
+        return cls(apply_fn=module.apply, tx=tx, step=jnp.zeros((), jnp.int32), params=params,
+                   opt_state=tx.init(params), **frozen)
+
+
+def make_optimizer(
+    learning_rate: float,
+    *,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    max_grad_norm: float | None = 1.0,
+    weight_decay: float = 0.0,
+    grad_accum_steps: int = 1,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping, a warm-up then constant / linear / cosine schedule,
+    and gradient accumulation over `grad_accum_steps` calls -> (optimizer, schedule)."""
+    decays = {"constant": None, "linear": "linear", "cosine": "cosine"}
+    if schedule not in decays:
+        raise ConfigError(f"schedule={schedule!r} is not one of {sorted(decays)}")
+    if schedule != "constant" and not total_steps:
+        raise ConfigError(f"schedule={schedule!r} needs total_steps")
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else None
+    decay_steps = max((total_steps or 0) - warmup_steps, 1)
+    after = {
+        "constant": optax.constant_schedule(learning_rate),
+        "linear": optax.linear_schedule(learning_rate, 0.0, decay_steps),
+        "cosine": optax.cosine_decay_schedule(learning_rate, decay_steps),
+    }[schedule]
+    lr = optax.join_schedules([warmup, after], [warmup_steps]) if warmup else after
+    parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+    tx = optax.chain(*parts, optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    if grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
+    return tx, lr
+
+
+def apply_loss(state: TrainState, loss_fn, axis_name: str | None) -> tuple[TrainState, Metrics]:
+    """One optimizer step on `loss_fn(params) -> (loss share, metric shares)`; gradients and
+    metrics are summed over `axis_name` first."""
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads, loss, metrics = psum((grads, loss, metrics), axis_name)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    return state, {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+
+
+def _mean(x_B: jax.Array, axis_name: str | None) -> jax.Array:
+    return losses.masked_mean(x_B, jnp.ones_like(x_B), axis_name=axis_name)
+
+
+def make_sft_step(axis_name: str | None = None):
+    """Next-token NLL on the response. Batch: `input_ids`, `attention_mask`, `loss_mask`
+    (1 on the tokens to learn, i.e. the response), all `[B, T]`."""
+
+    def step(state: TrainState, batch, key):
+        del key  # SFT has no randomness (dropout is off)
+
+        def loss_fn(params):
+            logits = state.apply_fn({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
+            mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+            loss = losses.sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], mask, axis_name)
+            return loss, {}
+
+        return apply_loss(state, loss_fn, axis_name)
+
+    return step
+
+
+def _scores(state, params, ids, mask, token_types=None):
+    kwargs = {} if token_types is None else {"token_type_ids_BxT": token_types}
+    return state.apply_fn({"params": params}, ids, mask, **kwargs)[:, 0]
+
+
+def make_reward_step(kind: str = "regression", axis_name: str | None = None):
+    """Reward-model training on a one-output head.
+
+    - "regression": batch `input_ids`, `attention_mask` `[B, T]`, `target` `[B]`; MSE.
+    - "pairwise": batch `chosen_ids`, `chosen_mask`, `rejected_ids`, `rejected_mask` `[B, T]`,
+      optional `margin` `[B]`; Bradley-Terry loss, with accuracy and margin metrics.
+    """
+    if kind not in ("regression", "pairwise"):
+        raise ConfigError(f"reward kind={kind!r} is not one of ['pairwise', 'regression']")
+
+    def step(state: TrainState, batch, key):
+        del key
+
+        def loss_fn(params):
+            if kind == "regression":
+                pred = _scores(state, params, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+                return losses.regression_loss(pred, batch["target"], axis_name), {
+                    "reward/pred_mean": _mean(pred, axis_name),
+                    "reward/mae": _mean(jnp.abs(pred - batch["target"]), axis_name),
+                }
+            ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+            mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+            chosen, rejected = jnp.split(_scores(state, params, ids, mask), 2)
+            loss = losses.pairwise_reward_loss(chosen, rejected, batch.get("margin", 0.0), axis_name)
+            return loss, {
+                "reward/accuracy": _mean((chosen > rejected).astype(jnp.float32), axis_name),
+                "reward/margin": _mean(chosen - rejected, axis_name),
+            }
+
+        return apply_loss(state, loss_fn, axis_name)
+
+    return step
+
+
+def make_dpo_step(
+    loss_type: str = "sigmoid",
+    beta: float = 0.1,
+    *,
+    label_smoothing: float = 0.0,
+    average_log_prob: bool | None = None,
+    slic_delta: float = 1.0,
+    slic_reg_weight: float = 0.1,
+    axis_name: str | None = None,
+):
+    """Preference optimisation on pairs: "sigmoid" (DPO), "hinge", "ipo" or "slic" (SLiC-HF).
+
+    Batch: `chosen_ids`, `chosen_mask` (attention), `chosen_loss_mask` (response tokens) and
+    the same three for `rejected_`, all `[B, T]`; optionally `ref_chosen_logps` and
+    `ref_rejected_logps` `[B]` precomputed, else the reference is scored in-step from
+    `state.ref_params`. SLiC needs no reference; its regulariser is the chosen response's
+    mean token NLL. `average_log_prob` length-averages sequence logprobs (default: only for
+    IPO, as TRL does).
+    """
+    if loss_type not in (*losses.PREFERENCE_LOSSES, "slic"):
+        raise ConfigError(f"loss_type={loss_type!r} is not one of {[*losses.PREFERENCE_LOSSES, 'slic']}")
+    average = loss_type == "ipo" if average_log_prob is None else average_log_prob
+
+    def logps(state, params, batch, average):
+        ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
+        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+        loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
+        logits = state.apply_fn({"params": params}, ids, mask).logits
+        seq = losses.sequence_logprobs(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:] * mask[:, 1:], average)
+        return jnp.split(seq, 2)
+
+    def step(state: TrainState, batch, key):
+        del key
+        if loss_type == "slic":
+            ref_chosen = ref_rejected = None
+        elif "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = jax.lax.stop_gradient(logps(state, state.ref_params, batch, average))
+
+        def loss_fn(params):
+            chosen, rejected = logps(state, params, batch, average)
+            metrics = {"logps/chosen": _mean(chosen, axis_name), "logps/rejected": _mean(rejected, axis_name)}
+            if loss_type == "slic":
+                n_chosen = jnp.maximum(jnp.sum(batch["chosen_loss_mask"][:, 1:] * batch["chosen_mask"][:, 1:], -1), 1)
+                reg_nll = -(chosen if average else chosen / n_chosen)
+                per_pair = losses.slic_loss(chosen, rejected, reg_nll, slic_delta, slic_reg_weight)
+                margin = chosen - rejected
+            else:
+                per_pair = losses.preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type,
+                                                  label_smoothing)
+                r_chosen, r_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
+                margin = r_chosen - r_rejected
+                metrics |= {"rewards/chosen": _mean(r_chosen, axis_name), "rewards/rejected": _mean(r_rejected, axis_name)}
+            metrics |= {"rewards/margins": _mean(margin, axis_name),
+                        "rewards/accuracies": _mean((margin > 0).astype(jnp.float32), axis_name)}
+            return _mean(per_pair, axis_name), jax.lax.stop_gradient(metrics)
+
+        return apply_loss(state, loss_fn, axis_name)
+
+    return step

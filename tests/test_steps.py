@@ -1,0 +1,194 @@
+"""Update functions: they learn on a tiny model, and 4 devices give the 1-device update."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxrlhf.models import from_config
+from jaxrlhf.parallel import AXIS, jit_step, pmap_step, replicate, shard, unreplicate
+from jaxrlhf.ppo import PPOConfig, make_ppo_update
+from jaxrlhf.sampling import SamplingConfig, generate
+from jaxrlhf.steps import TrainState, make_dpo_step, make_optimizer, make_reward_step, make_sft_step
+
+VOCAB, B, T = 32, 8, 12
+GPT2 = dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32,
+            bos_token_id=1, eos_token_id=2)
+BERT = dict(model_type="bert", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=64, max_position_embeddings=32, num_labels=1)
+
+
+def copy(tree):
+    return jax.tree.map(jnp.array, tree)
+
+
+def ragged(seed, rows=B, t=T, min_len=6):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_len, t + 1, size=rows)
+    mask = (np.arange(t)[None] < lengths[:, None]).astype(np.int32)
+    return rng.integers(3, VOCAB, size=(rows, t)).astype(np.int32) * mask, mask
+
+
+def sft_batch(seed=0):
+    ids, mask = ragged(seed)
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": mask * (np.arange(T)[None] >= 4)}
+
+
+def regression_batch(seed=0):
+    ids, mask = ragged(seed)
+    return {"input_ids": ids, "attention_mask": mask,
+            "target": np.random.default_rng(seed).normal(size=B).astype(np.float32)}
+
+
+def pair_batch(seed=0, prefix="chosen", other="rejected"):
+    (ci, cm), (ri, rm) = ragged(seed), ragged(seed + 100)
+    ri[:, :4], rm[:, :4] = ci[:, :4], cm[:, :4]  # a shared prompt of 4 tokens
+    resp = (np.arange(T)[None] >= 4).astype(np.int32)
+    return {f"{prefix}_ids": ci, f"{prefix}_mask": cm, f"{prefix}_loss_mask": cm * resp,
+            f"{other}_ids": ri, f"{other}_mask": rm, f"{other}_loss_mask": rm * resp}
+
+
+def rollout_batch(seed=0):
+    """A fixed fake rollout: left-padded prompts of 4, responses of up to 8 with ragged masks."""
+    rng = np.random.default_rng(seed)
+    p_len = rng.integers(1, 5, size=B)
+    r_len = rng.integers(1, 9, size=B)
+    prompt_mask = (np.arange(4)[None] >= 4 - p_len[:, None]).astype(np.int32)
+    resp = (np.arange(8)[None] < r_len[:, None]).astype(np.int32)
+    seq = rng.integers(3, VOCAB, size=(B, 12)).astype(np.int32) * np.concatenate([prompt_mask, resp], 1)
+    return {"sequences": seq, "attention_mask": np.concatenate([prompt_mask, resp], 1), "response_mask": resp,
+            "scores": rng.normal(size=B).astype(np.float32)}
+
+
+def policy(value_head=False, seed=0):
+    return from_config(GPT2, jax.random.key(seed), value_head=value_head)
+
+
+def reward_model(seed=0):
+    return from_config(BERT, jax.random.key(seed), head="classification")
+
+
+def build(kind, tx, axis_name=None):
+    """-> (step, state) for one update function on fresh tiny models."""
+    if kind == "sft":
+        module, params, _ = policy()
+        return make_sft_step(axis_name), TrainState.create(module, params, tx), sft_batch()
+    if kind in ("regression", "pairwise"):
+        module, params, _ = reward_model()
+        batch = regression_batch() if kind == "regression" else {
+            k.replace("_loss_mask", "_drop"): v for k, v in pair_batch().items() if "loss_mask" not in k}
+        return make_reward_step(kind, axis_name), TrainState.create(module, params, tx), batch
+    if kind in ("sigmoid", "hinge", "ipo", "slic"):
+        module, params, _ = policy()
+        state = TrainState.create(module, params, tx, ref_params=copy(params))
+        return make_dpo_step(kind, beta=0.5, axis_name=axis_name), state, pair_batch()
+    if kind == "ppo":
+        module, params, _ = policy(value_head=True)
+        state = TrainState.create(module, params, tx, ref_params=copy(params), kl_coef=jnp.float32(0.1))
+        config = PPOConfig(epochs=4, num_minibatches=1, kl_target=1.0)
+        return make_ppo_update(config, axis_name=axis_name), state, rollout_batch()
+    raise ValueError(kind)
+
+
+KINDS = ["sft", "regression", "pairwise", "sigmoid", "hinge", "ipo", "slic", "ppo"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_four_devices_give_the_one_device_update(kind):
+    assert jax.local_device_count() == 4, "conftest sets 4 fake CPU devices"
+    tx = optax.sgd(0.5)  # plain SGD: the update is the gradient itself, nothing rescales it
+    step, state, batch = build(kind, tx)
+    one_state, one_metrics = jit_step(step)(state, batch, jax.random.key(0))
+    pstep, pstate, _ = build(kind, tx, axis_name=AXIS)
+    four_state, four_metrics = pmap_step(pstep)(replicate(pstate), shard(batch, 4), jax.random.key(0))
+    four_state, four_metrics = unreplicate(four_state), unreplicate(four_metrics)
+    moved = optax.global_norm(jax.tree.map(jnp.subtract, one_state.params, build(kind, tx)[1].params))
+    assert moved > 1e-4, "the step must change the params for the comparison to mean anything"
+    for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(four_state.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+    for name in one_metrics:
+        np.testing.assert_allclose(four_metrics[name], one_metrics[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    if kind == "ppo":
+        np.testing.assert_allclose(four_state.kl_coef, one_state.kl_coef, rtol=1e-6)
+
+
+def run(kind, steps, lr=3e-3):
+    tx, _ = make_optimizer(lr, max_grad_norm=1.0)
+    step, state, batch = build(kind, tx)
+    step = jit_step(step)
+    history = []
+    for i in range(steps):
+        state, metrics = step(state, batch, jax.random.key(i))
+        history.append(jax.tree.map(float, metrics))
+    return history
+
+
+@pytest.mark.parametrize("kind", ["sft", "regression", "pairwise"])
+def test_supervised_losses_go_down(kind):
+    history = run(kind, 40)
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"], (history[0]["loss"], history[-1]["loss"])
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo", "slic"])
+def test_preference_steps_come_to_prefer_the_chosen(kind):
+    history = run(kind, 30)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["rewards/accuracies"] == 1.0
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"] + 0.5
+
+
+def test_ppo_raises_a_fixed_reward():
+    """Reward: the share of response tokens equal to token 7, scored inside the update."""
+    module, params, _ = policy(value_head=True, seed=3)
+    tx, _ = make_optimizer(3e-3)
+    state = TrainState.create(module, params, tx, ref_params=copy(params), kl_coef=jnp.float32(0.01))
+
+    def reward_fn(_, seq, attn, resp):
+        hits = (seq[:, -resp.shape[1]:] == 7) * resp
+        return jnp.sum(hits, -1) / jnp.maximum(jnp.sum(resp, -1), 1)
+
+    update = jit_step(make_ppo_update(PPOConfig(epochs=4), reward_fn=reward_fn))
+    settings = SamplingConfig(max_new_tokens=8, pad_token_id=0, eos_token_id=2)
+    prompts = jnp.asarray(np.random.default_rng(0).integers(3, VOCAB, size=(32, 4)), jnp.int32)
+    scores = []
+    for i in range(25):
+        out = generate(module, state.params, prompts, jnp.ones_like(prompts), jax.random.key(100 + i), settings)
+        batch = {"sequences": out.sequences, "attention_mask": out.attention_mask, "response_mask": out.response_mask}
+        state, metrics = update(state, batch, jax.random.key(i))
+        scores.append(float(metrics["objective/scores"]))
+    assert np.mean(scores[-5:]) > np.mean(scores[:5]) + 0.2, scores
+    assert float(metrics["objective/kl"]) > 0
+
+
+def test_gradient_accumulation_applies_the_mean_gradient_every_k_calls():
+    whole = sft_batch(seed=5)
+    halves = [{k: v[:4] for k, v in whole.items()}, {k: v[4:] for k, v in whole.items()}]
+    module, params, _ = policy()
+    # A large eps keeps Adam's update smooth in the gradient (no sign flips on tiny components).
+    tx, _ = make_optimizer(0.5, grad_accum_steps=2, max_grad_norm=None, eps=1.0)
+    step = jit_step(make_sft_step())
+    state, _ = step(TrainState.create(module, copy(params), tx), halves[0], jax.random.key(0))
+    np.testing.assert_array_equal(jax.tree.leaves(state.params)[0], jax.tree.leaves(params)[0])  # not yet
+    state, _ = step(state, halves[1], jax.random.key(1))
+    # One AdamW step on the mean of the two gradients: compare with optax directly.
+    grads = jax.tree.map(lambda a, b: (a + b) / 2, *[jax.grad(_sft_loss, argnums=1)(module, params, h) for h in halves])
+    direct = optax.adamw(0.5, eps=1.0, weight_decay=0.0)
+    updates, _ = direct.update(grads, direct.init(params), params)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(optax.apply_updates(params, updates))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def _sft_loss(module, params, batch):
+    from jaxrlhf import losses
+
+    logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
+    mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+    return losses.sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], mask)
+
+
+def test_schedules_warm_up_then_decay():
+    _, lr = make_optimizer(1e-3, schedule="cosine", warmup_steps=10, total_steps=110)
+    np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(60), lr(110)], [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
+    _, lr = make_optimizer(1e-3, schedule="linear", total_steps=100)
+    np.testing.assert_allclose([lr(0), lr(50), lr(100)], [1e-3, 5e-4, 0], atol=1e-9)

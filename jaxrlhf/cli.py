@@ -1,0 +1,102 @@
+"""The command line every stage script shares: `--config FILE`, `key=value` overrides,
+`--dry-run` (validate and print the plan), `--resume`, and errors as one clear line."""
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from jaxrlhf import config as cfg
+from jaxrlhf.errors import JaxRLHFError
+
+# stage name -> module holding its config class, `plan(config)` and `run(config, resume)`
+STAGES = {
+    "data": ("jaxrlhf.politeness", "PolitenessDataConfig"),
+    "sft": ("jaxrlhf.stages.sft", "SFTConfig"),
+    "reward": ("jaxrlhf.stages.reward", "RewardConfig"),
+    "ppo": ("jaxrlhf.stages.ppo", "PPOStageConfig"),
+    "preferences": ("jaxrlhf.stages.preferences", "PreferencesConfig"),
+    "dpo": ("jaxrlhf.stages.dpo", "DPOConfig"),
+    "evaluate": ("jaxrlhf.evaluate", "EvaluateConfig"),
+}
+
+
+def stage(name: str):
+    """-> (module, config class) of a stage."""
+    if name not in STAGES:
+        raise JaxRLHFError(f"unknown stage {name!r}; stages are {sorted(STAGES)}")
+    module_name, cls_name = STAGES[name]
+    module = importlib.import_module(module_name)
+    return module, getattr(module, cls_name)
+
+
+def stage_main(name: str, argv=None) -> int:
+    module, config_cls = stage(name)
+    parser = argparse.ArgumentParser(
+        prog=f"{name}.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(module.__doc__ or "").strip(),
+        epilog="config keys (set in the YAML file or as key=value):\n" + "\n".join(cfg.describe(config_cls)))
+    parser.add_argument("--config", type=Path, help="YAML config file")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config, print the plan, run nothing")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    args = parser.parse_args(argv)
+    try:
+        config = cfg.load(config_cls, args.config, args.overrides)
+        print(module.plan(config))
+        if not args.dry_run:
+            module.run(config, resume=args.resume)
+    except JaxRLHFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the latest checkpoint is kept (use --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def load_pipeline(path: Path) -> list[tuple[str, object, object]]:
+    """The stages of a pipeline file, each validated -> [(name, module, config)]."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise JaxRLHFError(f"cannot read pipeline file {path}: {e.strerror or e}") from None
+    entries = spec.get("stages") if isinstance(spec, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise JaxRLHFError(f"{path}: expected a list under 'stages:' of {{stage: NAME, config: FILE}}")
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or set(entry) - {"stage", "config", "overrides"} or "stage" not in entry:
+            raise JaxRLHFError(f"{path}: stages[{i}] must be {{stage: NAME, config: FILE, overrides: [...]}}")
+        module, config_cls = stage(entry["stage"])
+        config_path = path.parent / entry["config"] if entry.get("config") else None
+        out.append((entry["stage"], module, cfg.load(config_cls, config_path, entry.get("overrides", []))))
+    return out
+
+
+def pipeline_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pipeline.py", description="Run every stage of a pipeline file in order (default: the offline tiny one).")
+    parser.add_argument("--config", type=Path, default=Path("configs/tiny/pipeline.yaml"))
+    parser.add_argument("--dry-run", action="store_true", help="validate every stage config and print the plan")
+    parser.add_argument("--resume", action="store_true", help="skip finished stages, resume the interrupted one")
+    args = parser.parse_args(argv)
+    try:
+        stages = load_pipeline(args.config)
+        for i, (name, module, config) in enumerate(stages, 1):
+            print(f"[{i}/{len(stages)}] {module.plan(config)}")
+        if args.dry_run:
+            return 0
+        for i, (name, module, config) in enumerate(stages, 1):
+            train = getattr(config, "train", None)
+            if args.resume and train is not None and (Path(train.output_dir) / "final" / "config.json").exists():
+                print(f"[{i}/{len(stages)}] {name}: already finished ({train.output_dir}/final), skipped")
+                continue
+            print(f"\n[{i}/{len(stages)}] {name}", flush=True)
+            module.run(config, resume=args.resume)
+    except JaxRLHFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

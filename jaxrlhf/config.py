@@ -1,0 +1,251 @@
+"""Stage configs: frozen dataclasses loaded from YAML, overridable with `key=value` arguments,
+validated on load with errors that name the file, the key and what is allowed.
+
+Nested sections are nested dataclasses (`train.learning_rate=1e-4` on the command line).
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from jaxrlhf.errors import ConfigError
+
+
+def _type_name(t) -> str:
+    if typing.get_origin(t) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(t))
+    if t is type(None):
+        return "null"
+    if typing.get_origin(t) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(t))
+    return getattr(t, "__name__", str(t))
+
+
+def _coerce(value: Any, t, where: str) -> Any:
+    """Check `value` against the annotation `t` (building nested dataclasses); int -> float ok."""
+    origin = typing.get_origin(t)
+    if dataclasses.is_dataclass(t):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a section (a mapping of keys), not {value!r}")
+        return from_dict(t, value, where)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(t):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{where}={value!r} must be {_type_name(t)}")
+    if origin is Literal:
+        if value not in typing.get_args(t):
+            raise ConfigError(f"{where}={value!r} is not allowed; choose one of {list(typing.get_args(t))}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r} must be a mapping")
+        _, vt = typing.get_args(t)
+        return {str(k): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r} must be a list")
+        (it, *_) = typing.get_args(t)
+        return tuple(_coerce(v, it, f"{where}[{i}]") for i, v in enumerate(value))
+    if t is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}={value!r} must be null")
+        return None
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if t is Any:
+        return value
+    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}={value!r} must be {_type_name(t)}")
+    return value
+
+
+def from_dict(cls, data: dict[str, Any], where: str):
+    """Build dataclass `cls` from `data`; unknown keys are errors that suggest the nearest name."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {sorted(fields)}"
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {missing}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """["train.learning_rate=1e-4", "seed=3"] -> {"train": {"learning_rate": 1e-4}, "seed": 3}."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.learning_rate=1e-4)")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for k, v in extra.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def load(cls, path: str | Path | None, overrides: list[str] = ()):
+    """Read YAML `path` (or start empty), apply `overrides`, validate into `cls`."""
+    data: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys at the top level")
+    return from_dict(cls, _merge(data, parse_overrides(list(overrides))), where)
+
+
+def describe(cls, prefix: str = "") -> list[str]:
+    """One line per key (nested ones dotted), with type and default: the scripts' --help."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name, t = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(t):
+            lines += describe(t, name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        doc = f.metadata.get("help", "")
+        lines.append(f"  {name} ({_type_name(t)}; default {default!r}){': ' + doc if doc else ''}")
+    return lines
+
+
+def to_dict(config) -> dict[str, Any]:
+    """Plain data for YAML / JSON (tuples as lists)."""
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition: for range checks in __post_init__."""
+    if not condition:
+        raise ConfigError(message)
+
+
+# --- Sections shared by several stages ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where rows come from: a hub dataset name or a local json/jsonl/csv/parquet file."""
+
+    path: str
+    split: str = "train"
+    # Our column names -> the dataset's (e.g. {"prompt": "review"}); unmapped ones keep our name.
+    columns: dict[str, str] = dataclasses.field(default_factory=dict)
+    max_rows: int | None = None
+    skip_rows: int = 0  # e.g. hold out the first rows of a file for evaluation
+
+    def __post_init__(self):
+        check(self.max_rows is None or self.max_rows > 0, f"max_rows={self.max_rows} must be positive")
+        check(self.skip_rows >= 0, f"skip_rows={self.skip_rows} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule, loop length, checkpoints and logs of a training stage."""
+
+    output_dir: str = "runs/stage"
+    seed: int = 0
+    batch_size: int = 16
+    steps: int = 100
+    learning_rate: float = 1e-4
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    weight_decay: float = 0.0
+    grad_accum_steps: int = 1
+    log_every: int = 10
+    save_every: int = 100
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        for name in ("batch_size", "steps", "log_every", "save_every", "keep_checkpoints", "grad_accum_steps"):
+            check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
+        check(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
+        check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSection:
+    """Generation settings (see `jaxrlhf.sampling.SamplingConfig`)."""
+
+    max_new_tokens: int = 32
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    max_prompt_tokens: int = 32
+    # Truncate each prompt to a length drawn from [min, max] tokens (the IMDB recipe); off when null.
+    prompt_length_range: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        check(self.max_new_tokens >= 1, f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        check(self.temperature > 0, f"temperature={self.temperature} must be > 0")
+        check(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
+        r = self.prompt_length_range
+        check(r is None or (len(r) == 2 and 1 <= r[0] <= r[1] <= self.max_prompt_tokens),
+              f"prompt_length_range={r} must be [min, max] with 1 <= min <= max <= max_prompt_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSource:
+    """A reward: our trained reward model or any HF sequence classifier (`model`, scoring the
+    logit of `label`, a name or index, default 0), or a Python function `module:function`
+    called as f(prompts, responses) -> one float per response."""
+
+    model: str | None = None
+    label: str | int | None = None
+    function: str | None = None
+    # What the scorer reads: the response alone, or prompt + response.
+    text: Literal["response", "prompt+response"] = "response"
+    max_length: int = 128
+    batch_size: int = 64
+
+    def __post_init__(self):
+        check((self.model is None) != (self.function is None),
+              "a reward source needs exactly one of model (a checkpoint) or function ('module:function')")
+        check(self.function is None or ":" in self.function,
+              f"function={self.function!r} must look like 'package.module:function'")

@@ -1,0 +1,125 @@
+"""Text in, padded arrays out: loading rows through `datasets`, tokenising, masks, batches.
+
+Shapes: prompts for generation are left-padded `[B, P]`; training sequences are right-padded
+`[B, T]` with a `loss_mask` that is 1 on the tokens to learn (the response, plus its EOS).
+"""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxrlhf.config import DataConfig
+from jaxrlhf.errors import ConfigError
+
+_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_rows(data: DataConfig, needed: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows with our column names (`needed`), from a local file or a hub dataset."""
+    import datasets
+
+    path = Path(data.path).expanduser()
+    local = path.suffix in _FORMATS or path.exists() or data.path.startswith((".", "/", "~"))
+    if local:
+        if not path.is_file():
+            raise ConfigError(f"data file {data.path} does not exist")
+        if path.suffix == ".jsonl":
+            _check_jsonl(path)
+        try:
+            dataset = datasets.load_dataset(_FORMATS.get(path.suffix, "json"), data_files=str(path), split="train")
+        except Exception as e:  # datasets wraps parser errors in several types
+            raise ConfigError(f"cannot read data file {path}: {e}") from e
+    else:
+        try:
+            dataset = datasets.load_dataset(data.path, split=data.split)
+        except Exception as e:
+            raise ConfigError(f"cannot load dataset {data.path!r} (split {data.split!r}): {e}") from e
+    columns = {ours: data.columns.get(ours, ours) for ours in needed}
+    absent = [theirs for theirs in columns.values() if theirs not in dataset.column_names]
+    if absent:
+        raise ConfigError(f"{data.path}: column(s) {absent} not found; it has {dataset.column_names} "
+                          f"(map ours to yours with data.columns)")
+    end = len(dataset) if data.max_rows is None else min(len(dataset), data.skip_rows + data.max_rows)
+    rows = [{ours: dataset[i][theirs] for ours, theirs in columns.items()} for i in range(data.skip_rows, end)]
+    if not rows:
+        raise ConfigError(f"{data.path}: no rows to use (it has {len(dataset)}; skip_rows={data.skip_rows})")
+    return rows
+
+
+def _check_jsonl(path: Path) -> None:
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ConfigError(f"{path}:{number}: malformed JSON line ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}")
+
+
+def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, length_range=None, seed: int = 0):
+    """Left-padded prompt ids and mask `[B, P]`. Long prompts keep their last `max_tokens`
+    tokens (the part next to the reply); with `length_range` each prompt is cut to its first
+    L tokens, L drawn uniformly from the range (deterministic in `seed`)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for ids in _ids(tokenizer, prompts):
+        if length_range is not None:
+            ids = ids[: rng.integers(length_range[0], length_range[1] + 1)]
+        rows.append(ids[-max_tokens:])
+    width = max(len(r) for r in rows)
+    out = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, ids in enumerate(rows):
+        if ids:
+            out[i, width - len(ids):] = ids
+            mask[i, width - len(ids):] = 1
+    return out, mask
+
+
+def encode_pairs_of_text(tokenizer, prompts, responses, max_length: int, completion_only: bool = True):
+    """prompt + response + EOS, right-padded to `max_length` -> input_ids, attention_mask,
+    loss_mask `[B, T]` (loss on the response and EOS; on everything if not completion_only).
+    Responses are truncated to fit; a prompt that leaves no room for a response is an error."""
+    eos = tokenizer.eos_token_id
+    prompt_ids, response_ids = _ids(tokenizer, prompts), _ids(tokenizer, responses)
+    ids = np.full((len(prompts), max_length), tokenizer.pad_token_id, np.int32)
+    attn, loss = np.zeros_like(ids), np.zeros_like(ids)
+    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        if len(p) >= max_length:
+            raise ConfigError(f"row {i}: the prompt has {len(p)} tokens, leaving no room for a response "
+                              f"within max_length={max_length}")
+        r = (r + [eos])[: max_length - len(p)]
+        ids[i, : len(p) + len(r)] = p + r
+        attn[i, : len(p) + len(r)] = 1
+        loss[i, 0 if not completion_only else len(p): len(p) + len(r)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
+    """Right-padded, truncated encoder inputs (with the tokenizer's [CLS]/[SEP]) `[B, T]`."""
+    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
+
+
+def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """The rows of batch `step`: epochs of fresh permutations (seeded by epoch), incomplete
+    tail batches dropped. Pure in `step`, so a resumed run sees the same data order."""
+    per_epoch = n_rows // batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"batch_size={batch_size} is larger than the {n_rows} rows of data")
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    return order[offset * batch_size: (offset + 1) * batch_size]
+
+
+def take(arrays: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in arrays.items()}

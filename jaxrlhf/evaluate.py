@@ -1,0 +1,143 @@
+"""Compare policies on the same prompts: reward distributions (by every scorer given), KL to
+the reference, distinct-1/2 diversity and response length; writes a markdown table, a PNG of
+the reward distributions overlaid, samples side by side and results.json into one folder."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf import data, losses
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, check
+from jaxrlhf.models import load_pretrained, load_tokenizer
+from jaxrlhf.rewards import make_scorer
+from jaxrlhf.sampling import generate
+from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sampling_config
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    policies: dict[str, str]  # name -> checkpoint, in table order
+    reference: str  # KL is measured against this policy
+    prompts: DataConfig
+    scorers: dict[str, RewardSource]  # name -> reward source
+    output_dir: str = "runs/eval"
+    batch_size: int = 64
+    seed: int = 0
+    samples_to_show: int = 8
+    sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+
+    def __post_init__(self):
+        check(bool(self.policies), "policies must name at least one checkpoint")
+        check(bool(self.scorers), "scorers must name at least one reward source")
+
+
+def plan(config: EvaluateConfig) -> str:
+    return (f"evaluate {list(config.policies)} on {config.prompts.path} with scorers {list(config.scorers)}, "
+            f"KL to {config.reference} -> {config.output_dir}")
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of whitespace tokens, pooled across texts."""
+    grams = [tuple(words[i: i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+def _sequence_logps(module, params, out):
+    """Summed raw (temperature 1) logprobs of each response -> `[B]`."""
+    n = out.response_mask.shape[1]
+    logits = module.apply({"params": params}, out.sequences, out.attention_mask).logits[:, -n - 1: -1]
+    return losses.sequence_logprobs(logits, out.sequences[:, -n:], out.response_mask)
+
+
+def _sample_policy(config, name, path, ref, ids, mask, texts, scorers):
+    module, params, model_config = load_pretrained(path, head="lm")
+    tokenizer = load_tokenizer(path, model_config)
+    settings = sampling_config(config.sampling, tokenizer)
+    ref_module, ref_params = ref
+    logps = jax.jit(lambda p, o: _sequence_logps(module, p, o))
+    ref_logps = jax.jit(lambda p, o: _sequence_logps(ref_module, p, o))
+    responses, kls, lengths = [], [], []
+    n = len(texts)
+    for start in range(0, n, config.batch_size):
+        idx = np.arange(start, start + config.batch_size) % n  # full batches: one compiled shape
+        key = jax.random.fold_in(jax.random.key(config.seed), start)
+        out = generate(module, params, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]), key, settings)
+        keep = min(config.batch_size, n - start)
+        responses += decode_responses(tokenizer, out)[:keep]
+        kls += list(np.asarray(logps(params, out) - ref_logps(ref_params, out))[:keep])
+        lengths += list(np.asarray(out.response_mask.sum(-1))[:keep])
+    scores = {s: scorer(texts, responses) for s, scorer in scorers.items()}
+    return responses, scores, np.asarray(kls), np.asarray(lengths)
+
+
+def run(config: EvaluateConfig, resume: bool = False) -> Path:
+    del resume  # evaluation is one pass; its files are replaced whole
+    out_dir = Path(config.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ref_module, ref_params, ref_config = load_pretrained(config.reference, head="lm")
+    tokenizer = load_tokenizer(config.reference, ref_config)
+    rows = data.load_rows(config.prompts, ("prompt",))
+    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
+    scorers = {name: make_scorer(source) for name, source in config.scorers.items()}
+    results, samples = {}, {}
+    for name, path in config.policies.items():
+        print(f"evaluating {name} ({path}) on {len(texts)} prompts")
+        responses, scores, kls, lengths = _sample_policy(
+            config, name, path, (ref_module, ref_params), ids, mask, texts, scorers)
+        samples[name] = responses
+        results[name] = {
+            **{f"{s}/{stat}": float(fn(v)) for s, v in scores.items()
+               for stat, fn in (("mean", np.mean), ("median", np.median), ("std", np.std))},
+            "kl_to_reference": float(kls.mean()),
+            "distinct_1": distinct_n(responses, 1),
+            "distinct_2": distinct_n(responses, 2),
+            "response_tokens": float(lengths.mean()),
+            "_scores": {s: v.tolist() for s, v in scores.items()},
+        }
+    _write(out_dir, config, texts, results, samples)
+    return out_dir
+
+
+def _write(out_dir: Path, config, prompts, results, samples) -> None:
+    names = list(results)
+    columns = [k for k in results[names[0]] if not k.startswith("_")]
+    table = ["| policy | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    table += [f"| {n} | " + " | ".join(f"{results[n][c]:.3f}" for c in columns) + " |" for n in names]
+    (out_dir / "results.md").write_text("# Evaluation\n\n" + "\n".join(table) + "\n")
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    show = min(config.samples_to_show, len(prompts))
+    lines = ["# Samples (same prompts, side by side)\n"]
+    for i in range(show):
+        lines.append(f"## {prompts[i]!r}\n")
+        lines += [f"- **{n}** ({results[n]['_scores'][next(iter(config.scorers))][i]:+.2f}): {samples[n][i]!r}"
+                  for n in names]
+        lines.append("")
+    (out_dir / "samples.md").write_text("\n".join(lines))
+    _plot(out_dir / "rewards.png", results, list(config.scorers))
+    print("\n".join(table))
+    print(f"results, samples and plot in {out_dir}")
+
+
+def _plot(path: Path, results, scorer_names) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(scorer_names), figsize=(5.5 * len(scorer_names), 4), squeeze=False)
+    for ax, s in zip(axes[0], scorer_names):
+        values = [np.asarray(r["_scores"][s]) for r in results.values()]
+        bins = np.linspace(min(v.min() for v in values), max(v.max() for v in values) + 1e-6, 30)
+        for name, v in zip(results, values):
+            ax.hist(v, bins=bins, alpha=0.45, label=f"{name} (mean {v.mean():+.2f})")
+        ax.set_title(f"reward: {s}")
+        ax.set_xlabel("score")
+        ax.set_ylabel("responses")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

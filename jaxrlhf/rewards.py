@@ -1,0 +1,78 @@
+"""One interface over every reward: `scorer(prompts, responses) -> float32 [B]`.
+
+Sources: a reward model we trained (BERT / DistilBERT regression head), any Hugging Face
+sequence classifier (the logit of a chosen label), or a Python function named explicitly as
+`module:function` (the only code a config may import). Model scorers read text, so the
+policy's tokenizer and the scorer's may differ: responses are decoded, then re-encoded.
+"""
+
+import importlib
+from typing import Callable
+
+import jax
+import numpy as np
+
+from jaxrlhf.config import RewardSource
+from jaxrlhf.data import encode_texts
+from jaxrlhf.errors import ConfigError, JaxRLHFError
+from jaxrlhf.models import load_pretrained, load_tokenizer
+
+Scorer = Callable[[list[str], list[str]], np.ndarray]
+
+
+def _texts(source: RewardSource, prompts, responses) -> list[str]:
+    return list(responses) if source.text == "response" else [p + r for p, r in zip(prompts, responses)]
+
+
+def model_scorer(source: RewardSource) -> Scorer:
+    """Score with a classification checkpoint: column `label` (name or index) of its logits."""
+    module, params, config = load_pretrained(source.model, head="classification")
+    tokenizer = load_tokenizer(source.model, config)
+    labels = list(config.id2label)
+    label = 0 if source.label is None else source.label
+    if isinstance(label, str):
+        if label not in labels:
+            raise ConfigError(f"reward label {label!r} is not one of {source.model}'s labels {labels}")
+        label = labels.index(label)
+    if not 0 <= label < len(labels):
+        raise ConfigError(f"reward label index {label} is out of range for {len(labels)} labels")
+    forward = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask)[:, label])
+
+    def score(prompts: list[str], responses: list[str]) -> np.ndarray:
+        texts = _texts(source, prompts, responses)
+        out = []
+        for start in range(0, len(texts), source.batch_size):
+            chunk = texts[start: start + source.batch_size]
+            pad = source.batch_size - len(chunk)  # one compiled shape for every chunk
+            enc = encode_texts(tokenizer, chunk + [""] * pad, source.max_length)
+            out.append(np.asarray(forward(params, enc["input_ids"], enc["attention_mask"]))[: len(chunk)])
+        return np.concatenate(out).astype(np.float32)
+
+    return score
+
+
+def function_scorer(source: RewardSource) -> Scorer:
+    module_name, _, name = source.function.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"reward function {source.function!r} cannot be imported: {e}") from None
+
+    def score(prompts: list[str], responses: list[str]) -> np.ndarray:
+        try:
+            values = fn(list(prompts), list(responses))
+        except Exception as e:
+            raise JaxRLHFError(f"reward function {source.function} raised {type(e).__name__}: {e}") from e
+        values = np.asarray(values, dtype=np.float32).reshape(-1)
+        if values.shape[0] != len(responses):
+            raise JaxRLHFError(f"reward function {source.function} returned {values.shape[0]} scores "
+                               f"for {len(responses)} responses")
+        if not np.isfinite(values).all():
+            raise JaxRLHFError(f"reward function {source.function} returned a non-finite score")
+        return values
+
+    return score
+
+
+def make_scorer(source: RewardSource) -> Scorer:
+    return model_scorer(source) if source.model is not None else function_scorer(source)

@@ -1,0 +1,63 @@
+"""What every stage does the same way: models in, optimizer, the run folder, the export."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxrlhf import config as cfg
+from jaxrlhf.errors import ConfigError, JaxRLHFError
+from jaxrlhf.models import from_config, load_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.steps import make_optimizer
+
+
+def load_model(path: str | None, model_config: dict | None, tokenizer_path: str | None, seed: int, **heads):
+    """A pretrained checkpoint (`path`), or a fresh model from `model_config` (a config.json
+    dict) with the tokenizer at `tokenizer_path` -> (module, params, config, tokenizer)."""
+    if (path is None) == (model_config is None):
+        raise ConfigError("give exactly one of model (a checkpoint path or hub name) or model_config (a fresh model)")
+    if path is not None:
+        module, params, config = load_pretrained(path, rng=jax.random.key(seed), **heads)
+        tokenizer = load_tokenizer(tokenizer_path or path, config)
+    else:
+        if tokenizer_path is None:
+            raise ConfigError("model_config needs a tokenizer path (the key 'tokenizer')")
+        module, params, config = from_config(dict(model_config), jax.random.key(seed), where="model_config", **heads)
+        tokenizer = load_tokenizer(tokenizer_path, config)
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"the tokenizer of {path or tokenizer_path} has no pad token; set one (e.g. to EOS)")
+    return module, params, config, tokenizer
+
+
+def optimizer(train: cfg.TrainConfig):
+    return make_optimizer(
+        train.learning_rate, schedule=train.schedule, warmup_steps=train.warmup_steps, total_steps=train.steps,
+        max_grad_norm=train.max_grad_norm, weight_decay=train.weight_decay, grad_accum_steps=train.grad_accum_steps)
+
+
+def prepare_output(train: cfg.TrainConfig, config: Any, resume: bool) -> Path:
+    """Create the run folder and record the resolved config in it."""
+    out = Path(train.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise JaxRLHFError(f"output_dir {out} is not writable: {e.strerror or e}") from None
+    if (out / "final").exists() and not resume:
+        raise JaxRLHFError(f"{out / 'final'} already exists from an earlier run; choose another output_dir "
+                           "(or pass --resume to finish that run)")
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(config), indent=2) + "\n")
+    return out
+
+
+def export(out: Path, module, params, tokenizer) -> Path:
+    path = save_pretrained(out / "final", module, params, tokenizer=tokenizer)
+    print(f"exported {type(module).__name__} in Hugging Face layout to {path}")
+    return path
+
+
+def step_key(seed: int, step: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), step)

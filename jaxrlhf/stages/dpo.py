@@ -1,0 +1,95 @@
+"""DPO, IPO, hinge and SLiC-HF on preference pairs."""
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf import data, losses
+from jaxrlhf.config import DataConfig, TrainConfig, check
+from jaxrlhf.models import load_pretrained, load_tokenizer
+from jaxrlhf.parallel import jit_step
+from jaxrlhf.stages import common
+from jaxrlhf.steps import TrainState, make_dpo_step
+from jaxrlhf.trainer import run_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    policy: str
+    data: DataConfig  # columns prompt, chosen, rejected
+    reference: str | None = None  # defaults to the starting policy
+    loss_type: Literal["sigmoid", "hinge", "ipo", "slic"] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    slic_delta: float = 1.0
+    slic_reg_weight: float = 0.1
+    max_length: int = 64
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check(self.beta > 0, f"beta={self.beta} must be > 0")
+        check(0 <= self.label_smoothing < 0.5, f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+
+
+def plan(config: DPOConfig) -> str:
+    return (f"{config.loss_type} preference optimisation: {config.policy} (reference "
+            f"{config.reference or config.policy}) on pairs {config.data.path}, beta {config.beta}, "
+            f"{config.train.steps} steps of batch {config.train.batch_size} -> {config.train.output_dir}/final")
+
+
+def _pair_arrays(rows, tokenizer, max_length):
+    prompts = [r["prompt"] for r in rows]
+    out = {}
+    for side in ("chosen", "rejected"):
+        enc = data.encode_pairs_of_text(tokenizer, prompts, [r[side] for r in rows], max_length)
+        out |= {f"{side}_ids": enc["input_ids"], f"{side}_mask": enc["attention_mask"],
+                f"{side}_loss_mask": enc["loss_mask"]}
+    return out
+
+
+def _reference_logps(module, params, arrays, average, batch_size=64):
+    """Sequence logprobs of every pair under the frozen reference, computed once up front."""
+    @jax.jit
+    def seq_logps(ids, mask, loss_mask):
+        logits = module.apply({"params": params}, ids, mask).logits
+        return losses.sequence_logprobs(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:] * mask[:, 1:], average)
+
+    out = {}
+    for side in ("chosen", "rejected"):
+        parts = []
+        n = len(arrays[f"{side}_ids"])
+        for s in range(0, n, batch_size):
+            idx = np.arange(s, s + batch_size) % n  # full batches: one compiled shape
+            parts.append(np.asarray(seq_logps(*(arrays[f"{side}_{k}"][idx] for k in ("ids", "mask", "loss_mask")))))
+        out[f"ref_{side}_logps"] = np.concatenate(parts)[:n]
+    return out
+
+
+def run(config: DPOConfig, resume: bool = False):
+    out = common.prepare_output(config.train, config, resume)
+    train = config.train
+    module, params, model_config = load_pretrained(config.policy, head="lm")
+    tokenizer = load_tokenizer(config.policy, model_config)
+    rows = data.load_rows(config.data, ("prompt", "chosen", "rejected"))
+    arrays = _pair_arrays(rows, tokenizer, config.max_length)
+    if config.loss_type != "slic":
+        ref_params = params if config.reference is None else load_pretrained(config.reference, head="lm")[1]
+        arrays |= _reference_logps(module, ref_params, arrays, average=config.loss_type == "ipo")
+    tx, lr = common.optimizer(train)
+    state = TrainState.create(module, params, tx)
+    step = jit_step(make_dpo_step(config.loss_type, config.beta, label_smoothing=config.label_smoothing,
+                                  slic_delta=config.slic_delta, slic_reg_weight=config.slic_reg_weight))
+
+    def step_fn(state, i):
+        batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))
+        return step(state, batch, common.step_key(train.seed, i))
+
+    state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
+                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
+                     record={"stage": config.loss_type}, tensorboard=train.tensorboard, desc=config.loss_type,
+                     extra_metrics=lambda s: {"learning_rate": float(lr(s)),
+                                              "epoch": s / max(len(rows) // train.batch_size, 1)})
+    return common.export(out, module, jax.device_get(state.params), tokenizer)

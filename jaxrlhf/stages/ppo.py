@@ -1,0 +1,83 @@
+"""PPO against a reward source, with a KL leash to the frozen starting policy."""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf import data
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check
+from jaxrlhf.models import load_pretrained, load_tokenizer
+from jaxrlhf.parallel import jit_step
+from jaxrlhf.ppo import PPOConfig, make_ppo_update
+from jaxrlhf.rewards import make_scorer
+from jaxrlhf.sampling import generate
+from jaxrlhf.stages import common
+from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sampling_config
+from jaxrlhf.steps import TrainState
+from jaxrlhf.trainer import run_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOStageConfig:
+    policy: str  # the starting policy (usually the SFT export); also the frozen reference
+    reward: RewardSource
+    prompts: DataConfig
+    sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # batch_size = rollouts per step
+
+    def __post_init__(self):
+        check(self.ppo.temperature == self.sampling.temperature,
+              f"ppo.temperature={self.ppo.temperature} must equal sampling.temperature={self.sampling.temperature} "
+              "(the update must score tokens under the distribution that sampled them)")
+        check(self.train.batch_size % self.ppo.num_minibatches == 0,
+              f"train.batch_size={self.train.batch_size} must be a multiple of ppo.num_minibatches")
+
+
+def plan(config: PPOStageConfig) -> str:
+    reward = config.reward.model or config.reward.function
+    kl = f"adaptive toward {config.ppo.kl_target}" if config.ppo.kl_target else "fixed"
+    return (f"PPO: {config.policy} vs reward {reward}, prompts {config.prompts.path}, {config.train.steps} steps x "
+            f"{config.train.batch_size} rollouts of {config.sampling.max_new_tokens} tokens, {config.ppo.epochs} "
+            f"epochs x {config.ppo.num_minibatches} minibatches, KL coef {config.ppo.kl_coef} ({kl}) "
+            f"-> {config.train.output_dir}/final")
+
+
+def run(config: PPOStageConfig, resume: bool = False):
+    out = common.prepare_output(config.train, config, resume)
+    train = config.train
+    module, params, model_config = load_pretrained(config.policy, head="lm", value_head=True,
+                                                   rng=jax.random.key(train.seed))
+    tokenizer = load_tokenizer(config.policy, model_config)
+    scorer = make_scorer(config.reward)
+    rows = data.load_rows(config.prompts, ("prompt",))
+    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
+    settings = sampling_config(config.sampling, tokenizer)
+    tx, lr = common.optimizer(train)
+    state = TrainState.create(module, params, tx, ref_params=jax.tree.map(jnp.array, params),
+                              kl_coef=jnp.float32(config.ppo.kl_coef))
+    update = jit_step(make_ppo_update(config.ppo))
+
+    def step_fn(state, i):
+        idx = data.batch_indices(len(rows), train.batch_size, i, train.seed)
+        gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
+        started = time.perf_counter()
+        rollout = generate(module, state.params, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]), gen_key, settings)
+        responses = decode_responses(tokenizer, rollout)
+        scores = scorer([texts[j] for j in idx], responses)
+        batch = {"sequences": rollout.sequences, "attention_mask": rollout.attention_mask,
+                 "response_mask": rollout.response_mask, "scores": jnp.asarray(scores)}
+        rollout_s = time.perf_counter() - started
+        state, metrics = update(state, batch, update_key)
+        return state, {**metrics, "time/rollout_s": rollout_s}
+
+    state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
+                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
+                     record={"stage": "ppo"}, tensorboard=train.tensorboard, desc="ppo",
+                     extra_metrics=lambda s: {"learning_rate": float(lr(s * config.ppo.epochs * config.ppo.num_minibatches))})
+    # The export is the plain LM (the value head stays in the checkpoints).
+    lm_params = {"transformer": jax.device_get(state.params)["transformer"]}
+    return common.export(out, module.clone(value_head=False), lm_params, tokenizer)

@@ -1,0 +1,92 @@
+"""Preference pairs: sample several responses per prompt, score them, pair winners with losers."""
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf import data
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, check
+from jaxrlhf.errors import JaxRLHFError
+from jaxrlhf.models import load_pretrained, load_tokenizer
+from jaxrlhf.rewards import make_scorer
+from jaxrlhf.sampling import generate
+from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sampling_config
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferencesConfig:
+    policy: str
+    reward: RewardSource
+    prompts: DataConfig
+    output: str  # the pairs file (JSONL: prompt, chosen, rejected, chosen_score, rejected_score)
+    samples_per_prompt: int = 4
+    # "all": every pair whose scores differ by more than min_margin; "best_worst": one per prompt
+    pairing: Literal["all", "best_worst"] = "all"
+    min_margin: float = 0.0
+    batch_size: int = 64  # prompts per generation call
+    seed: int = 0
+    sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+
+    def __post_init__(self):
+        check(self.samples_per_prompt >= 2, f"samples_per_prompt={self.samples_per_prompt} must be at least 2")
+        check(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
+        check(self.min_margin >= 0, f"min_margin={self.min_margin} must be >= 0")
+
+
+def plan(config: PreferencesConfig) -> str:
+    return (f"preference pairs: {config.samples_per_prompt} samples per prompt of {config.prompts.path} from "
+            f"{config.policy}, scored by {config.reward.model or config.reward.function}, pairing "
+            f"{config.pairing} (margin > {config.min_margin}) -> {config.output}")
+
+
+def make_pairs(prompt: str, responses: list[str], scores, pairing: str, min_margin: float) -> list[dict]:
+    """Winner/loser pairs among one prompt's scored responses (identical texts never pair)."""
+    order = sorted(range(len(responses)), key=lambda i: -scores[i])
+    if pairing == "best_worst":
+        candidates = [(order[0], order[-1])]
+    else:
+        candidates = list(itertools.combinations(order, 2))
+    return [{"prompt": prompt, "chosen": responses[a], "rejected": responses[b],
+             "chosen_score": float(scores[a]), "rejected_score": float(scores[b])}
+            for a, b in candidates if scores[a] - scores[b] > min_margin and responses[a] != responses[b]]
+
+
+def run(config: PreferencesConfig, resume: bool = False) -> Path:
+    del resume  # one pass; the output is written whole at the end
+    module, params, model_config = load_pretrained(config.policy, head="lm")
+    tokenizer = load_tokenizer(config.policy, model_config)
+    scorer = make_scorer(config.reward)
+    rows = data.load_rows(config.prompts, ("prompt",))
+    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
+    settings = sampling_config(config.sampling, tokenizer)
+    k, pairs, generations = config.samples_per_prompt, [], 0
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(rows), config.batch_size), desc="pairs", disable=None):
+        idx = np.arange(start, min(start + config.batch_size, len(rows)))
+        idx = np.concatenate([idx, np.full(config.batch_size - len(idx), idx[-1])])  # one compiled shape
+        rep = np.repeat(idx, k)
+        key = jax.random.fold_in(jax.random.key(config.seed), start)
+        out = generate(module, params, jnp.asarray(ids[rep]), jnp.asarray(mask[rep]), key, settings)
+        responses = decode_responses(tokenizer, out)
+        scores = scorer([texts[j] for j in rep], responses)
+        for n, j in enumerate(idx[: min(config.batch_size, len(rows) - start)]):
+            sl = slice(n * k, (n + 1) * k)
+            pairs += make_pairs(texts[j], responses[sl], scores[sl], config.pairing, config.min_margin)
+            generations += k
+    if not pairs:
+        raise JaxRLHFError("no preference pairs: every prompt's samples scored alike; lower min_margin or "
+                           "sample with more diversity")
+    path = Path(config.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    tmp.replace(path)
+    print(f"{generations} generations -> {len(pairs)} pairs in {path}")
+    return path

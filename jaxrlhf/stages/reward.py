@@ -1,0 +1,75 @@
+"""Reward model training: a BERT-family encoder with a one-output head, by regression on
+scored texts or pairwise (Bradley-Terry) on chosen/rejected texts."""
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from jaxrlhf import data
+from jaxrlhf.config import DataConfig, TrainConfig, check
+from jaxrlhf.parallel import jit_step
+from jaxrlhf.stages import common
+from jaxrlhf.steps import TrainState, make_reward_step
+from jaxrlhf.trainer import run_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    data: DataConfig
+    model: str | None = None  # e.g. bert-base-uncased; gets a fresh 1-output head
+    model_config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    kind: Literal["regression", "pairwise"] = "regression"
+    # regression reads columns text + label; pairwise reads chosen + rejected
+    normalize_targets: bool = False  # regression: train on (label - mean) / std
+    max_length: int = 64
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check(self.max_length >= 2, f"max_length={self.max_length} must be at least 2")
+
+
+def plan(config: RewardConfig) -> str:
+    source = config.model or f"a fresh encoder {config.model_config}"
+    return (f"reward model ({config.kind}): {source} on {config.data.path}, {config.train.steps} steps of batch "
+            f"{config.train.batch_size} -> {config.train.output_dir}/final")
+
+
+def _arrays(config: RewardConfig, tokenizer) -> tuple[dict, int]:
+    if config.kind == "regression":
+        rows = data.load_rows(config.data, ("text", "label"))
+        arrays = data.encode_texts(tokenizer, [r["text"] for r in rows], config.max_length)
+        target = np.asarray([r["label"] for r in rows], np.float32)
+        if config.normalize_targets:
+            target = (target - target.mean()) / max(float(target.std()), 1e-6)
+        return {**arrays, "target": target}, len(rows)
+    rows = data.load_rows(config.data, ("chosen", "rejected"))
+    chosen = data.encode_texts(tokenizer, [r["chosen"] for r in rows], config.max_length)
+    rejected = data.encode_texts(tokenizer, [r["rejected"] for r in rows], config.max_length)
+    return {"chosen_ids": chosen["input_ids"], "chosen_mask": chosen["attention_mask"],
+            "rejected_ids": rejected["input_ids"], "rejected_mask": rejected["attention_mask"]}, len(rows)
+
+
+def run(config: RewardConfig, resume: bool = False):
+    out = common.prepare_output(config.train, config, resume)
+    model_config = None if config.model_config is None else {**config.model_config, "num_labels": 1}
+    module, params, _, tokenizer = common.load_model(
+        config.model, model_config, config.tokenizer, config.train.seed, head="classification",
+        **({"num_labels": 1} if config.model else {}))
+    arrays, n = _arrays(config, tokenizer)
+    tx, lr = common.optimizer(config.train)
+    state = TrainState.create(module, params, tx)
+    step = jit_step(make_reward_step(config.kind))
+    train = config.train
+
+    def step_fn(state, i):
+        batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))
+        return step(state, batch, common.step_key(train.seed, i))
+
+    state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
+                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
+                     record={"stage": "reward"}, tensorboard=train.tensorboard, desc="reward",
+                     extra_metrics=lambda s: {"learning_rate": float(lr(s)), "epoch": s / max(n // train.batch_size, 1)})
+    return common.export(out, module, jax.device_get(state.params), tokenizer)

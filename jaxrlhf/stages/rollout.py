@@ -1,0 +1,31 @@
+"""Sampling responses from a policy for a batch of prompts, and turning them back into text:
+shared by PPO, preference-pair making and evaluation."""
+
+import numpy as np
+
+from jaxrlhf import data
+from jaxrlhf.config import SamplingSection
+from jaxrlhf.sampling import SamplingConfig
+
+
+def sampling_config(section: SamplingSection, tokenizer) -> SamplingConfig:
+    return SamplingConfig(
+        max_new_tokens=section.max_new_tokens, min_new_tokens=section.min_new_tokens,
+        temperature=section.temperature, top_k=section.top_k, top_p=section.top_p, greedy=section.greedy,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def encode_prompt_rows(rows, tokenizer, section: SamplingSection, seed: int):
+    """All prompts, left-padded to one width (one compiled shape) -> ids, mask, the texts the
+    policy actually sees (after any truncation)."""
+    ids, mask = data.encode_prompts(tokenizer, [r["prompt"] for r in rows], section.max_prompt_tokens,
+                                    section.prompt_length_range, seed)
+    texts = [tokenizer.decode(i[m == 1]) for i, m in zip(ids, mask)]
+    return ids, mask, texts
+
+
+def decode_responses(tokenizer, out) -> list[str]:
+    """Response text of each row: its real tokens, EOS dropped."""
+    p = out.sequences.shape[1] - out.response_mask.shape[1]
+    seqs, masks = np.asarray(out.sequences[:, p:]), np.asarray(out.response_mask)
+    return [tokenizer.decode(s[m == 1], skip_special_tokens=True) for s, m in zip(seqs, masks)]

@@ -1,0 +1,58 @@
+"""Supervised fine-tuning: next-token loss on the response of each prompt/response pair."""
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from jaxrlhf import data
+from jaxrlhf.config import DataConfig, TrainConfig, check
+from jaxrlhf.parallel import jit_step
+from jaxrlhf.stages import common
+from jaxrlhf.steps import TrainState, make_sft_step
+from jaxrlhf.trainer import run_loop
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    data: DataConfig
+    model: str | None = None  # checkpoint path or hub name
+    model_config: dict[str, Any] | None = None  # or a fresh GPT-2 from this config.json dict
+    tokenizer: str | None = None  # defaults to the model's own
+    max_length: int = 64
+    completion_only: bool = True  # loss on the response only; False: on prompt and response
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check(self.max_length >= 2, f"max_length={self.max_length} must be at least 2")
+
+
+def plan(config: SFTConfig) -> str:
+    source = config.model or f"a fresh GPT-2 {config.model_config}"
+    return (f"SFT: {source} on {config.data.path} (prompt/response, loss on "
+            f"{'the response' if config.completion_only else 'all tokens'}), {config.train.steps} steps of "
+            f"batch {config.train.batch_size}, max_length {config.max_length} -> {config.train.output_dir}/final")
+
+
+def run(config: SFTConfig, resume: bool = False):
+    out = common.prepare_output(config.train, config, resume)
+    module, params, model_config, tokenizer = common.load_model(
+        config.model, config.model_config, config.tokenizer, config.train.seed, head="lm")
+    rows = data.load_rows(config.data, ("prompt", "response"))
+    arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                                       config.max_length, config.completion_only)
+    tx, lr = common.optimizer(config.train)
+    state = TrainState.create(module, params, tx)
+    step = jit_step(make_sft_step())
+    train = config.train
+
+    def step_fn(state, i):
+        batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))
+        return step(state, batch, common.step_key(train.seed, i))
+
+    per_epoch = len(rows) // train.batch_size
+    state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
+                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
+                     record={"stage": "sft"}, tensorboard=train.tensorboard, desc="sft",
+                     extra_metrics=lambda s: {"learning_rate": float(lr(s)), "epoch": s / max(per_epoch, 1)})
+    return common.export(out, module, jax.device_get(state.params), tokenizer)

@@ -1,0 +1,139 @@
+"""The loop plumbing every stage shares: steps, progress, metric logs, checkpoints, resume.
+
+A stage supplies `step_fn(state, step) -> (state, metrics)`, pure in `step` for its data and
+randomness (batch `step` and key `fold_in(seed, step)`), so resuming from a checkpoint of
+step k replays exactly what an uninterrupted run would have done from k on.
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from jaxrlhf.errors import CheckpointError, JaxRLHFError
+
+
+class MetricLog:
+    """Metric lines like the HF Trainer's on stdout, one JSON object per log in metrics.jsonl,
+    and TensorBoard scalars when asked."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool = False):
+        self.path = out_dir / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                raise JaxRLHFError("tensorboard: true needs the tensorboardX package (pip install tensorboardX)") from None
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float], echo: Callable[[str], None] = print) -> None:
+        record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        echo(str({k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}))
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, float(v), step)
+            self.writer.flush()
+
+
+class Checkpoints:
+    """orbax CheckpointManager over out_dir/checkpoints: the whole train state plus a JSON
+    record (step, config). Writes are atomic (orbax finalises a step only when complete),
+    so a killed save leaves the previous checkpoint as the latest."""
+
+    def __init__(self, out_dir: Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            (out_dir / "checkpoints").resolve(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, record: dict) -> None:
+        args = self.ocp.args
+        self.manager.save(step, args=args.Composite(state=args.StandardSave(state), record=args.JsonSave(record)))
+        self.manager.wait_until_finished()
+
+    def restore(self, step: int, template: Any) -> tuple[Any, dict]:
+        args = self.ocp.args
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, template)
+        try:
+            out = self.manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract),
+                                                                 record=args.JsonRestore()))
+        except Exception as e:  # orbax raises many types for a tree that does not fit
+            raise CheckpointError(f"checkpoint {step} in {self.manager.directory} does not fit this model "
+                                  f"and optimizer ({type(e).__name__}: {e})") from e
+        return out["state"], out["record"]
+
+
+def run_loop(
+    *,
+    out_dir: Path,
+    state: Any,
+    step_fn: Callable[[Any, int], tuple[Any, dict]],
+    steps: int,
+    log_every: int,
+    save_every: int,
+    keep_checkpoints: int,
+    resume: bool,
+    record: dict,
+    tensorboard: bool = False,
+    desc: str = "train",
+    extra_metrics: Callable[[int], dict] = lambda step: {},
+) -> Any:
+    """Run steps [start, steps) with checkpoints every `save_every` and at the end -> state.
+
+    Without `resume`, an output folder that already holds checkpoints is an error: nothing
+    written by an earlier run is overwritten. NaN or inf in a logged loss stops the run with
+    an error naming the step, before anything is saved over the last good checkpoint."""
+    from tqdm.auto import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(out_dir, keep_checkpoints)
+    start = 0
+    latest = checkpoints.latest()
+    if latest is not None and not resume:
+        raise JaxRLHFError(f"{out_dir} already holds checkpoints (latest step {latest}); pass --resume to "
+                           "continue that run, or choose another output_dir")
+    if latest is not None:
+        state, _ = checkpoints.restore(latest, state)
+        start = latest
+        print(f"resuming {desc} from step {start} ({out_dir / 'checkpoints'})", file=sys.stderr)
+    log = MetricLog(out_dir, tensorboard)
+    bar = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr,
+               disable=None, mininterval=1.0)
+    started = time.perf_counter()
+    for step in range(start, steps):
+        state, metrics = step_fn(state, step)
+        done = step + 1
+        logging, saving = done % log_every == 0 or done == steps, done % save_every == 0 or done == steps
+        if logging or saving:  # fetching metrics syncs with the device: only when needed
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            bad = [k for k, v in values.items() if not math.isfinite(v) and ("loss" in k or "norm" in k)]
+            if bad:
+                raise JaxRLHFError(f"{desc}: non-finite {bad[0]}={values[bad[0]]} at step {done}; the last good "
+                                   f"checkpoint is step {checkpoints.latest()} in {out_dir / 'checkpoints'}")
+        if logging:
+            values |= extra_metrics(done)
+            values["steps_per_second"] = (done - start) / (time.perf_counter() - started)
+            log.write(done, values, echo=bar.write)
+        if saving:
+            checkpoints.save(done, state, {**record, "step": done})
+        bar.update(1)
+    bar.close()
+    return state
+
+
+def to_host(tree: Any) -> Any:
+    return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -1,0 +1,8 @@
+"""Run the evaluate stage: `python scripts/evaluate.py --config FILE [key=value ...]` (--help lists the keys)."""
+
+import sys
+
+from jaxrlhf.cli import stage_main
+
+if __name__ == "__main__":
+    sys.exit(stage_main("evaluate"))

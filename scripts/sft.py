@@ -1,0 +1,8 @@
+"""Run the sft stage: `python scripts/sft.py --config FILE [key=value ...]` (--help lists the keys)."""
+
+import sys
+
+from jaxrlhf.cli import stage_main
+
+if __name__ == "__main__":
+    sys.exit(stage_main("sft"))

@@ -65,17 +65,19 @@ def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, length_range=None, seed: int = 0):
-    """Left-padded prompt ids and mask `[B, P]`. Long prompts keep their last `max_tokens`
-    tokens (the part next to the reply); with `length_range` each prompt is cut to its first
-    L tokens, L drawn uniformly from the range (deterministic in `seed`)."""
+def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, length_range=None, seed: int = 0,
+                   pad_to: int | None = None):
+    """Left-padded prompt ids and mask `[B, P]`, P the longest prompt (or `pad_to`). Long
+    prompts keep their last `max_tokens` tokens (the part next to the reply); with
+    `length_range` each prompt is cut to its first L tokens, L drawn uniformly from the range
+    (deterministic in `seed`)."""
     rng = np.random.default_rng(seed)
     rows = []
     for ids in _ids(tokenizer, prompts):
         if length_range is not None:
             ids = ids[: rng.integers(length_range[0], length_range[1] + 1)]
         rows.append(ids[-max_tokens:])
-    width = max(len(r) for r in rows)
+    width = pad_to or max(len(r) for r in rows)
     out = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
     for i, ids in enumerate(rows):

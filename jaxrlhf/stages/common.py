@@ -12,18 +12,21 @@ from jaxrlhf.models import from_config, load_pretrained, load_tokenizer, save_pr
 from jaxrlhf.steps import make_optimizer
 
 
-def load_model(path: str | None, model_config: dict | None, tokenizer_path: str | None, seed: int, **heads):
+def load_model(path: str | None, model_config: dict | None, tokenizer_path: str | None, seed: int, head: str,
+               num_labels: int | None = None):
     """A pretrained checkpoint (`path`), or a fresh model from `model_config` (a config.json
-    dict) with the tokenizer at `tokenizer_path` -> (module, params, config, tokenizer)."""
+    dict) with the tokenizer at `tokenizer_path` -> (module, params, config, tokenizer).
+    `num_labels` sets a classification head's width (a new head where the checkpoint differs)."""
     if (path is None) == (model_config is None):
         raise ConfigError("give exactly one of model (a checkpoint path or hub name) or model_config (a fresh model)")
     if path is not None:
-        module, params, config = load_pretrained(path, rng=jax.random.key(seed), **heads)
+        module, params, config = load_pretrained(path, rng=jax.random.key(seed), head=head, num_labels=num_labels)
         tokenizer = load_tokenizer(tokenizer_path or path, config)
     else:
         if tokenizer_path is None:
             raise ConfigError("model_config needs a tokenizer path (the key 'tokenizer')")
-        module, params, config = from_config(dict(model_config), jax.random.key(seed), where="model_config", **heads)
+        model_config = dict(model_config) | ({} if num_labels is None else {"num_labels": num_labels})
+        module, params, config = from_config(model_config, jax.random.key(seed), where="model_config", head=head)
         tokenizer = load_tokenizer(tokenizer_path, config)
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"the tokenizer of {path or tokenizer_path} has no pad token; set one (e.g. to EOS)")

@@ -54,10 +54,8 @@ def _arrays(config: RewardConfig, tokenizer) -> tuple[dict, int]:
 
 def run(config: RewardConfig, resume: bool = False):
     out = common.prepare_output(config.train, config, resume)
-    model_config = None if config.model_config is None else {**config.model_config, "num_labels": 1}
     module, params, _, tokenizer = common.load_model(
-        config.model, model_config, config.tokenizer, config.train.seed, head="classification",
-        **({"num_labels": 1} if config.model else {}))
+        config.model, config.model_config, config.tokenizer, config.train.seed, head="classification", num_labels=1)
     arrays, n = _arrays(config, tokenizer)
     tx, lr = common.optimizer(config.train)
     state = TrainState.create(module, params, tx)

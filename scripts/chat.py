@@ -1,0 +1,48 @@
+"""Chat with any checkpoint: `python scripts/chat.py runs/tiny/ppo/final [--temperature 0.7 ...]`.
+
+Type a message and press Enter; /reset forgets the conversation, /quit (or Ctrl-D) ends it.
+"""
+
+import argparse
+import sys
+
+from jaxrlhf.chat import ChatSession
+from jaxrlhf.errors import JaxRLHFError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="an HF-layout GPT-2 folder (e.g. a stage's final/) or a hub name")
+    parser.add_argument("--user-prefix", default="Request: ")
+    parser.add_argument("--bot-prefix", default="Reply:")
+    parser.add_argument("--max-prompt-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--greedy", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        session = ChatSession(args.checkpoint, args.user_prefix, args.bot_prefix, args.max_prompt_tokens,
+                              args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy, args.seed)
+    except JaxRLHFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            message = input("you> " if interactive else "")
+        except EOFError:
+            return 0
+        if message.strip() == "/quit":
+            return 0
+        if message.strip() == "/reset":
+            session.reset()
+            print("(conversation forgotten)")
+            continue
+        print(f"bot> {session.reply(message)}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

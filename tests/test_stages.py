@@ -1,0 +1,218 @@
+"""The stages end to end on a shrunken copy of configs/tiny, resume, configs, rewards, pairs."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from jaxrlhf import cli
+from jaxrlhf import config as cfg
+from jaxrlhf.config import RewardSource
+from jaxrlhf.errors import ConfigError, JaxRLHFError
+from jaxrlhf.stages.preferences import make_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny"
+
+# configs/tiny, cut down to seconds per stage: fewer rows, smaller models, a few steps.
+SHRINK = {
+    "data.yaml": ["sft_rows=400", "reward_rows=400", "prompt_rows=64", "eval_rows=16"],
+    "sft.yaml": ["model_config.n_embd=32", "model_config.n_layer=1", "train.steps=12", "train.save_every=6",
+                 "train.log_every=6", "train.warmup_steps=2"],
+    "reward.yaml": ["model_config.hidden_size=32", "model_config.num_hidden_layers=1", "train.steps=12",
+                    "train.save_every=6", "train.log_every=6", "train.warmup_steps=2"],
+    "ppo.yaml": ["train.steps=3", "train.batch_size=16", "train.log_every=1", "train.save_every=2",
+                 "sampling.max_new_tokens=8"],
+    "preferences.yaml": ["prompts.max_rows=32", "batch_size=16", "sampling.max_new_tokens=8", "min_margin=0.0"],
+    "dpo.yaml": ["train.steps=4", "train.batch_size=8", "train.log_every=2", "train.save_every=2"],
+    "slic.yaml": ["train.steps=4", "train.batch_size=8", "train.log_every=2", "train.save_every=2"],
+    "evaluate.yaml": ["batch_size=16", "sampling.max_new_tokens=8", "samples_to_show=2"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole tiny pipeline, shrunk, run once in a temp folder (the configs' paths are
+    relative, so everything lands under it)."""
+    work = tmp_path_factory.mktemp("tiny")
+    stages = yaml.safe_load((TINY / "pipeline.yaml").read_text())["stages"]
+    for entry in stages:
+        entry["config"] = str(TINY / entry["config"])
+        entry["overrides"] = SHRINK[Path(entry["config"]).name]
+    (work / "pipeline.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    old = Path.cwd()
+    import os
+
+    os.chdir(work)
+    try:
+        assert cli.pipeline_main(["--config", str(work / "pipeline.yaml")]) == 0
+    finally:
+        os.chdir(old)
+    return work / "runs" / "tiny"
+
+
+def test_every_stage_leaves_its_outputs(tiny_run):
+    for stage in ("sft", "reward", "ppo", "dpo", "slic"):
+        assert (tiny_run / stage / "final" / "model.safetensors").is_file(), stage
+        assert (tiny_run / stage / "config.json").is_file()
+        lines = (tiny_run / stage / "metrics.jsonl").read_text().splitlines()
+        assert lines and all("loss" in json.loads(line) for line in lines), stage
+    ppo_metrics = json.loads((tiny_run / "ppo" / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("objective/scores", "objective/kl", "objective/kl_coef", "policy/clipfrac", "value/loss",
+                "objective/entropy", "response_length", "learning_rate"):
+        assert key in ppo_metrics
+    pairs = [json.loads(line) for line in (tiny_run / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    results = json.loads((tiny_run / "eval" / "results.json").read_text())
+    assert list(results) == ["sft", "ppo", "dpo", "slic"]
+    for name in results:
+        for key in ("ground_truth/mean", "reward_model/median", "kl_to_reference", "distinct_2", "response_tokens"):
+            assert np.isfinite(results[name][key])
+    assert results["sft"]["kl_to_reference"] == pytest.approx(0.0, abs=1e-4)  # the reference itself
+    for name in ("rewards.png", "results.md", "samples.md"):
+        assert (tiny_run / "eval" / name).stat().st_size > 0
+
+
+def test_ppo_export_loads_in_transformers_and_generates(tiny_run):
+    import torch
+    import transformers
+
+    path = tiny_run / "ppo" / "final"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.GPT2LMHeadModel.from_pretrained(path).eval()
+    ids = tokenizer("Request: Can you walk the dog?\nReply:", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_export_script_turns_a_checkpoint_into_hf_layout(tiny_run, tmp_path):
+    from jaxrlhf.models import load_pretrained
+    from jaxrlhf.stages.export import export_run
+
+    out = export_run(tiny_run / "sft", tmp_path / "sft-step6", step=6)
+    _, params, _ = load_pretrained(out)
+    _, final, _ = load_pretrained(tiny_run / "sft" / "final")
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(final)))
+    with pytest.raises(JaxRLHFError, match=r"has no checkpoint 5; it has \[6, 12\]"):
+        export_run(tiny_run / "sft", tmp_path / "nope", step=5)
+
+
+def test_chat_keeps_the_conversation_in_the_prompt(tiny_run):
+    from jaxrlhf.chat import ChatSession
+
+    session = ChatSession(str(tiny_run / "sft" / "final"), max_new_tokens=8, seed=3)
+    first = session.reply("Can you walk the dog?")
+    session.reply("Thanks!")
+    assert session.history.startswith("Request: Can you walk the dog?\nReply:")
+    assert first in session.history and "Request: Thanks!\nReply:" in session.history
+    session.reset()
+    assert session.history == ""
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_run, tmp_path, monkeypatch):
+    from jaxrlhf.stages import sft
+    from jaxrlhf.models import load_pretrained
+
+    def config(out):
+        overrides = SHRINK["sft.yaml"] + [f"train.output_dir={out}", "train.steps=8", "train.save_every=3",
+                                          f"tokenizer={tiny_run / 'data' / 'tokenizers' / 'gpt2'}",
+                                          f"data.path={tiny_run / 'data' / 'sft.jsonl'}"]
+        return cfg.load(sft.SFTConfig, TINY / "sft.yaml", overrides)
+
+    sft.run(config(tmp_path / "straight"))
+    real_jit_step = sft.jit_step
+
+    def stopping_jit_step(step):
+        compiled, calls = real_jit_step(step), []
+
+        def run(state, batch, key):
+            calls.append(1)
+            if len(calls) == 5:  # after the step-3 checkpoint, before the step-6 one
+                raise KeyboardInterrupt
+            return compiled(state, batch, key)
+
+        return run
+
+    monkeypatch.setattr(sft, "jit_step", stopping_jit_step)
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(config(tmp_path / "interrupted"))
+    monkeypatch.setattr(sft, "jit_step", real_jit_step)
+    with pytest.raises(JaxRLHFError, match="already holds checkpoints .* pass --resume"):
+        sft.run(config(tmp_path / "interrupted"))
+    sft.run(config(tmp_path / "interrupted"), resume=True)
+    _, a, _ = load_pretrained(tmp_path / "straight" / "final")
+    _, b, _ = load_pretrained(tmp_path / "interrupted" / "final")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("pipeline", sorted(p.relative_to(ROOT) for p in (ROOT / "configs").glob("*/pipeline.yaml")))
+def test_every_shipped_config_passes_dry_run(pipeline, capsys):
+    assert cli.pipeline_main(["--config", str(ROOT / pipeline), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert plan.count("\n") == len(yaml.safe_load((ROOT / pipeline).read_text())["stages"])
+
+
+def test_stage_script_dry_run_and_bad_keys(capsys):
+    assert cli.stage_main("ppo", ["--config", str(TINY / "ppo.yaml"), "--dry-run"]) == 0
+    assert "PPO: runs/tiny/sft/final" in capsys.readouterr().out
+    assert cli.stage_main("ppo", ["--config", str(TINY / "ppo.yaml"), "--dry-run", "ppo.kl_coeff=0.2"]) == 2
+    assert "unknown key 'kl_coeff'; did you mean 'kl_coef'?" in capsys.readouterr().err
+    assert cli.stage_main("sft", ["--config", str(TINY / "sft.yaml"), "--dry-run", "train.steps=-1"]) == 2
+    assert "steps=-1 must be at least 1" in capsys.readouterr().err
+
+
+def test_reward_model_scores_text_from_another_tokenizer(tiny_run):
+    """The policy's GPT-2 BPE and the reward model's WordPiece differ: scoring decodes to text
+    and re-encodes, and gives what the reward model gives on that text directly."""
+    from jaxrlhf.data import encode_texts
+    from jaxrlhf.models import load_pretrained, load_tokenizer
+    from jaxrlhf.rewards import make_scorer
+
+    rm = tiny_run / "reward" / "final"
+    policy_tok = load_tokenizer(tiny_run / "sft" / "final")
+    texts = [" Of course! I will walk the dog today.", " Ugh. Go away."]
+    responses = [policy_tok.decode(policy_tok(t)["input_ids"]) for t in texts]  # a round trip through BPE
+    assert responses == texts
+    scores = make_scorer(RewardSource(model=str(rm), max_length=40, batch_size=4))(["", ""], responses)
+    module, params, config = load_pretrained(rm)
+    enc = encode_texts(load_tokenizer(rm, config), texts, 40)
+    want = np.asarray(module.apply({"params": params}, enc["input_ids"], enc["attention_mask"]))[:, 0]
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"reward label 'POSITIVE' is not one of .*\['LABEL_0'\]"):
+        make_scorer(RewardSource(model=str(rm), label="POSITIVE"))
+
+
+def test_function_rewards_are_checked():
+    from jaxrlhf.rewards import make_scorer
+
+    ok = make_scorer(RewardSource(function="jaxrlhf.politeness:score_responses"))
+    assert ok(["", ""], [" Thank you!", " Go away."]).tolist() == pytest.approx([np.tanh(0.6), np.tanh(-0.7)])
+    with pytest.raises(ConfigError, match="cannot be imported"):
+        make_scorer(RewardSource(function="jaxrlhf.politeness:nope"))
+    bad = make_scorer(RewardSource(function="tests.test_stages:wrong_length"))
+    with pytest.raises(JaxRLHFError, match="returned 1 scores for 2 responses"):
+        bad(["", ""], ["a", "b"])
+    with pytest.raises(JaxRLHFError, match="raised ZeroDivisionError"):
+        make_scorer(RewardSource(function="tests.test_stages:raises"))(["a"], ["b"])
+
+
+def wrong_length(prompts, responses):
+    return [0.0]
+
+
+def raises(prompts, responses):
+    return 1 / 0
+
+
+def test_pairs_put_the_higher_score_first_and_respect_the_margin():
+    responses, scores = ["a", "b", "c", "b"], [0.1, 0.9, 0.5, 0.9]
+    pairs = make_pairs("p", responses, scores, "all", 0.0)
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {("b", "c"), ("b", "a"), ("c", "a")}
+    assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    assert [(p["chosen"], p["rejected"]) for p in make_pairs("p", responses, scores, "all", 0.45)] == [("b", "a")] * 2
+    assert [(p["chosen"], p["rejected"]) for p in make_pairs("p", responses, scores, "best_worst", 0.0)] == [("b", "a")]

@@ -199,9 +199,14 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     tensorboard: bool = False
+    devices: int = 1  # local devices for data parallelism (pmap); batch_size must divide over them
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip that update
 
     def __post_init__(self):
-        for name in ("batch_size", "steps", "log_every", "save_every", "keep_checkpoints", "grad_accum_steps"):
+        check(self.batch_size % max(self.devices, 1) == 0,
+              f"batch_size={self.batch_size} does not divide over devices={self.devices}")
+        for name in ("batch_size", "steps", "log_every", "save_every", "keep_checkpoints", "grad_accum_steps",
+                     "devices"):
             check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
         check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")

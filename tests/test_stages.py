@@ -13,45 +13,7 @@ from jaxrlhf import config as cfg
 from jaxrlhf.config import RewardSource
 from jaxrlhf.errors import ConfigError, JaxRLHFError
 from jaxrlhf.stages.preferences import make_pairs
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny"
-
-# configs/tiny, cut down to seconds per stage: fewer rows, smaller models, a few steps.
-SHRINK = {
-    "data.yaml": ["sft_rows=400", "reward_rows=400", "prompt_rows=64", "eval_rows=16"],
-    "sft.yaml": ["model_config.n_embd=32", "model_config.n_layer=1", "train.steps=12", "train.save_every=6",
-                 "train.log_every=6", "train.warmup_steps=2"],
-    "reward.yaml": ["model_config.hidden_size=32", "model_config.num_hidden_layers=1", "train.steps=12",
-                    "train.save_every=6", "train.log_every=6", "train.warmup_steps=2"],
-    "ppo.yaml": ["train.steps=3", "train.batch_size=16", "train.log_every=1", "train.save_every=2",
-                 "sampling.max_new_tokens=8"],
-    "preferences.yaml": ["prompts.max_rows=32", "batch_size=16", "sampling.max_new_tokens=8", "min_margin=0.0"],
-    "dpo.yaml": ["train.steps=4", "train.batch_size=8", "train.log_every=2", "train.save_every=2"],
-    "slic.yaml": ["train.steps=4", "train.batch_size=8", "train.log_every=2", "train.save_every=2"],
-    "evaluate.yaml": ["batch_size=16", "sampling.max_new_tokens=8", "samples_to_show=2"],
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """The whole tiny pipeline, shrunk, run once in a temp folder (the configs' paths are
-    relative, so everything lands under it)."""
-    work = tmp_path_factory.mktemp("tiny")
-    stages = yaml.safe_load((TINY / "pipeline.yaml").read_text())["stages"]
-    for entry in stages:
-        entry["config"] = str(TINY / entry["config"])
-        entry["overrides"] = SHRINK[Path(entry["config"]).name]
-    (work / "pipeline.yaml").write_text(yaml.safe_dump({"stages": stages}))
-    old = Path.cwd()
-    import os
-
-    os.chdir(work)
-    try:
-        assert cli.pipeline_main(["--config", str(work / "pipeline.yaml")]) == 0
-    finally:
-        os.chdir(old)
-    return work / "runs" / "tiny"
+from tests.conftest import ROOT, SHRINK, TINY
 
 
 def test_every_stage_leaves_its_outputs(tiny_run):
@@ -124,10 +86,10 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_run, t
         return cfg.load(sft.SFTConfig, TINY / "sft.yaml", overrides)
 
     sft.run(config(tmp_path / "straight"))
-    real_jit_step = sft.jit_step
+    real = sft.data_parallel
 
-    def stopping_jit_step(step):
-        compiled, calls = real_jit_step(step), []
+    def stopping(make_step, devices):
+        compiled, calls = real(make_step, devices), []
 
         def run(state, batch, key):
             calls.append(1)
@@ -137,10 +99,10 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_run, t
 
         return run
 
-    monkeypatch.setattr(sft, "jit_step", stopping_jit_step)
+    monkeypatch.setattr(sft, "data_parallel", stopping)
     with pytest.raises(KeyboardInterrupt):
         sft.run(config(tmp_path / "interrupted"))
-    monkeypatch.setattr(sft, "jit_step", real_jit_step)
+    monkeypatch.setattr(sft, "data_parallel", real)
     with pytest.raises(JaxRLHFError, match="already holds checkpoints .* pass --resume"):
         sft.run(config(tmp_path / "interrupted"))
     sft.run(config(tmp_path / "interrupted"), resume=True)

@@ -192,3 +192,22 @@ def test_schedules_warm_up_then_decay():
     np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(60), lr(110)], [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
     _, lr = make_optimizer(1e-3, schedule="linear", total_steps=100)
     np.testing.assert_allclose([lr(0), lr(50), lr(100)], [1e-3, 5e-4, 0], atol=1e-9)
+
+
+def test_dpo_with_precomputed_reference_logps_equals_the_in_step_reference():
+    from jaxrlhf import losses
+
+    tx = optax.sgd(0.5)
+    step, state, batch = build("sigmoid", tx)
+    in_step, m1 = jit_step(step)(state, batch, jax.random.key(0))
+    _, state, _ = build("sigmoid", tx)
+    module = policy()[0]
+    for side in ("chosen", "rejected"):
+        ids, mask, loss_mask = (batch[f"{side}_{k}"] for k in ("ids", "mask", "loss_mask"))
+        logits = module.apply({"params": state.ref_params}, ids, mask).logits
+        batch = {**batch, f"ref_{side}_logps": losses.sequence_logprobs(
+            logits[:, :-1], ids[:, 1:], loss_mask[:, 1:] * mask[:, 1:])}
+    pre, m2 = jit_step(step)(state.replace(ref_params=None), batch, jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(in_step.params), jax.tree.leaves(pre.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)

@@ -10,7 +10,7 @@ import numpy as np
 from jaxrlhf import data, losses
 from jaxrlhf.config import DataConfig, TrainConfig, check
 from jaxrlhf.models import load_pretrained, load_tokenizer
-from jaxrlhf.parallel import jit_step
+from jaxrlhf.parallel import data_parallel
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_dpo_step
 from jaxrlhf.trainer import run_loop
@@ -79,9 +79,10 @@ def run(config: DPOConfig, resume: bool = False):
         ref_params = params if config.reference is None else load_pretrained(config.reference, head="lm")[1]
         arrays |= _reference_logps(module, ref_params, arrays, average=config.loss_type == "ipo")
     tx, lr = common.optimizer(train)
-    state = TrainState.create(module, params, tx)
-    step = jit_step(make_dpo_step(config.loss_type, config.beta, label_smoothing=config.label_smoothing,
-                                  slic_delta=config.slic_delta, slic_reg_weight=config.slic_reg_weight))
+    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")
+    step = data_parallel(lambda axis: make_dpo_step(
+        config.loss_type, config.beta, label_smoothing=config.label_smoothing, slic_delta=config.slic_delta,
+        slic_reg_weight=config.slic_reg_weight, axis_name=axis), train.devices)
 
     def step_fn(state, i):
         batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))
@@ -89,7 +90,7 @@ def run(config: DPOConfig, resume: bool = False):
 
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": config.loss_type}, tensorboard=train.tensorboard, desc=config.loss_type,
+                     record={"stage": config.loss_type}, tensorboard=train.tensorboard, devices=train.devices, desc=config.loss_type,
                      extra_metrics=lambda s: {"learning_rate": float(lr(s)),
                                               "epoch": s / max(len(rows) // train.batch_size, 1)})
     return common.export(out, module, jax.device_get(state.params), tokenizer)

@@ -10,7 +10,7 @@ import numpy as np
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check
 from jaxrlhf.models import load_pretrained, load_tokenizer
-from jaxrlhf.parallel import jit_step
+from jaxrlhf.parallel import data_parallel, unreplicate
 from jaxrlhf.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.sampling import generate
@@ -58,14 +58,17 @@ def run(config: PPOStageConfig, resume: bool = False):
     settings = sampling_config(config.sampling, tokenizer)
     tx, lr = common.optimizer(train)
     state = TrainState.create(module, params, tx, ref_params=jax.tree.map(jnp.array, params),
-                              kl_coef=jnp.float32(config.ppo.kl_coef))
-    update = jit_step(make_ppo_update(config.ppo))
+                              kl_coef=jnp.float32(config.ppo.kl_coef), skip_nonfinite=train.on_nonfinite == "skip")
+    update = data_parallel(lambda axis: make_ppo_update(config.ppo, axis_name=axis), train.devices)
 
     def step_fn(state, i):
         idx = data.batch_indices(len(rows), train.batch_size, i, train.seed)
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
-        rollout = generate(module, state.params, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]), gen_key, settings)
+        # Rollouts are sampled on the first device (so they do not depend on the device
+        # count); the update that follows is data parallel.
+        params = state.params if train.devices == 1 else unreplicate(state.params)
+        rollout = generate(module, params, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]), gen_key, settings)
         responses = decode_responses(tokenizer, rollout)
         scores = scorer([texts[j] for j in idx], responses)
         batch = {"sequences": rollout.sequences, "attention_mask": rollout.attention_mask,
@@ -76,7 +79,7 @@ def run(config: PPOStageConfig, resume: bool = False):
 
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": "ppo"}, tensorboard=train.tensorboard, desc="ppo",
+                     record={"stage": "ppo"}, tensorboard=train.tensorboard, devices=train.devices, desc="ppo",
                      extra_metrics=lambda s: {"learning_rate": float(lr(s * config.ppo.epochs * config.ppo.num_minibatches))})
     # The export is the plain LM (the value head stays in the checkpoints).
     lm_params = {"transformer": jax.device_get(state.params)["transformer"]}

@@ -9,7 +9,7 @@ import numpy as np
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
-from jaxrlhf.parallel import jit_step
+from jaxrlhf.parallel import data_parallel
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_reward_step
 from jaxrlhf.trainer import run_loop
@@ -57,10 +57,10 @@ def run(config: RewardConfig, resume: bool = False):
     module, params, _, tokenizer = common.load_model(
         config.model, config.model_config, config.tokenizer, config.train.seed, head="classification", num_labels=1)
     arrays, n = _arrays(config, tokenizer)
-    tx, lr = common.optimizer(config.train)
-    state = TrainState.create(module, params, tx)
-    step = jit_step(make_reward_step(config.kind))
     train = config.train
+    tx, lr = common.optimizer(train)
+    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")
+    step = data_parallel(lambda axis: make_reward_step(config.kind, axis), train.devices)
 
     def step_fn(state, i):
         batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))
@@ -68,6 +68,6 @@ def run(config: RewardConfig, resume: bool = False):
 
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": "reward"}, tensorboard=train.tensorboard, desc="reward",
+                     record={"stage": "reward"}, tensorboard=train.tensorboard, devices=train.devices, desc="reward",
                      extra_metrics=lambda s: {"learning_rate": float(lr(s)), "epoch": s / max(n // train.batch_size, 1)})
     return common.export(out, module, jax.device_get(state.params), tokenizer)

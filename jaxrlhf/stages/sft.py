@@ -7,7 +7,7 @@ import jax
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
-from jaxrlhf.parallel import jit_step
+from jaxrlhf.parallel import data_parallel
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_sft_step
 from jaxrlhf.trainer import run_loop
@@ -41,10 +41,10 @@ def run(config: SFTConfig, resume: bool = False):
     rows = data.load_rows(config.data, ("prompt", "response"))
     arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                        config.max_length, config.completion_only)
-    tx, lr = common.optimizer(config.train)
-    state = TrainState.create(module, params, tx)
-    step = jit_step(make_sft_step())
     train = config.train
+    tx, lr = common.optimizer(train)
+    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")
+    step = data_parallel(make_sft_step, train.devices)
 
     def step_fn(state, i):
         batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))
@@ -53,6 +53,6 @@ def run(config: SFTConfig, resume: bool = False):
     per_epoch = len(rows) // train.batch_size
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": "sft"}, tensorboard=train.tensorboard, desc="sft",
+                     record={"stage": "sft"}, tensorboard=train.tensorboard, devices=train.devices, desc="sft",
                      extra_metrics=lambda s: {"learning_rate": float(lr(s)), "epoch": s / max(per_epoch, 1)})
     return common.export(out, module, jax.device_get(state.params), tokenizer)

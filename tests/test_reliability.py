@@ -1,0 +1,116 @@
+"""Users never lose work or get a silently wrong result: devices, NaN guard, determinism."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrlhf import config as cfg
+from jaxrlhf.errors import JaxRLHFError
+from jaxrlhf.models import load_pretrained
+from tests.conftest import SHRINK, TINY
+
+
+def stage_config(module, name, tiny_run, out, extra=()):
+    """A configs/tiny stage config, shrunk, reading the session's tiny run, writing to `out`."""
+    data, runs = tiny_run / "data", tiny_run
+    paths = {
+        "sft.yaml": [f"tokenizer={data / 'tokenizers' / 'gpt2'}", f"data.path={data / 'sft.jsonl'}"],
+        "reward.yaml": [f"tokenizer={data / 'tokenizers' / 'bert'}", f"data.path={data / 'reward.jsonl'}"],
+        "ppo.yaml": [f"policy={runs / 'sft' / 'final'}", f"reward.model={runs / 'reward' / 'final'}",
+                     f"prompts.path={data / 'prompts.jsonl'}"],
+        "dpo.yaml": [f"policy={runs / 'sft' / 'final'}", f"data.path={runs / 'pairs.jsonl'}"],
+    }[name]
+    return cfg.load(module.CONFIG if hasattr(module, "CONFIG") else _config_cls(module), TINY / name,
+                    [*SHRINK[name], *paths, f"train.output_dir={out}", *extra])
+
+
+def _config_cls(module):
+    from jaxrlhf.cli import STAGES
+
+    return next(getattr(module, cls) for mod, cls in STAGES.values() if mod == module.__name__)
+
+
+def final_params(path):
+    return jax.tree.leaves(load_pretrained(path)[1])
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("sft.yaml", ["train.steps=4", "train.batch_size=16"]),
+    ("reward.yaml", ["train.steps=4", "train.batch_size=16"]),
+    ("dpo.yaml", ["train.steps=3", "train.batch_size=8"]),
+    ("ppo.yaml", ["train.steps=2", "train.batch_size=16", "ppo.num_minibatches=1"]),
+])
+def test_stages_on_one_and_four_devices_end_with_the_same_params(tiny_run, tmp_path, name, extra):
+    from jaxrlhf.stages import dpo, ppo, reward, sft
+
+    module = {"sft.yaml": sft, "reward.yaml": reward, "dpo.yaml": dpo, "ppo.yaml": ppo}[name]
+    one = module.run(stage_config(module, name, tiny_run, tmp_path / "one", [*extra, "train.devices=1"]))
+    four = module.run(stage_config(module, name, tiny_run, tmp_path / "four", [*extra, "train.devices=4"]))
+    for a, b in zip(final_params(one), final_params(four)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+
+
+def test_devices_must_exist_and_divide_the_batch(tiny_run, tmp_path):
+    from jaxrlhf.errors import ConfigError
+    from jaxrlhf.stages import sft
+
+    with pytest.raises(ConfigError, match=r"batch_size=10 does not divide over devices=4"):
+        stage_config(sft, "sft.yaml", tiny_run, tmp_path / "x", ["train.batch_size=10", "train.devices=4"])
+    with pytest.raises(ConfigError, match=r"devices=8 but this process sees 4 device\(s\)"):
+        sft.run(stage_config(sft, "sft.yaml", tiny_run, tmp_path / "y", ["train.batch_size=16", "train.devices=8"]))
+
+
+def metrics(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "steps_per_second"}
+            for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(tiny_run, tmp_path):
+    from jaxrlhf.stages import sft
+
+    for out, seed in (("a", 0), ("b", 0), ("c", 1)):
+        sft.run(stage_config(sft, "sft.yaml", tiny_run, tmp_path / out, ["train.steps=6", f"train.seed={seed}"]))
+    assert metrics(tmp_path / "a") == metrics(tmp_path / "b")
+    assert metrics(tmp_path / "a") != metrics(tmp_path / "c")
+
+
+@pytest.fixture
+def poisoned_reward_data(tiny_run, tmp_path):
+    """The reward rows as CSV with one label NaN: the batch that draws it has a NaN loss."""
+    rows = [json.loads(line) for line in (tiny_run / "data" / "reward.jsonl").read_text().splitlines()][:64]
+    rows[5]["label"] = float("nan")
+    path = tmp_path / "reward.csv"
+    path.write_text("text,label\n" + "".join(f"\"{r['text']}\",{r['label']}\n" for r in rows))
+    return path
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
+        tiny_run, tmp_path, poisoned_reward_data):
+    from jaxrlhf.stages import reward
+    from jaxrlhf.stages.export import export_run
+
+    config = stage_config(reward, "reward.yaml", tiny_run, tmp_path / "run",
+                          [f"data.path={poisoned_reward_data}", "train.steps=8", "train.batch_size=16",
+                           "train.save_every=1"])
+    with pytest.raises(JaxRLHFError, match=r"reward: non-finite loss=nan at step (\d+); the last good checkpoint is "
+                                           r"step (\d+) in .*on_nonfinite=skip") as error:
+        reward.run(config)
+    bad_step, good_step = map(int, __import__("re").search(r"step (\d+); .* step (\d+)", str(error.value)).groups())
+    assert good_step == bad_step - 1
+    assert not (tmp_path / "run" / "final").exists()
+    params = final_params(export_run(tmp_path / "run", tmp_path / "good", good_step))
+    assert all(np.isfinite(np.asarray(p)).all() for p in params)
+
+
+def test_on_nonfinite_skip_skips_the_poisoned_updates(tiny_run, tmp_path, poisoned_reward_data):
+    from jaxrlhf.stages import reward
+
+    config = stage_config(reward, "reward.yaml", tiny_run, tmp_path / "run",
+                          [f"data.path={poisoned_reward_data}", "train.steps=8", "train.batch_size=16",
+                           "train.log_every=1", "train.on_nonfinite=skip"])
+    params = final_params(reward.run(config))
+    assert all(np.isfinite(np.asarray(p)).all() for p in params)
+    skipped = [m["skipped"] for m in metrics(tmp_path / "run")]
+    assert 0 < sum(skipped) < len(skipped)

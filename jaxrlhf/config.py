@@ -122,7 +122,10 @@ def load(cls, path: str | Path | None, overrides: list[str] = ()):
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where_in = f":{mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"{path}{where_in}: not valid YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a mapping of keys at the top level")
     return from_dict(cls, _merge(data, parse_overrides(list(overrides))), where)

@@ -56,7 +56,7 @@ def _sequence_logps(module, params, out):
 def _sample_policy(config, name, path, ref, ids, mask, texts, scorers):
     module, params, model_config = load_pretrained(path, head="lm")
     tokenizer = load_tokenizer(path, model_config)
-    settings = sampling_config(config.sampling, tokenizer)
+    settings = sampling_config(config.sampling, tokenizer, model_config)
     ref_module, ref_params = ref
     logps = jax.jit(lambda p, o: _sequence_logps(module, p, o))
     ref_logps = jax.jit(lambda p, o: _sequence_logps(ref_module, p, o))

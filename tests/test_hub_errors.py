@@ -138,3 +138,24 @@ def test_saving_over_a_file_keeps_the_file(gpt2_dir, tmp_path):
         save_pretrained(tmp_path / "taken", module, params)
     assert (tmp_path / "taken").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "taken"]
+
+
+class _Exploit:
+    """Unpickling this runs code: what a malicious pytorch_model.bin would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_malicious_torch_pickle_is_refused_without_running_it(gpt2_dir, tmp_path):
+    import torch
+
+    marker = tmp_path / "pwned"
+    (gpt2_dir / "model.safetensors").unlink()
+    torch.save({"transformer.wte.weight": _Exploit(marker)}, gpt2_dir / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=r"pytorch_model.bin could not be loaded with torch weights_only=True"):
+        load_pretrained(gpt2_dir)
+    assert not marker.exists()

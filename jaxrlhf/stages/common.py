@@ -9,6 +9,7 @@ import jax
 from jaxrlhf import config as cfg
 from jaxrlhf.errors import ConfigError, JaxRLHFError
 from jaxrlhf.models import from_config, load_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.parallel import local_devices
 from jaxrlhf.steps import make_optimizer
 
 
@@ -40,7 +41,9 @@ def optimizer(train: cfg.TrainConfig):
 
 
 def prepare_output(train: cfg.TrainConfig, config: Any, resume: bool) -> Path:
-    """Create the run folder and record the resolved config in it."""
+    """Create the run folder and record the resolved config in it (after the last check that
+    needs no data: the devices exist)."""
+    local_devices(train.devices)
     out = Path(train.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxrlhf import data, losses
 from jaxrlhf.config import DataConfig, TrainConfig, check
+from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import load_pretrained, load_tokenizer
 from jaxrlhf.parallel import data_parallel
 from jaxrlhf.stages import common
@@ -69,15 +70,23 @@ def _reference_logps(module, params, arrays, average, batch_size=64):
 
 
 def run(config: DPOConfig, resume: bool = False):
-    out = common.prepare_output(config.train, config, resume)
     train = config.train
     module, params, model_config = load_pretrained(config.policy, head="lm")
     tokenizer = load_tokenizer(config.policy, model_config)
+    if config.max_length > model_config.n_positions:
+        raise ConfigError(f"max_length={config.max_length} exceeds the policy's context "
+                          f"(n_positions={model_config.n_positions})")
     rows = data.load_rows(config.data, ("prompt", "chosen", "rejected"))
     arrays = _pair_arrays(rows, tokenizer, config.max_length)
     if config.loss_type != "slic":
-        ref_params = params if config.reference is None else load_pretrained(config.reference, head="lm")[1]
+        ref_params = params
+        if config.reference is not None:
+            _, ref_params, ref_config = load_pretrained(config.reference, head="lm")
+            if ref_config != model_config:
+                raise ConfigError(f"reference {config.reference} is not the policy's architecture "
+                                  f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
         arrays |= _reference_logps(module, ref_params, arrays, average=config.loss_type == "ipo")
+    out = common.prepare_output(train, config, resume)  # only once the inputs are known good
     tx, lr = common.optimizer(train)
     state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")
     step = data_parallel(lambda axis: make_dpo_step(

@@ -47,7 +47,6 @@ def plan(config: PPOStageConfig) -> str:
 
 
 def run(config: PPOStageConfig, resume: bool = False):
-    out = common.prepare_output(config.train, config, resume)
     train = config.train
     module, params, model_config = load_pretrained(config.policy, head="lm", value_head=True,
                                                    rng=jax.random.key(train.seed))
@@ -55,7 +54,8 @@ def run(config: PPOStageConfig, resume: bool = False):
     scorer = make_scorer(config.reward)
     rows = data.load_rows(config.prompts, ("prompt",))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
-    settings = sampling_config(config.sampling, tokenizer)
+    settings = sampling_config(config.sampling, tokenizer, model_config)
+    out = common.prepare_output(train, config, resume)  # only once the inputs are known good
     tx, lr = common.optimizer(train)
     state = TrainState.create(module, params, tx, ref_params=jax.tree.map(jnp.array, params),
                               kl_coef=jnp.float32(config.ppo.kl_coef), skip_nonfinite=train.on_nonfinite == "skip")

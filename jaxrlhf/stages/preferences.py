@@ -64,7 +64,7 @@ def run(config: PreferencesConfig, resume: bool = False) -> Path:
     scorer = make_scorer(config.reward)
     rows = data.load_rows(config.prompts, ("prompt",))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
-    settings = sampling_config(config.sampling, tokenizer)
+    settings = sampling_config(config.sampling, tokenizer, model_config)
     k, pairs, generations = config.samples_per_prompt, [], 0
     from tqdm.auto import tqdm
 

@@ -53,10 +53,10 @@ def _arrays(config: RewardConfig, tokenizer) -> tuple[dict, int]:
 
 
 def run(config: RewardConfig, resume: bool = False):
-    out = common.prepare_output(config.train, config, resume)
     module, params, _, tokenizer = common.load_model(
         config.model, config.model_config, config.tokenizer, config.train.seed, head="classification", num_labels=1)
     arrays, n = _arrays(config, tokenizer)
+    out = common.prepare_output(config.train, config, resume)  # only once the inputs are known good
     train = config.train
     tx, lr = common.optimizer(train)
     state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")

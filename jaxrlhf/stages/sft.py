@@ -7,6 +7,7 @@ import jax
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
+from jaxrlhf.errors import ConfigError
 from jaxrlhf.parallel import data_parallel
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_sft_step
@@ -35,12 +36,15 @@ def plan(config: SFTConfig) -> str:
 
 
 def run(config: SFTConfig, resume: bool = False):
-    out = common.prepare_output(config.train, config, resume)
     module, params, model_config, tokenizer = common.load_model(
         config.model, config.model_config, config.tokenizer, config.train.seed, head="lm")
+    if config.max_length > model_config.n_positions:
+        raise ConfigError(f"max_length={config.max_length} exceeds the model's context "
+                          f"(n_positions={model_config.n_positions})")
     rows = data.load_rows(config.data, ("prompt", "response"))
     arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                        config.max_length, config.completion_only)
+    out = common.prepare_output(config.train, config, resume)  # only once the inputs are known good
     train = config.train
     tx, lr = common.optimizer(train)
     state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")

@@ -1,0 +1,119 @@
+"""Bad input, as a careful user would hit it: each case exits with one line that names the
+culprit, and leaves no output behind."""
+
+import json
+import shutil
+
+import pytest
+
+from jaxrlhf import cli
+from tests.conftest import TINY
+
+
+def sft_args(tiny_run, out, *extra):
+    data = tiny_run / "data"
+    return ["--config", str(TINY / "sft.yaml"), "model_config.n_embd=32", "model_config.n_layer=1", "train.steps=2",
+            f"tokenizer={data / 'tokenizers' / 'gpt2'}", f"data.path={data / 'sft.jsonl'}",
+            f"train.output_dir={out}", *extra]
+
+
+def ppo_args(tiny_run, out, *extra):
+    return ["--config", str(TINY / "ppo.yaml"), f"policy={tiny_run / 'sft' / 'final'}",
+            f"reward.model={tiny_run / 'reward' / 'final'}", f"prompts.path={tiny_run / 'data' / 'prompts.jsonl'}",
+            "train.steps=1", "train.batch_size=8", "ppo.num_minibatches=1", f"train.output_dir={out}", *extra]
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def corrupt_copy(src, dst):
+    shutil.copytree(src, dst)
+    (dst / "model.safetensors").write_bytes(b"\x00not safetensors at all")
+    return dst
+
+
+# (name, stage, args(tiny_run, tmp_path, out), expected message regex)
+CASES = [
+    ("missing data file", "sft", lambda r, t, o: sft_args(r, o, f"data.path={t / 'nope.jsonl'}"),
+     r"data file .*nope.jsonl does not exist"),
+    ("malformed JSONL row", "sft", lambda r, t, o: sft_args(
+        r, o, f"data.path={write(t / 'bad.jsonl', json.dumps({'prompt': 'a', 'response': 'b'}) + chr(10) + '{oops' + chr(10))}"),
+     r"bad.jsonl:2: malformed JSON line"),
+    ("JSONL row not an object", "sft", lambda r, t, o: sft_args(r, o, f"data.path={write(t / 'list.jsonl', '[1, 2]' + chr(10))}"),
+     r"list.jsonl:1: each line must be a JSON object, not list"),
+    ("unreadable data file", "sft", lambda r, t, o: sft_args(r, o, f"data.path={write(t / 'bin.parquet', 'not parquet')}"),
+     r"cannot read data file .*bin.parquet"),
+    ("missing column", "sft", lambda r, t, o: sft_args(r, o, f"data.path={r / 'data' / 'prompts.jsonl'}"),
+     r"prompts.jsonl: column\(s\) \['response'\] not found; it has \['prompt'\]"),
+    ("empty dataset", "sft", lambda r, t, o: sft_args(r, o, f"data.path={r / 'data' / 'sft.jsonl'}", "data.skip_rows=100000"),
+     r"sft.jsonl: no rows to use \(it has 400; skip_rows=100000\)"),
+    ("prompt longer than the context", "sft", lambda r, t, o: sft_args(r, o, "max_length=8"),
+     r"row 0: the prompt has \d+ tokens, leaving no room for a response within max_length=8"),
+    ("max_length over the model's context", "sft", lambda r, t, o: sft_args(r, o, "max_length=100"),
+     r"max_length=100 exceeds the model's context \(n_positions=64\)"),
+    ("response budget over the context", "ppo", lambda r, t, o: ppo_args(r, o, "sampling.max_new_tokens=60"),
+     r"sampling.max_prompt_tokens=16 \+ sampling.max_new_tokens=60 exceeds the policy's context \(n_positions=64\)"),
+    ("tokenizer larger than the model's vocab", "sft", lambda r, t, o: sft_args(r, o, "model_config.vocab_size=100"),
+     r"the tokenizer has \d+ tokens but the model's vocab_size is 100"),
+    ("unknown config key", "sft", lambda r, t, o: sft_args(r, o, "train.lerning_rate=0.1"),
+     r"unknown key 'lerning_rate'; did you mean 'learning_rate'\?"),
+    ("wrong type", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=lots"),
+     r"train.batch_size='lots' must be int"),
+    ("out-of-range value", "sft", lambda r, t, o: sft_args(r, o, "train.learning_rate=-1"),
+     r"learning_rate=-1.0 must be > 0"),
+    ("not a choice", "sft", lambda r, t, o: sft_args(r, o, "train.schedule=exponential"),
+     r"train.schedule='exponential' is not allowed; choose one of \['constant', 'linear', 'cosine'\]"),
+    ("batch not divisible by the devices", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=6", "train.devices=4"),
+     r"batch_size=6 does not divide over devices=4"),
+    ("more devices than there are", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=16", "train.devices=16"),
+     r"devices=16 but this process sees 4 device\(s\)"),
+    ("corrupted safetensors", "ppo", lambda r, t, o: ppo_args(r, o, f"policy={corrupt_copy(r / 'sft' / 'final', t / 'bad')}"),
+     r"bad/model.safetensors is not a readable safetensors file"),
+    ("missing checkpoint directory", "ppo", lambda r, t, o: ppo_args(r, o, f"policy={t / 'missing'}"),
+     r"checkpoint directory .*missing does not exist"),
+    ("output folder not writable", "sft", lambda r, t, o: sft_args(r, o, f"train.output_dir={write(t / 'file', 'x')}/run"),
+     r"output_dir .*file/run is not writable"),
+    ("missing config file", "sft", lambda r, t, o: ["--config", str(t / "none.yaml")],
+     r"cannot read config file .*none.yaml"),
+    ("invalid YAML", "sft", lambda r, t, o: ["--config", str(write(t / "bad.yaml", "train: [unclosed"))],
+     r"bad.yaml:1: not valid YAML \(expected ',' or '\]', but got '<stream end>'\)"),
+    ("a YAML python tag is not code", "sft", lambda r, t, o: ["--config", str(write(t / "tag.yaml", "data: !!python/object/apply:os.system ['echo hacked']"))],
+     r"tag.yaml:1: not valid YAML \(could not determine a constructor for the tag"),
+    ("missing required key", "sft", lambda r, t, o: ["--config", str(write(t / "empty.yaml", "max_length: 32"))],
+     r"empty.yaml: missing required key\(s\) \['data'\]"),
+    ("override without =", "sft", lambda r, t, o: sft_args(r, o, "train.steps"),
+     r"override 'train.steps' must look like key=value"),
+    ("model and model_config both", "sft", lambda r, t, o: sft_args(r, o, f"model={r / 'sft' / 'final'}"),
+     r"give exactly one of model .* or model_config"),
+    ("reward label the model lacks", "ppo", lambda r, t, o: ppo_args(r, o, "reward.label=POSITIVE"),
+     r"reward label 'POSITIVE' is not one of .*\['LABEL_0'\]"),
+    ("reward function that does not import", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=nowhere:f"),
+     r"reward function 'nowhere:f' cannot be imported"),
+    ("reward function that raises", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:raises"),
+     r"reward function tests.test_stages:raises raised ZeroDivisionError"),
+    ("reward function with the wrong length", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:wrong_length"),
+     r"reward function tests.test_stages:wrong_length returned 1 scores for 8 responses"),
+]
+
+
+@pytest.mark.parametrize("name,stage,args,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_clear_line_and_no_output(tiny_run, tmp_path, capsys, name, stage, args, message):
+    out = tmp_path / "out"
+    assert cli.stage_main(stage, args(tiny_run, tmp_path, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert __import__("re").search(message, err[0]), err[0]
+    assert not out.exists() or not any(out.iterdir()) or name.startswith("reward function that raises") \
+        or name.startswith("reward function with"), sorted(p.name for p in out.iterdir())
+
+
+def test_resuming_with_another_architecture_is_refused(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.stage_main("sft", sft_args(tiny_run, out, "train.save_every=1")) == 0
+    shutil.rmtree(out / "final")
+    capsys.readouterr()
+    assert cli.stage_main("sft", [*sft_args(tiny_run, out, "model_config.n_embd=64"), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint 2 in" in err[0] and "does not fit this model" in err[0], err

@@ -122,13 +122,23 @@ def train_tokenizers(texts: list[str], out_dir: Path, gpt2_vocab: int = 1024, be
     gpt2 = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=eos, eos_token=eos, unk_token=eos, pad_token=eos)
     gpt2.save_pretrained(str(out_dir / "gpt2"))
 
+    # The WordPiece vocabulary is built here rather than by the tokenizers trainer, whose
+    # tie-breaking differs from process to process: the most frequent whole words, then every
+    # character alone and as a "##" continuation, so any text still tokenises.
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
-    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts: dict[str, int] = {}
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)):
+            counts[word] = counts.get(word, 0) + 1
+    chars = sorted({c for w in counts for c in w})
+    pieces = specials + chars + [f"##{c}" for c in chars]
+    words = [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in pieces]
+    vocab = {token: i for i, token in enumerate((pieces + words)[:bert_vocab])}
+    wp = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    wp.normalizer = normalizer
+    wp.pre_tokenizer = splitter
     wp.decoder = decoders.WordPiece()
-    wp.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=bert_vocab, special_tokens=specials,
-                                                            show_progress=False))
     cls_id, sep_id = wp.token_to_id("[CLS]"), wp.token_to_id("[SEP]")
     wp.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])

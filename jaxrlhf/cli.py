@@ -8,6 +8,10 @@ from pathlib import Path
 
 from jaxrlhf import config as cfg
 from jaxrlhf.errors import JaxRLHFError
+from jaxrlhf.parallel import initialize_multihost
+
+MULTIHOST_HELP = ("join the other hosts first (jax.distributed.initialize; run the same command on every host, "
+                  "the cluster's scheduler supplies the coordinator and process ids)")
 
 # stage name -> module holding its config class, `plan(config)` and `run(config, resume)`
 STAGES = {
@@ -40,8 +44,11 @@ def stage_main(name: str, argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate the config, print the plan, run nothing")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
+    parser.add_argument("--multihost", action="store_true", help=MULTIHOST_HELP)
     args = parser.parse_args(argv)
     try:
+        if args.multihost:
+            initialize_multihost()
         config = cfg.load(config_cls, args.config, args.overrides)
         print(module.plan(config))
         if not args.dry_run:
@@ -82,8 +89,11 @@ def pipeline_main(argv=None) -> int:
     parser.add_argument("--config", type=Path, default=Path("configs/tiny/pipeline.yaml"))
     parser.add_argument("--dry-run", action="store_true", help="validate every stage config and print the plan")
     parser.add_argument("--resume", action="store_true", help="skip finished stages, resume the interrupted one")
+    parser.add_argument("--multihost", action="store_true", help=MULTIHOST_HELP)
     args = parser.parse_args(argv)
     try:
+        if args.multihost:
+            initialize_multihost()
         stages = load_pipeline(args.config)
         for i, (name, module, config) in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {module.plan(config)}")

@@ -73,6 +73,12 @@ def shard(batch: dict[str, Any], num_devices: int | None = None) -> dict[str, An
     return out
 
 
+def host_share(indices: np.ndarray) -> np.ndarray:
+    """This process's contiguous share of a global batch's row indices (all of them when
+    there is one process): each host feeds only its own devices."""
+    return np.array_split(indices, jax.process_count())[jax.process_index()]
+
+
 def pmap_step(step: Callable, axis_name: str = AXIS, devices=None) -> Callable:
     """`step(state, batch, key)` over local devices: state replicated and donated, batch
     sharded with `shard`, the same key on every device (steps fold in the device index)."""

@@ -178,3 +178,14 @@ def test_pairs_put_the_higher_score_first_and_respect_the_margin():
     assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
     assert [(p["chosen"], p["rejected"]) for p in make_pairs("p", responses, scores, "all", 0.45)] == [("b", "a")] * 2
     assert [(p["chosen"], p["rejected"]) for p in make_pairs("p", responses, scores, "best_worst", 0.0)] == [("b", "a")]
+
+
+def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
+    from jaxrlhf.trainer import MetricLog
+
+    lines = []
+    log = MetricLog(tmp_path, tensorboard=True)
+    log.write(3, {"loss": 0.5, "grad_norm": 1.25}, echo=lines.append)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 0.5, "grad_norm": 1.25}
+    assert lines == ["{'step': 3, 'loss': 0.5, 'grad_norm': 1.25}"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

@@ -11,7 +11,7 @@ from jaxrlhf import data, losses
 from jaxrlhf.config import DataConfig, TrainConfig, check
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import load_pretrained, load_tokenizer
-from jaxrlhf.parallel import data_parallel
+from jaxrlhf.parallel import data_parallel, host_share
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_dpo_step
 from jaxrlhf.trainer import run_loop
@@ -94,7 +94,7 @@ def run(config: DPOConfig, resume: bool = False):
         slic_reg_weight=config.slic_reg_weight, axis_name=axis), train.devices)
 
     def step_fn(state, i):
-        batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))
+        batch = data.take(arrays, host_share(data.batch_indices(len(rows), train.batch_size, i, train.seed)))
         return step(state, batch, common.step_key(train.seed, i))
 
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,

@@ -10,7 +10,7 @@ import numpy as np
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check
 from jaxrlhf.models import load_pretrained, load_tokenizer
-from jaxrlhf.parallel import data_parallel, unreplicate
+from jaxrlhf.parallel import data_parallel, host_share, unreplicate
 from jaxrlhf.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.sampling import generate
@@ -62,7 +62,7 @@ def run(config: PPOStageConfig, resume: bool = False):
     update = data_parallel(lambda axis: make_ppo_update(config.ppo, axis_name=axis), train.devices)
 
     def step_fn(state, i):
-        idx = data.batch_indices(len(rows), train.batch_size, i, train.seed)
+        idx = host_share(data.batch_indices(len(rows), train.batch_size, i, train.seed))
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         # Rollouts are sampled on the first device (so they do not depend on the device

@@ -9,7 +9,7 @@ import numpy as np
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
-from jaxrlhf.parallel import data_parallel
+from jaxrlhf.parallel import data_parallel, host_share
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_reward_step
 from jaxrlhf.trainer import run_loop
@@ -63,7 +63,7 @@ def run(config: RewardConfig, resume: bool = False):
     step = data_parallel(lambda axis: make_reward_step(config.kind, axis), train.devices)
 
     def step_fn(state, i):
-        batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))
+        batch = data.take(arrays, host_share(data.batch_indices(n, train.batch_size, i, train.seed)))
         return step(state, batch, common.step_key(train.seed, i))
 
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,

@@ -8,7 +8,7 @@ import jax
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.parallel import data_parallel
+from jaxrlhf.parallel import data_parallel, host_share
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_sft_step
 from jaxrlhf.trainer import run_loop
@@ -51,7 +51,7 @@ def run(config: SFTConfig, resume: bool = False):
     step = data_parallel(make_sft_step, train.devices)
 
     def step_fn(state, i):
-        batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))
+        batch = data.take(arrays, host_share(data.batch_indices(len(rows), train.batch_size, i, train.seed)))
         return step(state, batch, common.step_key(train.seed, i))
 
     per_epoch = len(rows) // train.batch_size

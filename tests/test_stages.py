@@ -1,7 +1,6 @@
 """The stages end to end on a shrunken copy of configs/tiny, resume, configs, rewards, pairs."""
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np

@@ -4,7 +4,6 @@ import dataclasses
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import data, losses

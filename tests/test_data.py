@@ -1,0 +1,59 @@
+"""Tokenising, padding and masks, prompt-length sampling, and the resumable batch order."""
+
+import numpy as np
+import pytest
+
+from jaxrlhf import data
+from jaxrlhf.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_run):
+    from jaxrlhf.models import load_tokenizer
+
+    return load_tokenizer(tiny_run / "data" / "tokenizers" / "gpt2")
+
+
+def test_prompts_are_left_padded_and_keep_their_end(tokenizer):
+    prompts = ["Request: Walk the dog now.\nReply:", "Request: Hi\nReply:"]
+    ids, mask = data.encode_prompts(tokenizer, prompts, max_tokens=5)
+    assert ids.shape == (2, 5) and mask[:, -1].all()
+    assert tokenizer.decode(ids[0][mask[0] == 1]).endswith("\nReply:")
+    full = tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
+    assert list(ids[1][mask[1] == 1]) == full[-5:]
+    wide, wide_mask = data.encode_prompts(tokenizer, prompts, max_tokens=5, pad_to=9)
+    assert wide.shape == (2, 9) and (wide_mask[:, :4] == 0).all()
+
+
+def test_prompt_length_range_cuts_each_prompt_to_its_first_tokens(tokenizer):
+    prompts = ["Request: Please walk the dog and feed the cat today.\nReply:"] * 50
+    ids, mask = data.encode_prompts(tokenizer, prompts, max_tokens=8, length_range=(2, 4), seed=1)
+    lengths = mask.sum(1)
+    assert set(lengths) == {2, 3, 4}
+    first = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
+    for row, m, n in zip(ids, mask, lengths):
+        assert list(row[m == 1]) == first[:n]
+    again, _ = data.encode_prompts(tokenizer, prompts, max_tokens=8, length_range=(2, 4), seed=1)
+    np.testing.assert_array_equal(again, ids)
+
+
+def test_completion_only_masks_cover_the_response_and_eos(tokenizer):
+    enc = data.encode_pairs_of_text(tokenizer, ["Request: Hi\nReply:"], [" Hello there."], max_length=16)
+    n_prompt = len(tokenizer("Request: Hi\nReply:", add_special_tokens=False)["input_ids"])
+    n_resp = len(tokenizer(" Hello there.", add_special_tokens=False)["input_ids"]) + 1
+    assert enc["attention_mask"][0].sum() == n_prompt + n_resp
+    assert (enc["loss_mask"][0, :n_prompt] == 0).all() and enc["loss_mask"][0].sum() == n_resp
+    assert enc["input_ids"][0, n_prompt + n_resp - 1] == tokenizer.eos_token_id
+    whole = data.encode_pairs_of_text(tokenizer, ["Request: Hi\nReply:"], [" Hello there."], 16, completion_only=False)
+    np.testing.assert_array_equal(whole["loss_mask"], whole["attention_mask"])
+    cut = data.encode_pairs_of_text(tokenizer, ["Request: Hi\nReply:"], [" Hello there."], max_length=n_prompt + 1)
+    assert cut["loss_mask"][0].sum() == 1  # the response is truncated to fit, the prompt kept
+
+
+def test_batch_order_is_a_pure_function_of_the_step():
+    first_epoch = np.concatenate([data.batch_indices(10, 3, step, seed=0) for step in range(3)])
+    assert len(set(first_epoch)) == 9  # a permutation; the incomplete tail batch is dropped
+    np.testing.assert_array_equal(data.batch_indices(10, 3, 4, seed=0), data.batch_indices(10, 3, 4, seed=0))
+    assert not np.array_equal(data.batch_indices(10, 3, 0, seed=0), data.batch_indices(10, 3, 3, seed=0))
+    with pytest.raises(ConfigError, match="batch_size=11 is larger than the 10 rows"):
+        data.batch_indices(10, 11, 0, seed=0)

@@ -53,7 +53,7 @@ def _sequence_logps(module, params, out):
     return losses.sequence_logprobs(logits, out.sequences[:, -n:], out.response_mask)
 
 
-def _sample_policy(config, name, path, ref, ids, mask, texts, scorers):
+def _sample_policy(config, path, ref, ids, mask, texts, scorers):
     module, params, model_config = load_pretrained(path, head="lm")
     tokenizer = load_tokenizer(path, model_config)
     settings = sampling_config(config.sampling, tokenizer, model_config)
@@ -87,7 +87,7 @@ def run(config: EvaluateConfig, resume: bool = False) -> Path:
     for name, path in config.policies.items():
         print(f"evaluating {name} ({path}) on {len(texts)} prompts")
         responses, scores, kls, lengths = _sample_policy(
-            config, name, path, (ref_module, ref_params), ids, mask, texts, scorers)
+            config, path, (ref_module, ref_params), ids, mask, texts, scorers)
         samples[name] = responses
         results[name] = {
             **{f"{s}/{stat}": float(fn(v)) for s, v in scores.items()

@@ -55,7 +55,9 @@ def prepare_output(train: cfg.TrainConfig, config: Any, resume: bool) -> Path:
     if (out / "final").exists() and not resume:
         raise JaxRLHFError(f"{out / 'final'} already exists from an earlier run; choose another output_dir "
                            "(or pass --resume to finish that run)")
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(config), indent=2) + "\n")
+    # The working directory too: the config's relative paths are relative to it (export needs them).
+    record = {**cfg.to_dict(config), "_working_dir": str(Path.cwd())}
+    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

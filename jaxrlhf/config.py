@@ -34,12 +34,11 @@ def _coerce(value: Any, t, where: str) -> Any:
             raise ConfigError(f"{where} must be a section (a mapping of keys), not {value!r}")
         return from_dict(t, value, where)
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for option in typing.get_args(t):
             try:
                 return _coerce(value, option, where)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}={value!r} must be {_type_name(t)}")
     if origin is Literal:
         if value not in typing.get_args(t):

@@ -10,11 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf import data, losses
+from jaxrlhf import data
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, check
 from jaxrlhf.models import load_pretrained, load_tokenizer
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.sampling import generate
+from jaxrlhf.steps import sequence_logps_jit
 from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sampling_config
 
 
@@ -46,20 +47,11 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def _sequence_logps(module, params, out):
-    """Summed raw (temperature 1) logprobs of each response -> `[B]`."""
-    n = out.response_mask.shape[1]
-    logits = module.apply({"params": params}, out.sequences, out.attention_mask).logits[:, -n - 1: -1]
-    return losses.sequence_logprobs(logits, out.sequences[:, -n:], out.response_mask)
-
-
 def _sample_policy(config, path, ref, ids, mask, texts, scorers):
     module, params, model_config = load_pretrained(path, head="lm")
     tokenizer = load_tokenizer(path, model_config)
     settings = sampling_config(config.sampling, tokenizer, model_config)
     ref_module, ref_params = ref
-    logps = jax.jit(lambda p, o: _sequence_logps(module, p, o))
-    ref_logps = jax.jit(lambda p, o: _sequence_logps(ref_module, p, o))
     responses, kls, lengths = [], [], []
     n = len(texts)
     for start in range(0, n, config.batch_size):
@@ -68,7 +60,11 @@ def _sample_policy(config, path, ref, ids, mask, texts, scorers):
         out = generate(module, params, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]), key, settings)
         keep = min(config.batch_size, n - start)
         responses += decode_responses(tokenizer, out)[:keep]
-        kls += list(np.asarray(logps(params, out) - ref_logps(ref_params, out))[:keep])
+        # Summed raw (temperature 1) logprobs of each response under the policy and the reference.
+        response_only = out.attention_mask.at[:, : -out.response_mask.shape[1]].set(0)
+        policy_lp, ref_lp = (sequence_logps_jit(m.apply, p, out.sequences, out.attention_mask, response_only)
+                             for m, p in ((module, params), (ref_module, ref_params)))
+        kls += list(np.asarray(policy_lp - ref_lp)[:keep])
         lengths += list(np.asarray(out.response_mask.sum(-1))[:keep])
     scores = {s: scorer(texts, responses) for s, scorer in scorers.items()}
     return responses, scores, np.asarray(kls), np.asarray(lengths)

@@ -27,10 +27,6 @@ def psum(tree: Any, axis_name: str | None) -> Any:
     return tree if axis_name is None else lax.psum(tree, axis_name)
 
 
-def pmean(tree: Any, axis_name: str | None) -> Any:
-    return tree if axis_name is None else lax.pmean(tree, axis_name)
-
-
 def local_devices(n: int) -> list:
     """The first `n` local devices, or an error saying how many there are."""
     available = jax.local_devices()

@@ -103,6 +103,17 @@ def _mean(x_B: jax.Array, axis_name: str | None) -> jax.Array:
     return losses.masked_mean(x_B, jnp.ones_like(x_B), axis_name=axis_name)
 
 
+def sequence_logps(apply_fn, params, ids_BxT, mask_BxT, loss_mask_BxT, average: bool = False) -> jax.Array:
+    """Summed (or length-averaged) logprobs of the `loss_mask` tokens of each row under a
+    causal LM -> `[B]`; position t's logits score token t + 1."""
+    logits = apply_fn({"params": params}, ids_BxT, mask_BxT).logits
+    return losses.sequence_logprobs(logits[:, :-1], ids_BxT[:, 1:], loss_mask_BxT[:, 1:] * mask_BxT[:, 1:], average)
+
+
+# Compiled once per model and shape; params stay an argument, never a baked-in constant.
+sequence_logps_jit = jax.jit(sequence_logps, static_argnames=("apply_fn", "average"))
+
+
 def make_sft_step(axis_name: str | None = None):
     """Next-token NLL on the response. Batch: `input_ids`, `attention_mask`, `loss_mask`
     (1 on the tokens to learn, i.e. the response), all `[B, T]`."""
@@ -184,12 +195,8 @@ def make_dpo_step(
     average = loss_type == "ipo" if average_log_prob is None else average_log_prob
 
     def logps(state, params, batch, average):
-        ids = jnp.concatenate([batch["chosen_ids"], batch["rejected_ids"]])
-        mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-        loss_mask = jnp.concatenate([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])
-        logits = state.apply_fn({"params": params}, ids, mask).logits
-        seq = losses.sequence_logprobs(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:] * mask[:, 1:], average)
-        return jnp.split(seq, 2)
+        both = [jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("ids", "mask", "loss_mask")]
+        return jnp.split(sequence_logps(state.apply_fn, params, *both, average), 2)
 
     def step(state: TrainState, batch, key):
         del key

@@ -139,7 +139,3 @@ def run_loop(
         bar.update(1)
     bar.close()
     return single(state)
-
-
-def to_host(tree: Any) -> Any:
-    return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -281,7 +281,7 @@ def _params_from_state(arch, module, state, directory, rng) -> Params:
             stacklevel=3,
         )
         rng = jax.random.key(0) if rng is None else rng
-        init = flatten_dict(module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
+        init = flatten_dict(jax.jit(module.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"])
         params.update({path: init[path] for path, _ in fresh})
     unused = sorted(set(state) - used)
     if unused:

@@ -6,13 +6,13 @@ from typing import Literal
 import jax
 import numpy as np
 
-from jaxrlhf import data, losses
+from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import load_pretrained, load_tokenizer
 from jaxrlhf.parallel import data_parallel, host_share
 from jaxrlhf.stages import common
-from jaxrlhf.steps import TrainState, make_dpo_step
+from jaxrlhf.steps import TrainState, make_dpo_step, sequence_logps_jit
 from jaxrlhf.trainer import run_loop
 
 
@@ -52,18 +52,14 @@ def _pair_arrays(rows, tokenizer, max_length):
 
 def _reference_logps(module, params, arrays, average, batch_size=64):
     """Sequence logprobs of every pair under the frozen reference, computed once up front."""
-    @jax.jit
-    def seq_logps(ids, mask, loss_mask):
-        logits = module.apply({"params": params}, ids, mask).logits
-        return losses.sequence_logprobs(logits[:, :-1], ids[:, 1:], loss_mask[:, 1:] * mask[:, 1:], average)
-
     out = {}
     for side in ("chosen", "rejected"):
         parts = []
         n = len(arrays[f"{side}_ids"])
         for s in range(0, n, batch_size):
             idx = np.arange(s, s + batch_size) % n  # full batches: one compiled shape
-            parts.append(np.asarray(seq_logps(*(arrays[f"{side}_{k}"][idx] for k in ("ids", "mask", "loss_mask")))))
+            batch = (arrays[f"{side}_{k}"][idx] for k in ("ids", "mask", "loss_mask"))
+            parts.append(np.asarray(sequence_logps_jit(module.apply, params, *batch, average=average)))
         out[f"ref_{side}_logps"] = np.concatenate(parts)[:n]
     return out
 

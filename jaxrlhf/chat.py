@@ -5,10 +5,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.config import SamplingSection
 from jaxrlhf.data import encode_prompts
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import load_pretrained, load_tokenizer
-from jaxrlhf.sampling import SamplingConfig, generate
+from jaxrlhf.sampling import generate
+from jaxrlhf.stages.rollout import sampling_config
 
 
 @dataclasses.dataclass
@@ -17,26 +19,22 @@ class ChatSession:
     first newline, is appended; the oldest tokens fall off past `max_prompt_tokens`."""
 
     checkpoint: str
+    sampling: SamplingSection = dataclasses.field(default_factory=lambda: SamplingSection(max_prompt_tokens=48))
     user_prefix: str = "Request: "
     bot_prefix: str = "Reply:"
-    max_prompt_tokens: int = 48
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    greedy: bool = False
     seed: int = 0
 
     def __post_init__(self):
         self.module, self.params, config = load_pretrained(self.checkpoint, head="lm")
         self.tokenizer = load_tokenizer(self.checkpoint, config)
-        self.settings = SamplingConfig(
-            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            greedy=self.greedy, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        self.prompt_tokens = min(self.max_prompt_tokens, config.n_positions - self.max_new_tokens)
-        if self.prompt_tokens < 1:
-            raise ConfigError(f"max_new_tokens={self.max_new_tokens} leaves no room for a prompt in the model's "
-                              f"n_positions={config.n_positions}")
+        room = config.n_positions - self.sampling.max_new_tokens
+        if room < 1:
+            raise ConfigError(f"max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt in the "
+                              f"model's n_positions={config.n_positions}")
+        # A long conversation keeps its most recent tokens: as many as fit beside the reply.
+        self.sampling = dataclasses.replace(self.sampling, max_prompt_tokens=min(self.sampling.max_prompt_tokens, room))
+        self.settings = sampling_config(self.sampling, self.tokenizer, config)
+        self.prompt_tokens = self.sampling.max_prompt_tokens
         self.history = ""
         self.turn = 0
 

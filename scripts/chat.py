@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from jaxrlhf.chat import ChatSession
+from jaxrlhf.config import SamplingSection
 from jaxrlhf.errors import JaxRLHFError
 
 
@@ -24,8 +25,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        session = ChatSession(args.checkpoint, args.user_prefix, args.bot_prefix, args.max_prompt_tokens,
-                              args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.greedy, args.seed)
+        sampling = SamplingSection(max_new_tokens=args.max_new_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   greedy=args.greedy)
+        session = ChatSession(args.checkpoint, sampling, args.user_prefix, args.bot_prefix, args.seed)
     except JaxRLHFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,7 +55,7 @@ CASES = [
     ("max_length over the model's context", "sft", lambda r, t, o: sft_args(r, o, "max_length=100"),
      r"max_length=100 exceeds the model's context \(n_positions=64\)"),
     ("response budget over the context", "ppo", lambda r, t, o: ppo_args(r, o, "sampling.max_new_tokens=60"),
-     r"sampling.max_prompt_tokens=16 \+ sampling.max_new_tokens=60 exceeds the policy's context \(n_positions=64\)"),
+     r"sampling.max_prompt_tokens=16 \+ sampling.max_new_tokens=60 exceeds the model's context \(n_positions=64\)"),
     ("tokenizer larger than the model's vocab", "sft", lambda r, t, o: sft_args(r, o, "model_config.vocab_size=100"),
      r"the tokenizer has \d+ tokens but the model's vocab_size is 100"),
     ("unknown config key", "sft", lambda r, t, o: sft_args(r, o, "train.lerning_rate=0.1"),

@@ -9,7 +9,7 @@ import yaml
 
 from jaxrlhf import cli
 from jaxrlhf import config as cfg
-from jaxrlhf.config import RewardSource
+from jaxrlhf.config import RewardSource, SamplingSection
 from jaxrlhf.errors import ConfigError, JaxRLHFError
 from jaxrlhf.stages.preferences import make_pairs
 from tests.conftest import ROOT, SHRINK, TINY
@@ -65,7 +65,7 @@ def test_export_script_turns_a_checkpoint_into_hf_layout(tiny_run, tmp_path):
 def test_chat_keeps_the_conversation_in_the_prompt(tiny_run):
     from jaxrlhf.chat import ChatSession
 
-    session = ChatSession(str(tiny_run / "sft" / "final"), max_new_tokens=8, seed=3)
+    session = ChatSession(str(tiny_run / "sft" / "final"), SamplingSection(max_new_tokens=8), seed=3)
     first = session.reply("Can you walk the dog?")
     session.reply("Thanks!")
     assert session.history.startswith("Request: Can you walk the dog?\nReply:")

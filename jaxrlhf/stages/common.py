@@ -34,6 +34,12 @@ def load_model(path: str | None, model_config: dict | None, tokenizer_path: str 
     return module, params, config, tokenizer
 
 
+def check_context(tokens: int, what: str, model_config) -> None:
+    """`what` (`tokens` long) must fit the model's positions."""
+    if tokens > model_config.n_positions:
+        raise ConfigError(f"{what} exceeds the model's context (n_positions={model_config.n_positions})")
+
+
 def optimizer(train: cfg.TrainConfig):
     return make_optimizer(
         train.learning_rate, schedule=train.schedule, warmup_steps=train.warmup_steps, total_steps=train.steps,

@@ -68,9 +68,7 @@ def run(config: DPOConfig, resume: bool = False):
     train = config.train
     module, params, model_config = load_pretrained(config.policy, head="lm")
     tokenizer = load_tokenizer(config.policy, model_config)
-    if config.max_length > model_config.n_positions:
-        raise ConfigError(f"max_length={config.max_length} exceeds the policy's context "
-                          f"(n_positions={model_config.n_positions})")
+    common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
     rows = data.load_rows(config.data, ("prompt", "chosen", "rejected"))
     arrays = _pair_arrays(rows, tokenizer, config.max_length)
     if config.loss_type != "slic":

@@ -5,16 +5,15 @@ import numpy as np
 
 from jaxrlhf import data
 from jaxrlhf.config import SamplingSection
-from jaxrlhf.errors import ConfigError
+from jaxrlhf.stages.common import check_context
 from jaxrlhf.sampling import SamplingConfig
 
 
 def sampling_config(section: SamplingSection, tokenizer, model_config) -> SamplingConfig:
     """The sampler settings, after checking that prompt + response fit the model's context."""
-    if section.max_prompt_tokens + section.max_new_tokens > model_config.n_positions:
-        raise ConfigError(
-            f"sampling.max_prompt_tokens={section.max_prompt_tokens} + sampling.max_new_tokens="
-            f"{section.max_new_tokens} exceeds the policy's context (n_positions={model_config.n_positions})")
+    check_context(section.max_prompt_tokens + section.max_new_tokens,
+                  f"sampling.max_prompt_tokens={section.max_prompt_tokens} + sampling.max_new_tokens="
+                  f"{section.max_new_tokens}", model_config)
     return SamplingConfig(
         max_new_tokens=section.max_new_tokens, min_new_tokens=section.min_new_tokens,
         temperature=section.temperature, top_k=section.top_k, top_p=section.top_p, greedy=section.greedy,

@@ -7,7 +7,6 @@ import jax
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
-from jaxrlhf.errors import ConfigError
 from jaxrlhf.parallel import data_parallel, host_share
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_sft_step
@@ -38,9 +37,7 @@ def plan(config: SFTConfig) -> str:
 def run(config: SFTConfig, resume: bool = False):
     module, params, model_config, tokenizer = common.load_model(
         config.model, config.model_config, config.tokenizer, config.train.seed, head="lm")
-    if config.max_length > model_config.n_positions:
-        raise ConfigError(f"max_length={config.max_length} exceeds the model's context "
-                          f"(n_positions={model_config.n_positions})")
+    common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
     rows = data.load_rows(config.data, ("prompt", "response"))
     arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                        config.max_length, config.completion_only)

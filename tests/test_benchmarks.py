@@ -1,10 +1,50 @@
-"""The benchmark harness runs (in its --quick form) so it cannot rot; speed is not asserted."""
+"""The benchmark harness runs end to end (in its --quick form, every workload against its
+PyTorch / TRL reference) so it cannot rot. Speed is reported, never asserted."""
 
-from benchmarks import generation
+import numpy as np
+import pytest
+
+from benchmarks import run
+from benchmarks import workloads as wl
 
 
-def test_generation_benchmark_quick_mode_runs(tmp_path):
-    rows = generation.main(["--quick", "--write", str(tmp_path / "results.md")])
-    assert [row[0] for row in rows] == ["tiny (2x128)"]
-    text = (tmp_path / "results.md").read_text()
-    assert "python benchmarks/generation.py --quick" in text and "| tiny (2x128) |" in text
+def test_quick_run_compares_every_workload_and_writes_the_table(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"# Benchmarks\n\nprose before\n\n{run.START}\nold table\n{run.END}\n\nprose after\n")
+    rows = run.main(["--quick", "--write", str(results)])
+
+    assert [(r[0], r[1]) for r in rows] == [(w.name, w.size) for w in wl.workloads(quick=True)]
+    assert {r[0] for r in rows} == set(run.REFERENCES)
+    for r in rows:
+        cells = dict(zip(run.HEADER, r))
+        ours, ref = float(cells["jaxrlhf ms"]), float(cells["reference ms"])
+        assert ours > 0 and ref > 0
+        assert float(cells["speed-up"].strip("*x")) == pytest.approx(ref / ours, rel=0.01)
+        assert float(cells["jaxrlhf peak MB"]) > 100 and float(cells["reference peak MB"]) > 100
+    text = results.read_text()
+    assert "prose before" in text and "prose after" in text and "old table" not in text
+    assert "Command: `python benchmarks/run.py --quick --write" in text
+    assert "| sft | tiny |" in text and "matmul peak" in text
+
+
+def test_both_sides_get_the_same_data():
+    w = wl.Workload("dpo", "tiny", batch=4, prompt=3, response=5)
+    pairs = wl.preference_pairs(w)
+    assert pairs["chosen"].shape == (4, 5) and (pairs["chosen"][:, -1] == wl.EOS).all()
+    assert (pairs["prompt"] < wl.EOS).all()
+    np.testing.assert_array_equal(pairs["chosen"], wl.preference_pairs(w)["chosen"])  # deterministic
+
+
+def test_the_reference_tokenizer_maps_words_to_the_benchmark_ids():
+    from benchmarks.reference import word_tokenizer
+
+    tok = word_tokenizer()
+    assert tok("w5 w50255<|endoftext|>")["input_ids"] == [5, 50255, wl.EOS]
+    assert tok.pad_token_id == tok.eos_token_id == wl.EOS
+
+
+def test_model_flops_follow_the_usual_accounting():
+    # One GPT-2-small forward token at context 1: 12 layers x 24 d^2 + the LM head 2 d V, plus attention 4 L d.
+    w = wl.Workload("sft", "gpt2-small", batch=1, prompt=0, response=1)
+    d = 768
+    assert wl.step_flops(w) == 3 * (12 * (24 * d * d + 4 * d) + 2 * d * wl.GPT2_VOCAB)

@@ -144,8 +144,8 @@ class GPT2Model(nn.Module):
 
 
 class CausalLMOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32
-    values: jax.Array | None  # [B, T] float32, when the model has a value head
+    logits: jax.Array  # [B, T, V] float32 ([B, last, V] when called with `last`)
+    values: jax.Array | None  # [B, T] (or [B, last]) float32, when the model has a value head
     hidden: jax.Array  # [B, T, D]
     cache: KVCache | None  # the updated cache, when one was passed in
 
@@ -167,15 +167,19 @@ class GPT2LMHeadModel(nn.Module):
         attention_mask_BxT: jax.Array | None = None,
         positions_BxT: jax.Array | None = None,
         cache: KVCache | None = None,
+        last: int | None = None,
     ) -> CausalLMOutput:
+        """With `last`, only the last `last` positions get logits and values: the LM head is
+        skipped where nobody reads it (a prompt in PPO, all but one position in a prefill)."""
         trunk = GPT2Model(self.config, self.dtype, name="transformer")
         hidden_BxTxD, cache = trunk(input_ids_BxT, attention_mask_BxT, positions_BxT, cache)
+        head_in_BxLxD = hidden_BxTxD if last is None else hidden_BxTxD[:, -last:]
         wte = trunk.variables["params"]["wte"]["embedding"]
-        logits_BxTxV = jnp.einsum("btd,vd->btv", hidden_BxTxD, wte.astype(self.dtype))
-        values_BxT = None
+        logits_BxLxV = jnp.einsum("bld,vd->blv", head_in_BxLxD, wte.astype(self.dtype))
+        values_BxL = None
         if self.value_head:
-            values_BxT = _ValueHead(self.dtype, name="v_head")(hidden_BxTxD)
-        return CausalLMOutput(logits_BxTxV.astype(jnp.float32), values_BxT, hidden_BxTxD, cache)
+            values_BxL = _ValueHead(self.dtype, name="v_head")(head_in_BxLxD)
+        return CausalLMOutput(logits_BxLxV.astype(jnp.float32), values_BxL, hidden_BxTxD, cache)
 
 
 class _ValueHead(nn.Module):

@@ -67,9 +67,8 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
 
     def response_outputs(params, apply_fn, seq, attn, n):
         """Logits, logprobs of the response tokens, and the values of the states before them."""
-        out = apply_fn({"params": params}, seq, attn, last=n + 1)  # no LM head on the prompt
-        logits = out.logits[:, :-1]
-        return logits, losses.token_logprobs(logits, seq[:, -n:], config.temperature), out.values[:, :-1]
+        out = apply_fn({"params": params}, seq, attn, head_slice=slice(-n - 1, -1))  # no LM head on the prompt
+        return out.logits, losses.token_logprobs(out.logits, seq[:, -n:], config.temperature), out.values
 
     def update(state: TrainState, batch, key):
         seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"].astype(jnp.float32)

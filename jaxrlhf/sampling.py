@@ -156,7 +156,8 @@ def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_m
     b, n = prompt_ids_BxP.shape[0], settings.max_new_tokens
     eos = -1 if settings.eos_token_id is None else settings.eos_token_id
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
-    prefill = module.apply({"params": params}, prompt_ids_BxP, prompt_mask_BxP, cache=cache, last=1)
+    prefill = module.apply({"params": params}, prompt_ids_BxP, prompt_mask_BxP, cache=cache,
+                           head_slice=slice(-1, None))
 
     def record(carry, step, logits_BxV):
         """Pick token `step` from `logits_BxV` and write it into the buffers."""

@@ -106,8 +106,8 @@ def _mean(x_B: jax.Array, axis_name: str | None) -> jax.Array:
 def sequence_logps(apply_fn, params, ids_BxT, mask_BxT, loss_mask_BxT, average: bool = False) -> jax.Array:
     """Summed (or length-averaged) logprobs of the `loss_mask` tokens of each row under a
     causal LM -> `[B]`; position t's logits score token t + 1."""
-    logits = apply_fn({"params": params}, ids_BxT, mask_BxT).logits
-    return losses.sequence_logprobs(logits[:, :-1], ids_BxT[:, 1:], loss_mask_BxT[:, 1:] * mask_BxT[:, 1:], average)
+    logits = apply_fn({"params": params}, ids_BxT, mask_BxT, head_slice=slice(0, -1)).logits
+    return losses.sequence_logprobs(logits, ids_BxT[:, 1:], loss_mask_BxT[:, 1:] * mask_BxT[:, 1:], average)
 
 
 # Compiled once per model and shape; params stay an argument, never a baked-in constant.
@@ -122,9 +122,10 @@ def make_sft_step(axis_name: str | None = None):
         del key  # SFT has no randomness (dropout is off)
 
         def loss_fn(params):
-            logits = state.apply_fn({"params": params}, batch["input_ids"], batch["attention_mask"]).logits
+            logits = state.apply_fn({"params": params}, batch["input_ids"], batch["attention_mask"],
+                                    head_slice=slice(0, -1)).logits
             mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
-            loss = losses.sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], mask, axis_name)
+            loss = losses.sft_loss(logits, batch["input_ids"][:, 1:], mask, axis_name)
             return loss, {}
 
         return apply_loss(state, loss_fn, axis_name)

@@ -76,14 +76,14 @@ def test_bf16_compute_keeps_float32_params_and_stays_close(tmp_path):
     np.testing.assert_allclose(np.asarray(out16), np.asarray(out32), atol=0.1)
 
 
-def test_last_gives_the_tail_of_the_full_logits_and_values(tmp_path):
+def test_head_slice_gives_those_positions_of_the_full_logits_and_values(tmp_path):
     make_gpt2(tmp_path, **CONFIGS["small-gelu_new"])
     module, params, _ = load_pretrained(tmp_path, value_head=True, rng=__import__("jax").random.key(0))
     params["v_head"]["summary"]["kernel"] = np.linspace(-1, 1, 32, dtype=np.float32)[:, None]
     ids, mask = padded_batch(97, lengths=[7, 4], total=7, side="left")
     full = module.apply({"params": params}, ids, mask)
-    tail = module.apply({"params": params}, ids, mask, last=3)
-    assert tail.logits.shape == (2, 3, 97) and tail.values.shape == (2, 3)
-    np.testing.assert_allclose(tail.logits, full.logits[:, -3:], atol=1e-6)
-    np.testing.assert_allclose(tail.values, full.values[:, -3:], atol=1e-6)
-    np.testing.assert_array_equal(tail.hidden, full.hidden)
+    part = module.apply({"params": params}, ids, mask, head_slice=slice(-4, -1))
+    assert part.logits.shape == (2, 3, 97) and part.values.shape == (2, 3)
+    np.testing.assert_allclose(part.logits, full.logits[:, -4:-1], atol=1e-6)
+    np.testing.assert_allclose(part.values, full.values[:, -4:-1], atol=1e-6)
+    np.testing.assert_array_equal(part.hidden, full.hidden)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.configs import BertConfig, DistilBertConfig
-from jaxrlhf.models.layers import activation, attend, merge_heads, split_heads
+from jaxrlhf.models.layers import Dense, activation, attend, merge_heads, split_heads
 
 
 def _init(config):
@@ -34,7 +34,7 @@ class EncoderLayer(nn.Module):
 
         def dense(features, name):
             init = nn.initializers.normal(self.initializer_range)
-            return nn.Dense(features, dtype=self.dtype, kernel_init=init, name=name)
+            return Dense(features, dtype=self.dtype, kernel_init=init, name=name)
 
         q, k, v = (split_heads(dense(d, n)(x_BxTxD), self.num_heads) for n in ("query", "key", "value"))
         scale = (d // self.num_heads) ** -0.5

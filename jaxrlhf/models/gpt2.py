@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrlhf.models.configs import GPT2Config
-from jaxrlhf.models.layers import activation, attend, merge_heads, positions_from_mask, split_heads
+from jaxrlhf.models.layers import Dense, activation, attend, merge_heads, positions_from_mask, rows_matmul, split_heads
 
 
 class KVCache(NamedTuple):
@@ -34,7 +34,7 @@ def init_cache(config: GPT2Config, batch: int, max_len: int, dtype=jnp.float32) 
 
 
 def _dense(features: int, config: GPT2Config, dtype, name: str) -> nn.Dense:
-    return nn.Dense(
+    return Dense(
         features,
         dtype=dtype,
         kernel_init=nn.initializers.normal(config.initializer_range),
@@ -144,8 +144,8 @@ class GPT2Model(nn.Module):
 
 
 class CausalLMOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32 ([B, last, V] when called with `last`)
-    values: jax.Array | None  # [B, T] (or [B, last]) float32, when the model has a value head
+    logits: jax.Array  # [B, T, V] float32 ([B, L, V] for the L positions of a `head_slice`)
+    values: jax.Array | None  # [B, T] (or [B, L]) float32, when the model has a value head
     hidden: jax.Array  # [B, T, D]
     cache: KVCache | None  # the updated cache, when one was passed in
 
@@ -167,15 +167,16 @@ class GPT2LMHeadModel(nn.Module):
         attention_mask_BxT: jax.Array | None = None,
         positions_BxT: jax.Array | None = None,
         cache: KVCache | None = None,
-        last: int | None = None,
+        head_slice: slice | None = None,
     ) -> CausalLMOutput:
-        """With `last`, only the last `last` positions get logits and values: the LM head is
-        skipped where nobody reads it (a prompt in PPO, all but one position in a prefill)."""
+        """With `head_slice` (a static slice of positions), only those positions get logits and
+        values: the LM head is skipped where nobody reads it (the last position in training,
+        the prompt in PPO, all but the last in a prefill), and no `[B, T, V]` slice is copied."""
         trunk = GPT2Model(self.config, self.dtype, name="transformer")
         hidden_BxTxD, cache = trunk(input_ids_BxT, attention_mask_BxT, positions_BxT, cache)
-        head_in_BxLxD = hidden_BxTxD if last is None else hidden_BxTxD[:, -last:]
+        head_in_BxLxD = hidden_BxTxD if head_slice is None else hidden_BxTxD[:, head_slice]
         wte = trunk.variables["params"]["wte"]["embedding"]
-        logits_BxLxV = jnp.einsum("bld,vd->blv", head_in_BxLxD, wte.astype(self.dtype))
+        logits_BxLxV = rows_matmul(head_in_BxLxD, wte.astype(self.dtype))
         values_BxL = None
         if self.value_head:
             values_BxL = _ValueHead(self.dtype, name="v_head")(head_in_BxLxD)
@@ -189,5 +190,5 @@ class _ValueHead(nn.Module):
     def __call__(self, hidden_BxTxD: jax.Array) -> jax.Array:
         # Zero kernel: a fresh head predicts 0 everywhere, so the first value loss is the
         # return scale itself rather than noise from a random projection.
-        v = nn.Dense(1, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="summary")(hidden_BxTxD)
+        v = Dense(1, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="summary")(hidden_BxTxD)
         return v[..., 0].astype(jnp.float32)

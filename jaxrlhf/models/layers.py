@@ -6,6 +6,7 @@ Shapes are in the names: B batch, T query length, S key length, H heads, K head 
 import functools
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -27,6 +28,25 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "tanh": jnp.tanh,
     "linear": lambda x: x,
 }
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` (same params) applied to the rows of a `[..., D]` input flattened to 2-D.
+
+    Same maths; but XLA on CPU compiles the weight gradient of a dense on `[B, T, D]` up to
+    1.6x slower than on `[B * T, D]` (fwd + grad of GPT-2-small's MLP input: 111 ms vs 70 ms).
+    """
+
+    def __call__(self, x_NxD: jax.Array) -> jax.Array:
+        y = super().__call__(x_NxD.reshape(-1, x_NxD.shape[-1]))
+        return y.reshape(*x_NxD.shape[:-1], y.shape[-1])
+
+
+def rows_matmul(x_NxD: jax.Array, w_VxD: jax.Array) -> jax.Array:
+    """`x @ w.T` over the last axis of `x` `[..., D]` -> `[..., V]`, as one 2-D matmul (see
+    `Dense`: the LM head's fwd + grad is 10-20% faster so on CPU)."""
+    y = x_NxD.reshape(-1, x_NxD.shape[-1]) @ w_VxD.T
+    return y.reshape(*x_NxD.shape[:-1], w_VxD.shape[0])
 
 
 def activation(name: str, key: str = "activation") -> Callable[[jax.Array], jax.Array]:

@@ -48,3 +48,13 @@ def test_model_flops_follow_the_usual_accounting():
     w = wl.Workload("sft", "gpt2-small", batch=1, prompt=0, response=1)
     d = 768
     assert wl.step_flops(w) == 3 * (12 * (24 * d * d + 4 * d) + 2 * d * wl.GPT2_VOCAB)
+
+
+def test_results_file_keeps_its_prose_and_gains_a_table_block(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmarks\n\nnotes without a table yet\n")
+    run.write_results("| t2 |", results)
+    run.write_results("| t3 |", results)
+    text = results.read_text()
+    assert text.startswith("# Benchmarks\n\nnotes without a table yet\n")
+    assert "| t3 |" in text and "| t2 |" not in text and text.count(run.START) == 1

@@ -32,9 +32,14 @@ def _state(module, params, **frozen) -> TrainState:
     return TrainState.create(module, params, tx, **frozen)
 
 
+def _keys():
+    """A fresh key for every step of a benchmark."""
+    return iter(jax.random.split(jax.random.key(1), 100_000))
+
+
 def _runner(step, state, batch):
     """Run `step` on `state` in place; each call blocks until the step is done."""
-    keys = iter(jax.random.split(jax.random.key(1), 100_000))
+    keys = _keys()
     holder = [state]
 
     def run():
@@ -56,7 +61,7 @@ def setup(w: wl.Workload, workdir: Path):
         module, params, _ = load_pretrained(model_dir, head="lm")
         ids = jnp.asarray(wl.prompts(w))
         settings = SamplingConfig(max_new_tokens=w.response, pad_token_id=wl.EOS)
-        keys = iter(jax.random.split(jax.random.key(1), 100_000))
+        keys = _keys()
         return lambda: generate(module, params, ids, jnp.ones_like(ids), next(keys), settings).sequences.block_until_ready()
     if w.name == "dpo":
         module, params, _ = load_pretrained(model_dir, head="lm")
@@ -98,7 +103,7 @@ def _ppo(w: wl.Workload, model_dir: Path, heads_file: Path):
     update = jit_step(make_ppo_update(PPOConfig(epochs=wl.PPO_EPOCHS, num_minibatches=1), reward_fn))
     ids = jnp.asarray(wl.prompts(w))
     settings = SamplingConfig(max_new_tokens=w.response, pad_token_id=wl.EOS)
-    keys = iter(jax.random.split(jax.random.key(1), 100_000))
+    keys = _keys()
     holder = [state]
 
     def run():

@@ -38,7 +38,8 @@ def _keys():
 
 
 def _runner(step, state, batch):
-    """Run `step` on `state` in place; each call blocks until the step is done."""
+    """Run `step(state, batch, key) -> (state, metrics)` on `state` in place; each call
+    blocks until the step is done."""
     keys = _keys()
     holder = [state]
 
@@ -60,9 +61,10 @@ def setup(w: wl.Workload, workdir: Path):
     if w.name == "generation":
         module, params, _ = load_pretrained(model_dir, head="lm")
         ids = jnp.asarray(wl.prompts(w))
+        mask = jnp.ones_like(ids)
         settings = SamplingConfig(max_new_tokens=w.response, pad_token_id=wl.EOS)
         keys = _keys()
-        return lambda: generate(module, params, ids, jnp.ones_like(ids), next(keys), settings).sequences.block_until_ready()
+        return lambda: generate(module, params, ids, mask, next(keys), settings).sequences.block_until_ready()
     if w.name == "dpo":
         module, params, _ = load_pretrained(model_dir, head="lm")
         pairs = wl.preference_pairs(w)
@@ -101,17 +103,14 @@ def _ppo(w: wl.Workload, model_dir: Path, heads_file: Path):
     state = _state(module, params, ref_params=jax.tree.map(jnp.array, params), reward_params=reward_params,
                    kl_coef=jnp.float32(0.05))
     update = jit_step(make_ppo_update(PPOConfig(epochs=wl.PPO_EPOCHS, num_minibatches=1), reward_fn))
-    ids = jnp.asarray(wl.prompts(w))
     settings = SamplingConfig(max_new_tokens=w.response, pad_token_id=wl.EOS)
-    keys = _keys()
-    holder = [state]
 
-    def run():
-        gen_key, update_key = jax.random.split(next(keys))
-        rollout = generate(module, holder[0].params, ids, jnp.ones_like(ids), gen_key, settings)
+    def iteration(state, prompts, key):
+        gen_key, update_key = jax.random.split(key)
+        rollout = generate(module, state.params, prompts["ids"], prompts["mask"], gen_key, settings)
         batch = {"sequences": rollout.sequences, "attention_mask": rollout.attention_mask,
                  "response_mask": rollout.response_mask}
-        holder[0], metrics = update(holder[0], batch, update_key)
-        jax.block_until_ready((holder[0], metrics))
+        return update(state, batch, update_key)
 
-    return run
+    ids = jnp.asarray(wl.prompts(w))
+    return _runner(iteration, state, {"ids": ids, "mask": jnp.ones_like(ids)})

@@ -6,6 +6,7 @@ Nested sections are nested dataclasses (`train.learning_rate=1e-4` on the comman
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -14,6 +15,22 @@ from typing import Any, Literal
 import yaml
 
 from jaxrlhf.errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, with floats as people write them: YAML 1.1 wants a dot in a float,
+    so plain PyYAML reads `1e-4` as the string "1e-4" (YAML 1.2 and Python read a number)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"""),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely (no tags that build objects), numbers such as `5e-4` as floats."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _type_name(t) -> str:
@@ -94,7 +111,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. train.learning_rate=1e-4)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
+        value = load_yaml(raw) if raw else ""
         node = out
         *parents, leaf = key.strip().split(".")
         for p in parents:
@@ -113,21 +130,25 @@ def _merge(base: dict, extra: dict) -> dict:
 def load(cls, path: str | Path | None, overrides: list[str] = ()):
     """Read YAML `path` (or start empty), apply `overrides`, validate into `cls`."""
     data: dict[str, Any] = {}
-    where = "config"
     if path is not None:
-        where = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where_in = f":{mark.line + 1}" if mark is not None else ""
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ConfigError(f"{path}{where_in}: not valid YAML ({problem})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys at the top level")
-    return from_dict(cls, _merge(data, parse_overrides(list(overrides))), where)
+        data = read_yaml(path, "config file")
+    return from_dict(cls, _merge(data, parse_overrides(list(overrides))), "config" if path is None else str(path))
+
+
+def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping in YAML file `path` (`what` it is, for errors that name the file and line)."""
+    try:
+        data = load_yaml(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where_in = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{where_in}: not valid YAML ({problem})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys at the top level")
+    return data
 
 
 def describe(cls, prefix: str = "") -> list[str]:

@@ -20,3 +20,49 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
     assert "scripts/pipeline.py" in commands[0]
     assert "pytest" in commands[1]
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+# The stage scripts the README's examples call, by file name.
+SCRIPTS = {"sft.py": "sft", "train_reward.py": "reward", "ppo.py": "ppo", "make_preferences.py": "preferences",
+           "dpo.py": "dpo", "evaluate.py": "evaluate"}
+
+
+def readme_stage_commands() -> list[list[str]]:
+    """Every `python scripts/<stage>.py ...` line in the README's shell blocks, as argv."""
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    lines = [line for block in re.findall(r"```sh\n(.*?)```", readme, flags=re.S) for line in block.splitlines()]
+    return [shlex.split(line)[1:] for line in lines if re.match(r"python scripts/(\w+)\.py --config", line)]
+
+
+def test_the_readme_override_examples_run_as_written(capsys, monkeypatch):
+    """Each stage command the README shows passes --dry-run as typed (from the repository root),
+    and every key=value in it, or quoted inline in the text, reaches the config with the value
+    a reader expects (`1e-4` the number)."""
+    import yaml
+
+    from jaxrlhf import cli
+    from jaxrlhf import config as cfg
+
+    monkeypatch.chdir(ROOT)
+    commands = readme_stage_commands()
+    pipeline = [c for c in commands if c[0] == "scripts/pipeline.py"]
+    stages = [c for c in commands if c[0] != "scripts/pipeline.py"]
+    assert len(stages) >= 6 and pipeline
+    for script, *args in pipeline:
+        assert cli.pipeline_main([*args, "--dry-run"]) == 0, args
+    inline = re.findall(r"`((?:train|sampling|ppo)\.\w+=[^`\s]+)`", (ROOT / "README.md").read_text())
+    assert "train.learning_rate=1e-4" in inline
+    stages.append(["scripts/sft.py", "--config", "configs/tiny/sft.yaml", *inline])
+    for script, *args in stages:
+        name = SCRIPTS[script.split("/")[-1]]
+        assert cli.stage_main(name, [*args, "--dry-run"]) == 0, (args, capsys.readouterr().err)
+        overrides = [a for a in args if "=" in a and not a.startswith("-")]
+        config = cfg.load(cli.stage(name)[1], args[args.index("--config") + 1], overrides)
+        for item in overrides:
+            key, raw = item.split("=", 1)
+            value = config
+            for part in key.split("."):
+                value = getattr(value, part)
+            assert value == yaml.safe_load(raw) or value == float(raw), (item, value)

@@ -3,6 +3,7 @@
 
 import argparse
 import importlib
+import inspect
 import sys
 from pathlib import Path
 
@@ -45,6 +46,11 @@ def stage_main(name: str, argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     parser.add_argument("--multihost", action="store_true", help=MULTIHOST_HELP)
+    # Stages that write one output whole (pairs, evaluations) may replace what is there when told.
+    writes_whole = "overwrite" in inspect.signature(module.run).parameters
+    if writes_whole:
+        parser.add_argument("--overwrite", action="store_true",
+                            help="replace whatever is at the output path (refused by default)")
     args = parser.parse_args(argv)
     try:
         if args.multihost:
@@ -52,7 +58,7 @@ def stage_main(name: str, argv=None) -> int:
         config = cfg.load(config_cls, args.config, args.overrides)
         print(module.plan(config))
         if not args.dry_run:
-            module.run(config, resume=args.resume)
+            module.run(config, resume=args.resume, **({"overwrite": args.overwrite} if writes_whole else {}))
     except JaxRLHFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -64,13 +70,7 @@ def stage_main(name: str, argv=None) -> int:
 
 def load_pipeline(path: Path) -> list[tuple[str, object, object]]:
     """The stages of a pipeline file, each validated -> [(name, module, config)]."""
-    import yaml
-
-    try:
-        spec = yaml.safe_load(path.read_text()) or {}
-    except OSError as e:
-        raise JaxRLHFError(f"cannot read pipeline file {path}: {e.strerror or e}") from None
-    entries = spec.get("stages") if isinstance(spec, dict) else None
+    entries = cfg.read_yaml(path, "pipeline file").get("stages")
     if not isinstance(entries, list) or not entries:
         raise JaxRLHFError(f"{path}: expected a list under 'stages:' of {{stage: NAME, config: FILE}}")
     out = []

@@ -11,3 +11,8 @@ class ConfigError(JaxRLHFError, ValueError):
 
 class CheckpointError(JaxRLHFError, ValueError):
     """A checkpoint is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+class OutputError(JaxRLHFError):
+    """An output would replace or overlap what it must not (a user's files, a run's inputs),
+    or could not be written (disk full, read-only, permissions)."""

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf import data
+from jaxrlhf import data, outputs
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, check
-from jaxrlhf.models import load_pretrained, load_tokenizer
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.sampling import generate
+from jaxrlhf.stages.common import check_policy, load_policy
 from jaxrlhf.steps import sequence_logps_jit
 from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sampling_config
 
@@ -48,8 +48,7 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 def _sample_policy(config, path, ref, ids, mask, texts, scorers):
-    module, params, model_config = load_pretrained(path, head="lm")
-    tokenizer = load_tokenizer(path, model_config)
+    module, params, model_config, tokenizer = load_policy(path)
     settings = sampling_config(config.sampling, tokenizer, model_config)
     ref_module, ref_params = ref
     responses, kls, lengths = [], [], []
@@ -70,12 +69,19 @@ def _sample_policy(config, path, ref, ids, mask, texts, scorers):
     return responses, scores, np.asarray(kls), np.asarray(lengths)
 
 
-def run(config: EvaluateConfig, resume: bool = False) -> Path:
-    del resume  # evaluation is one pass; its files are replaced whole
+def run(config: EvaluateConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Evaluate every policy, then write the folder whole. It replaces an earlier evaluation
+    (so `resume` changes nothing: evaluation is one pass); a folder of anything else only with
+    `overwrite`. Every policy is checked before the first is evaluated."""
+    del resume
     out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ref_module, ref_params, ref_config = load_pretrained(config.reference, head="lm")
-    tokenizer = load_tokenizer(config.reference, ref_config)
+    reads = (*config.policies.values(), config.reference, config.prompts.path,
+             *(s.model for s in config.scorers.values()))
+    outputs.check_apart(out_dir, reads, "output_dir")
+    outputs.check_replaceable(out_dir, "evaluation", overwrite)
+    for path in (config.reference, *config.policies.values()):
+        check_policy(path)
+    ref_module, ref_params, _, tokenizer = load_policy(config.reference)
     rows = data.load_rows(config.prompts, ("prompt",))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
     scorers = {name: make_scorer(source) for name, source in config.scorers.items()}
@@ -94,15 +100,23 @@ def run(config: EvaluateConfig, resume: bool = False) -> Path:
             "response_tokens": float(lengths.mean()),
             "_scores": {s: v.tolist() for s, v in scores.items()},
         }
-    _write(out_dir, config, texts, results, samples)
+    table = _table(results)
+    outputs.replace_folder(out_dir, "evaluation", lambda d: _write(d, config, texts, results, samples, table),
+                           overwrite=overwrite)
+    print("\n".join(table))
+    print(f"results, samples and plot in {out_dir}")
     return out_dir
 
 
-def _write(out_dir: Path, config, prompts, results, samples) -> None:
+def _table(results) -> list[str]:
     names = list(results)
     columns = [k for k in results[names[0]] if not k.startswith("_")]
     table = ["| policy | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
-    table += [f"| {n} | " + " | ".join(f"{results[n][c]:.3f}" for c in columns) + " |" for n in names]
+    return table + [f"| {n} | " + " | ".join(f"{results[n][c]:.3f}" for c in columns) + " |" for n in names]
+
+
+def _write(out_dir: Path, config, prompts, results, samples, table) -> None:
+    names = list(results)
     (out_dir / "results.md").write_text("# Evaluation\n\n" + "\n".join(table) + "\n")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     show = min(config.samples_to_show, len(prompts))
@@ -114,8 +128,6 @@ def _write(out_dir: Path, config, prompts, results, samples) -> None:
         lines.append("")
     (out_dir / "samples.md").write_text("\n".join(lines))
     _plot(out_dir / "rewards.png", results, list(config.scorers))
-    print("\n".join(table))
-    print(f"results, samples and plot in {out_dir}")
 
 
 def _plot(path: Path, results, scorer_names) -> None:

@@ -14,7 +14,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
+from jaxrlhf.errors import OutputError
 from jaxrlhf.models import load_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.outputs import MARK
 from tests.conftest import padded_batch, randomize
 
 TINY_GPT2 = dict(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=32, bos_token_id=96, eos_token_id=96)
@@ -131,14 +133,21 @@ def test_tokenizer_is_saved_beside_the_model(tmp_path, minilm_dir):
     assert again("please help")["input_ids"] == tokenizer("please help")["input_ids"]
 
 
-def test_save_replaces_an_existing_export_whole(tmp_path):
+def test_save_replaces_an_earlier_export_whole_and_nothing_else(tmp_path):
     tiny_gpt2(tmp_path / "orig")
     module, params, _ = load_pretrained(tmp_path / "orig")
-    (tmp_path / "out").mkdir()
+    save_pretrained(tmp_path / "out", module, params)
     (tmp_path / "out" / "stale.txt").write_text("from an older export")
     save_pretrained(tmp_path / "out", module, params)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARK, "config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("a user's notes")
+    with pytest.raises(OutputError, match=r"mine already exists and holds files jaxrlhf did not write \(notes.txt\)"):
+        save_pretrained(tmp_path / "mine", module, params)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    save_pretrained(tmp_path / "mine", module, params, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [MARK, "config.json", "model.safetensors"]
 
 
 def make_hub_cache(cache: Path, repo_id: str, files_from: Path) -> None:

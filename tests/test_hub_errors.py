@@ -6,7 +6,7 @@ import pytest
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from jaxrlhf.errors import CheckpointError, ConfigError
+from jaxrlhf.errors import CheckpointError, ConfigError, OutputError
 from jaxrlhf.models import GPT2Config, load_pretrained, load_tokenizer, save_pretrained
 from jaxrlhf.models.configs import BertConfig
 from tests.test_hub import TINY_BERT, tiny_gpt2
@@ -134,7 +134,7 @@ def test_tokenizer_larger_than_the_vocab(tmp_path, minilm_dir):
 def test_saving_over_a_file_keeps_the_file(gpt2_dir, tmp_path):
     module, params, _ = load_pretrained(gpt2_dir)
     (tmp_path / "taken").write_text("precious")
-    with pytest.raises(CheckpointError, match=r"taken: it exists and is not a directory"):
+    with pytest.raises(OutputError, match=r"taken already exists and holds a file; .* pass --overwrite"):
         save_pretrained(tmp_path / "taken", module, params)
     assert (tmp_path / "taken").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "taken"]

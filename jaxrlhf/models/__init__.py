@@ -8,7 +8,14 @@ from jaxrlhf.models.bert import (
 )
 from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config
 from jaxrlhf.models.gpt2 import CausalLMOutput, GPT2LMHeadModel, GPT2Model
-from jaxrlhf.models.hub import check_tokenizer, from_config, load_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.models.hub import (
+    check_tokenizer,
+    from_config,
+    load_config,
+    load_pretrained,
+    load_tokenizer,
+    save_pretrained,
+)
 
 __all__ = [
     "BertConfig",
@@ -23,6 +30,7 @@ __all__ = [
     "GPT2Model",
     "check_tokenizer",
     "from_config",
+    "load_config",
     "load_pretrained",
     "load_tokenizer",
     "save_pretrained",

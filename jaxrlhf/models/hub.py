@@ -10,8 +10,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxrlhf import outputs
 from jaxrlhf.errors import CheckpointError
 from jaxrlhf.models.bert import (
     BertForSequenceClassification,
@@ -176,6 +175,15 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
 # Public API
 
 
+def load_config(name_or_path: str | os.PathLike, *, head: str | None = None, revision: str | None = None) -> Any:
+    """A checkpoint's model config, checked as `load_pretrained` checks it, and its weight files
+    found, without reading the weights: for validating every input before a long run starts."""
+    directory = resolve(name_or_path, revision)
+    hf = read_hf_config(directory)
+    weight_files(directory)
+    return _build(hf, head, False, None, jnp.float32, where=str(directory / "config.json")).config
+
+
 def load_pretrained(
     name_or_path: str | os.PathLike,
     *,
@@ -294,12 +302,16 @@ def save_pretrained(
     module: nn.Module,
     params: Params,
     tokenizer: Any | None = None,
+    overwrite: bool = False,
+    **record,
 ) -> Path:
     """Write `module`'s params in HF layout (config.json + model.safetensors, and the tokenizer's
     files when given) that `transformers.AutoModel*.from_pretrained` loads unchanged.
 
     The folder is built beside the target and swapped in at the end, so an interrupted save
-    never leaves a half-written checkpoint, nor loses the one that was there.
+    never leaves a half-written checkpoint, nor loses the one that was there. It replaces only
+    an earlier export (`record`, e.g. the source run, goes into its marker file); a folder of
+    anything else only with `overwrite` (see `jaxrlhf.outputs`).
     """
     from safetensors.numpy import save_file
 
@@ -314,33 +326,15 @@ def save_pretrained(
         value = np.asarray(value, np.float32)
         tensors[key] = np.ascontiguousarray(value.T if transposed else value)
 
-    target = Path(directory).expanduser().resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    def build(staging: Path) -> None:
         hf = config.to_hf(arch.heads[head].hf_architecture)
         hf["torch_dtype"] = "float32"
         (staging / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        _swap_in(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
-
-def _swap_in(staging: Path, target: Path) -> None:
-    if not target.exists():
-        staging.rename(target)
-        return
-    if not target.is_dir():
-        raise CheckpointError(f"cannot save to {target}: it exists and is not a directory")
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    return outputs.replace_folder(directory, "export", build, overwrite=overwrite, **record)
 
 
 def _architecture_of(module: nn.Module) -> tuple[str, str]:
@@ -361,11 +355,18 @@ def check_tokenizer(tokenizer: Any, config: Any, where: str) -> None:
         )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, config: Any | None = None, revision: str | None = None):
     """The checkpoint's tokenizer (transformers `AutoTokenizer`), checked against `config`."""
     from transformers import AutoTokenizer
 
     directory = resolve(name_or_path, revision)
+    if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json alone, silently.
+        raise CheckpointError(f"{directory} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); "
+                              "save the tokenizer beside the model, or name one with the config's tokenizer key")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as e:

@@ -6,15 +6,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxrlhf import outputs
 from jaxrlhf.errors import CheckpointError
-from jaxrlhf.models import load_pretrained, load_tokenizer, save_pretrained
-from jaxrlhf.stages.common import load_model
+from jaxrlhf.models import save_pretrained
+from jaxrlhf.stages.common import load_model, load_policy
 from jaxrlhf.trainer import Checkpoints
 
 
-def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
+def export_run(run_dir: Path, out: Path, step: int | None = None, overwrite: bool = False) -> Path:
     """A stage's checkpoint (the latest, or `step`) -> HF layout in `out`, rebuilt on the
-    model the run started from (named in its config.json)."""
+    model the run started from (named in its config.json). `out` replaces only an earlier
+    export (anything else with `overwrite`), and never the run folder or the models it names."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -24,19 +26,29 @@ def export_run(run_dir: Path, out: Path, step: int | None = None) -> Path:
     def local(path):  # the run's relative paths, from wherever export is run; hub names unchanged
         return str(base / path) if path and (base / path).exists() else path
 
+    sources = [local(config.get(key)) for key in ("policy", "model", "tokenizer")]
+    outputs.check_apart(out, [run_dir, *sources], "the export")
+    outputs.check_replaceable(out, "export", overwrite)
+    latest = Checkpoints.latest_in(run_dir)
+    if latest is None:
+        raise CheckpointError(f"{run_dir / 'checkpoints'} has no checkpoint at all")
     checkpoints = Checkpoints(run_dir, keep=1000)
-    step = checkpoints.latest() if step is None else step
-    if step is None or step not in checkpoints.manager.all_steps():
-        raise CheckpointError(f"{run_dir / 'checkpoints'} has no checkpoint {'at all' if step is None else step}; "
+    step = latest if step is None else step
+    if step not in checkpoints.manager.all_steps():
+        raise CheckpointError(f"{run_dir / 'checkpoints'} has no checkpoint {step}; "
                               f"it has {list(checkpoints.manager.all_steps())}")
     args = checkpoints.ocp.args
     params = checkpoints.manager.restore(step, args=args.Composite(state=args.StandardRestore()))["state"]["params"]
     if "policy" in config:  # PPO / DPO runs: a GPT-2 LM (PPO's value head is left out)
-        module, _, model_config = load_pretrained(local(config["policy"]), head="lm")
-        tokenizer = load_tokenizer(local(config["policy"]), model_config)
-        params = {"transformer": params["transformer"]}
+        module, like, _, tokenizer = load_policy(local(config["policy"]))
+        params = {k: v for k, v in params.items() if k != "v_head"}
     else:  # SFT (an LM) or reward (a 1-output regression head) runs
         head = {"head": "classification", "num_labels": 1} if "kind" in config else {"head": "lm"}
-        module, _, _, tokenizer = load_model(local(config.get("model")), config.get("model_config"),
-                                             local(config.get("tokenizer")), 0, **head)
-    return save_pretrained(out, module, jax.tree.map(np.asarray, params), tokenizer=tokenizer)
+        module, like, _, tokenizer = load_model(local(config.get("model")), config.get("model_config"),
+                                                local(config.get("tokenizer")), 0, **head)
+    shapes = lambda tree: jax.tree.map(np.shape, tree)  # noqa: E731
+    if jax.tree.structure(shapes(params)) != jax.tree.structure(shapes(like)) or shapes(params) != shapes(like):
+        raise CheckpointError(f"checkpoint {step} in {run_dir} does not hold the {type(module).__name__} its "
+                              f"config.json describes; is {run_dir / 'config.json'} that run's own?")
+    return save_pretrained(out, module, jax.tree.map(np.asarray, params), tokenizer=tokenizer, overwrite=overwrite,
+                           source=str(run_dir.resolve()), step=step)

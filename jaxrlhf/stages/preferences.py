@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf import data
+from jaxrlhf import data, outputs
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, check
-from jaxrlhf.errors import JaxRLHFError
-from jaxrlhf.models import load_pretrained, load_tokenizer
+from jaxrlhf.errors import JaxRLHFError, OutputError
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.sampling import generate
+from jaxrlhf.stages.common import load_policy
 from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sampling_config
 
 
@@ -57,10 +57,19 @@ def make_pairs(prompt: str, responses: list[str], scores, pairing: str, min_marg
             for a, b in candidates if scores[a] - scores[b] > min_margin and responses[a] != responses[b]]
 
 
-def run(config: PreferencesConfig, resume: bool = False) -> Path:
-    del resume  # one pass; the output is written whole at the end
-    module, params, model_config = load_pretrained(config.policy, head="lm")
-    tokenizer = load_tokenizer(config.policy, model_config)
+def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Sample, score and pair, then write the pairs file whole. It is written once, complete,
+    so with `resume` an existing file is the finished stage and is kept; otherwise an existing
+    file is replaced only with `overwrite`."""
+    path = Path(config.output)
+    outputs.check_apart(path, (config.policy, config.reward.model, config.prompts.path), "output")
+    if path.is_file() and resume:
+        print(f"{path} already holds this stage's pairs (written whole); kept")
+        return path
+    if path.exists() and not overwrite:
+        raise OutputError(f"output {path} already exists; choose another path, pass --overwrite to replace it, "
+                          "or --resume to keep it")
+    module, params, model_config, tokenizer = load_policy(config.policy)
     scorer = make_scorer(config.reward)
     rows = data.load_rows(config.prompts, ("prompt",))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
@@ -83,10 +92,6 @@ def run(config: PreferencesConfig, resume: bool = False) -> Path:
     if not pairs:
         raise JaxRLHFError("no preference pairs: every prompt's samples scored alike; lower min_margin or "
                            "sample with more diversity")
-    path = Path(config.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    tmp.replace(path)
+    outputs.replace_file(path, "".join(json.dumps(p) + "\n" for p in pairs), overwrite=overwrite)
     print(f"{generations} generations -> {len(pairs)} pairs in {path}")
     return path

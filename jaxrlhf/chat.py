@@ -8,8 +8,8 @@ import jax.numpy as jnp
 from jaxrlhf.config import SamplingSection
 from jaxrlhf.data import encode_prompts
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.models import load_pretrained, load_tokenizer
 from jaxrlhf.sampling import generate
+from jaxrlhf.stages.common import load_policy
 from jaxrlhf.stages.rollout import sampling_config
 
 
@@ -25,8 +25,7 @@ class ChatSession:
     seed: int = 0
 
     def __post_init__(self):
-        self.module, self.params, config = load_pretrained(self.checkpoint, head="lm")
-        self.tokenizer = load_tokenizer(self.checkpoint, config)
+        self.module, self.params, config, self.tokenizer = load_policy(self.checkpoint)
         room = config.n_positions - self.sampling.max_new_tokens
         if room < 1:
             raise ConfigError(f"max_new_tokens={self.sampling.max_new_tokens} leaves no room for a prompt in the "

@@ -5,9 +5,13 @@ randomness (batch `step` and key `fold_in(seed, step)`), so resuming from a chec
 step k replays exactly what an uninterrupted run would have done from k on.
 """
 
+import contextlib
 import json
 import math
+import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -15,16 +19,22 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jaxrlhf import parallel
-from jaxrlhf.errors import CheckpointError, JaxRLHFError
+from jaxrlhf import outputs, parallel
+from jaxrlhf.errors import CheckpointError, JaxRLHFError, OutputError
 
 
 class MetricLog:
     """Metric lines like the HF Trainer's on stdout, one JSON object per log in metrics.jsonl,
     and TensorBoard scalars when asked."""
 
-    def __init__(self, out_dir: Path, tensorboard: bool = False):
+    def __init__(self, out_dir: Path, tensorboard: bool = False, start: int = 0):
+        """Records past step `start` (written after the checkpoint a run resumes from) are
+        dropped, so that metrics.jsonl tells one story."""
         self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if _record_step(line) <= start]
+            outputs.replace_file(self.path, "".join(kept), overwrite=True)
         self.writer = None
         if tensorboard:
             try:
@@ -44,6 +54,13 @@ class MetricLog:
             self.writer.flush()
 
 
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill: dropped
+
+
 class Checkpoints:
     """orbax CheckpointManager over out_dir/checkpoints: the whole train state plus a JSON
     record (step, config). Writes are atomic (orbax finalises a step only when complete),
@@ -58,13 +75,39 @@ class Checkpoints:
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
         )
 
+    @classmethod
+    def latest_in(cls, out_dir: Path) -> int | None:
+        """The latest complete checkpoint in `out_dir`, without creating anything."""
+        return cls(out_dir, keep=1).latest() if (out_dir / "checkpoints").is_dir() else None
+
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, record: dict) -> None:
+        """Save `state` as checkpoint `step`; a failed write raises an OutputError naming the
+        folder, the cause and the last good checkpoint (which a failed save leaves as it was)."""
+        directory = Path(self.manager.directory)
+        last_good = f"the last good checkpoint is step {self.latest()} in {directory}"
+        # Checked first, because orbax reports a full or read-only disk from many threads at once.
+        need = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+        try:
+            probe = directory / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+            free = shutil.disk_usage(directory).free
+        except OSError as e:
+            raise outputs.write_failed(directory, e, last_good) from None
+        if free < need:
+            raise OutputError(f"cannot write checkpoint {step} to {directory}: not enough space ({free / 2**20:.1f} "
+                              f"MiB free, {need / 2**20:.1f} MiB needed); {last_good}")
         args = self.ocp.args
-        self.manager.save(step, args=args.Composite(state=args.StandardSave(state), record=args.JsonSave(record)))
-        self.manager.wait_until_finished()
+        try:
+            with _interrupt_after():
+                self.manager.save(step, args=args.Composite(state=args.StandardSave(state),
+                                                            record=args.JsonSave(record)))
+                self.manager.wait_until_finished()
+        except Exception as e:  # orbax and tensorstore raise many types for one failed write
+            raise OutputError(f"cannot write checkpoint {step} to {directory}: {_first_line(e)}; {last_good}") from e
 
     def restore(self, step: int, template: Any) -> tuple[Any, dict]:
         args = self.ocp.args
@@ -115,7 +158,7 @@ def run_loop(
     if devices > 1:  # checkpoints hold one copy, so a run may resume on another device count
         state = parallel.replicate(state, parallel.local_devices(devices))
     single = parallel.unreplicate if devices > 1 else (lambda tree: tree)
-    log = MetricLog(out_dir, tensorboard)
+    log = MetricLog(out_dir, tensorboard, start)
     bar = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr,
                disable=None, mininterval=1.0)
     started = time.perf_counter()
@@ -133,9 +176,43 @@ def run_loop(
         if done % log_every == 0 or done == steps:
             values |= extra_metrics(done)
             values["steps_per_second"] = (done - start) / (time.perf_counter() - started)
-            log.write(done, values, echo=bar.write)
+            try:
+                log.write(done, values, echo=bar.write)
+            except OSError as e:
+                raise outputs.write_failed(log.path, e, f"the last good checkpoint is step {checkpoints.latest()} "
+                                                        f"in {out_dir / 'checkpoints'}") from None
         if done % save_every == 0 or done == steps:
             checkpoints.save(done, single(state), {**record, "step": done})
         bar.update(1)
     bar.close()
     return single(state)
+
+
+@contextlib.contextmanager
+def _interrupt_after():
+    """A Ctrl-C during the block takes effect when it ends: a checkpoint write cut short leaves
+    orbax's writer threads failing loudly at exit. A second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+
+    def defer(signum, frame):
+        if pending:
+            raise KeyboardInterrupt
+        pending.append(signum)
+
+    previous = signal.signal(signal.SIGINT, defer)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _first_line(error: BaseException) -> str:
+    """The root cause of a library error, in one line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

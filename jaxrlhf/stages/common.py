@@ -7,10 +7,12 @@ from typing import Any
 import jax
 
 from jaxrlhf import config as cfg
-from jaxrlhf.errors import ConfigError, JaxRLHFError
-from jaxrlhf.models import from_config, load_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf import data, outputs
+from jaxrlhf.errors import ConfigError, JaxRLHFError, OutputError
+from jaxrlhf.models import from_config, load_config, load_pretrained, load_tokenizer, save_pretrained
 from jaxrlhf.parallel import local_devices
 from jaxrlhf.steps import make_optimizer
+from jaxrlhf.trainer import Checkpoints
 
 
 def load_model(path: str | None, model_config: dict | None, tokenizer_path: str | None, seed: int, head: str,
@@ -22,16 +24,43 @@ def load_model(path: str | None, model_config: dict | None, tokenizer_path: str 
         raise ConfigError("give exactly one of model (a checkpoint path or hub name) or model_config (a fresh model)")
     if path is not None:
         module, params, config = load_pretrained(path, rng=jax.random.key(seed), head=head, num_labels=num_labels)
-        tokenizer = load_tokenizer(tokenizer_path or path, config)
     else:
         if tokenizer_path is None:
             raise ConfigError("model_config needs a tokenizer path (the key 'tokenizer')")
         model_config = dict(model_config) | ({} if num_labels is None else {"num_labels": num_labels})
         module, params, config = from_config(model_config, jax.random.key(seed), where="model_config", head=head)
-        tokenizer = load_tokenizer(tokenizer_path, config)
-    if tokenizer.pad_token_id is None:
-        raise ConfigError(f"the tokenizer of {path or tokenizer_path} has no pad token; set one (e.g. to EOS)")
+    tokenizer = load_tokenizer(tokenizer_path or path, config)
+    check_special_tokens(tokenizer, tokenizer_path or path, eos=head == "lm")
     return module, params, config, tokenizer
+
+
+def load_policy(path: str, **kwargs):
+    """A GPT-2 policy checkpoint and its tokenizer -> (module, params, config, tokenizer);
+    `kwargs` go to `load_pretrained` (e.g. `value_head=True`)."""
+    module, params, config = load_pretrained(path, head="lm", **kwargs)
+    return module, params, config, policy_tokenizer(path, config)
+
+
+def policy_tokenizer(path: str, model_config):
+    """A policy's tokenizer, checked against its model: it must end replies (EOS) and pad batches."""
+    tokenizer = load_tokenizer(path, model_config)
+    check_special_tokens(tokenizer, path, eos=True)
+    return tokenizer
+
+
+def check_policy(path: str) -> None:
+    """Everything `load_policy` checks but the weights themselves, read later (cheaply, so a
+    stage can check all its policies before it starts on the first)."""
+    policy_tokenizer(path, load_config(path, head="lm"))
+
+
+def check_special_tokens(tokenizer, where, eos: bool) -> None:
+    """Batches are padded with the pad token, and a policy's replies end with EOS."""
+    if eos and tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer of {where} has no EOS token, so replies could never end; "
+                          "is it the policy's own tokenizer?")
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"the tokenizer of {where} has no pad token; set one (e.g. to EOS)")
 
 
 def check_context(tokens: int, what: str, model_config) -> None:
@@ -46,29 +75,89 @@ def optimizer(train: cfg.TrainConfig):
         max_grad_norm=train.max_grad_norm, weight_decay=train.weight_decay, grad_accum_steps=train.grad_accum_steps)
 
 
-def prepare_output(train: cfg.TrainConfig, config: Any, resume: bool) -> Path:
-    """Create the run folder and record the resolved config in it (after the last check that
-    needs no data: the devices exist)."""
+# What a resumed run may change: how long it runs, what it logs and keeps, on how many devices
+# (N devices take the one-device update), what it does on a NaN, and where the folder is (it may
+# have been moved). Anything else would make config.json describe steps it did not train.
+RESUMABLE = ("train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.tensorboard",
+             "train.devices", "train.on_nonfinite", "train.output_dir")
+
+
+def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool, rows: int,
+                   inputs=()) -> Path:
+    """Check the run folder against this run, then record the config in it: the last step
+    before training, after every input is known good. `rows` is the number of data rows (or
+    prompts) batches are drawn from; `inputs` the local paths the run reads, which its outputs
+    must not overlap. Nothing is written unless every check passes."""
     local_devices(train.devices)
+    data.check_batch(rows, train.batch_size)
     out = Path(train.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise JaxRLHFError(f"output_dir {out} is not writable: {e.strerror or e}") from None
+    outputs.check_apart(out / "final", inputs, "train.output_dir's export")
+    record = {"_stage": stage, **cfg.to_dict(config), "_working_dir": str(Path.cwd())}
+    saved = _saved_config(out)
+    latest = Checkpoints.latest_in(out)
+    if latest is not None and not resume:
+        raise JaxRLHFError(f"{out} already holds checkpoints (latest step {latest}); pass --resume to continue "
+                           "that run, or choose another output_dir")
     if (out / "final").exists() and not resume:
         raise JaxRLHFError(f"{out / 'final'} already exists from an earlier run; choose another output_dir "
                            "(or pass --resume to finish that run)")
+    if resume and (latest is not None or (out / "final").exists()):
+        _check_same_run(out, saved, record)
+        outputs.check_replaceable(out / "final", "export")  # the export at the end replaces it
     # The working directory too: the config's relative paths are relative to it (export needs them).
-    record = {**cfg.to_dict(config), "_working_dir": str(Path.cwd())}
-    (out / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"output_dir {out} is not writable: {e.strerror or e}") from None
+    outputs.replace_file(out / "config.json", json.dumps(record, indent=2) + "\n", overwrite=True)
+    return out
+
+
+def _saved_config(out: Path) -> dict | None:
+    """The config.json an earlier run left in `out`, or None; an error if it is not one of ours."""
+    path = out / "config.json"
+    if not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = None
+    if not isinstance(saved, dict) or "_working_dir" not in saved:
+        raise JaxRLHFError(f"{path} exists and is not a jaxrlhf run's config; choose another output_dir")
+    return saved
+
+
+def _check_same_run(out: Path, saved: dict | None, record: dict) -> None:
+    """A resumed run must be the run whose checkpoints it continues."""
+    if saved is None:
+        raise JaxRLHFError(f"{out} holds checkpoints but no config.json saying what trained them; "
+                           "cannot resume it safely: choose another output_dir")
+    if saved.get("_stage", record["_stage"]) != record["_stage"]:
+        raise JaxRLHFError(f"{out} holds a {saved['_stage']} run, not a {record['_stage']} run; "
+                           "choose another output_dir")
+    before, now = _flat(saved), _flat(record)
+    changed = [k for k in sorted(set(before) | set(now))
+               if not k.startswith("_") and k not in RESUMABLE and before.get(k, "(unset)") != now.get(k, "(unset)")]
+    if changed:
+        diffs = ", ".join(f"{k} ({before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r})" for k in changed)
+        raise JaxRLHFError(f"--resume continues the run in {out} as it was configured, but this config changes "
+                           f"{diffs}; undo the change or choose another output_dir (a resume may change only "
+                           f"{', '.join(RESUMABLE)})")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
     return out
 
 
 def export(out: Path, module, params, tokenizer) -> Path:
-    path = save_pretrained(out / "final", module, params, tokenizer=tokenizer)
+    try:
+        path = save_pretrained(out / "final", module, params, tokenizer=tokenizer, source=str(out.resolve()))
+    except OutputError as e:
+        raise OutputError(f"{e}; the checkpoints in {out / 'checkpoints'} are complete: export one with "
+                          "scripts/export.py") from None
     print(f"exported {type(module).__name__} in Hugging Face layout to {path}")
     return path
 

@@ -9,7 +9,7 @@ import numpy as np
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.models import load_pretrained, load_tokenizer
+from jaxrlhf.models import load_pretrained
 from jaxrlhf.parallel import data_parallel, host_share
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_dpo_step, sequence_logps_jit
@@ -66,8 +66,7 @@ def _reference_logps(module, params, arrays, average, batch_size=64):
 
 def run(config: DPOConfig, resume: bool = False):
     train = config.train
-    module, params, model_config = load_pretrained(config.policy, head="lm")
-    tokenizer = load_tokenizer(config.policy, model_config)
+    module, params, model_config, tokenizer = common.load_policy(config.policy)
     common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
     rows = data.load_rows(config.data, ("prompt", "chosen", "rejected"))
     arrays = _pair_arrays(rows, tokenizer, config.max_length)
@@ -79,7 +78,8 @@ def run(config: DPOConfig, resume: bool = False):
                 raise ConfigError(f"reference {config.reference} is not the policy's architecture "
                                   f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
         arrays |= _reference_logps(module, ref_params, arrays, average=config.loss_type == "ipo")
-    out = common.prepare_output(train, config, resume)  # only once the inputs are known good
+    out = common.prepare_output("dpo", train, config, resume, len(rows),
+                                inputs=(config.policy, config.reference, config.data.path))
     tx, lr = common.optimizer(train)
     state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")
     step = data_parallel(lambda axis: make_dpo_step(

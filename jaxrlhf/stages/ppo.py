@@ -8,7 +8,6 @@ import jax.numpy as jnp
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check
-from jaxrlhf.models import load_pretrained, load_tokenizer
 from jaxrlhf.parallel import data_parallel, host_share, unreplicate
 from jaxrlhf.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.rewards import make_scorer
@@ -47,14 +46,14 @@ def plan(config: PPOStageConfig) -> str:
 
 def run(config: PPOStageConfig, resume: bool = False):
     train = config.train
-    module, params, model_config = load_pretrained(config.policy, head="lm", value_head=True,
-                                                   rng=jax.random.key(train.seed))
-    tokenizer = load_tokenizer(config.policy, model_config)
+    module, params, model_config, tokenizer = common.load_policy(config.policy, value_head=True,
+                                                                 rng=jax.random.key(train.seed))
     scorer = make_scorer(config.reward)
     rows = data.load_rows(config.prompts, ("prompt",))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
     settings = sampling_config(config.sampling, tokenizer, model_config)
-    out = common.prepare_output(train, config, resume)  # only once the inputs are known good
+    out = common.prepare_output("ppo", train, config, resume, len(rows),
+                                inputs=(config.policy, config.reward.model, config.prompts.path))
     tx, lr = common.optimizer(train)
     state = TrainState.create(module, params, tx, ref_params=jax.tree.map(jnp.array, params),
                               kl_coef=jnp.float32(config.ppo.kl_coef), skip_nonfinite=train.on_nonfinite == "skip")

@@ -39,7 +39,7 @@ def plan(config: RewardConfig) -> str:
 
 def _arrays(config: RewardConfig, tokenizer) -> tuple[dict, int]:
     if config.kind == "regression":
-        rows = data.load_rows(config.data, ("text", "label"))
+        rows = data.load_rows(config.data, ("text",), numbers=("label",))
         arrays = data.encode_texts(tokenizer, [r["text"] for r in rows], config.max_length)
         target = np.asarray([r["label"] for r in rows], np.float32)
         if config.normalize_targets:
@@ -56,7 +56,8 @@ def run(config: RewardConfig, resume: bool = False):
     module, params, _, tokenizer = common.load_model(
         config.model, config.model_config, config.tokenizer, config.train.seed, head="classification", num_labels=1)
     arrays, n = _arrays(config, tokenizer)
-    out = common.prepare_output(config.train, config, resume)  # only once the inputs are known good
+    out = common.prepare_output("reward", config.train, config, resume, n,
+                                inputs=(config.model, config.tokenizer, config.data.path))
     train = config.train
     tx, lr = common.optimizer(train)
     state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")

@@ -41,7 +41,8 @@ def run(config: SFTConfig, resume: bool = False):
     rows = data.load_rows(config.data, ("prompt", "response"))
     arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                        config.max_length, config.completion_only)
-    out = common.prepare_output(config.train, config, resume)  # only once the inputs are known good
+    out = common.prepare_output("sft", config.train, config, resume, len(rows),
+                                inputs=(config.model, config.tokenizer, config.data.path))
     train = config.train
     tx, lr = common.optimizer(train)
     state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")

@@ -5,6 +5,7 @@ Shapes: prompts for generation are left-padded `[B, P]`; training sequences are 
 """
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +17,34 @@ from jaxrlhf.errors import ConfigError
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_rows(data: DataConfig, needed: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Rows with our column names (`needed`), from a local file or a hub dataset."""
+def load_rows(data: DataConfig, text: tuple[str, ...], numbers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Rows with our column names, from a local file or a hub dataset: the `text` columns
+    hold strings and the `numbers` columns finite numbers in every row used, else an error
+    naming the file, the row (counted from 1 in file order; a CSV header is no row) and the column."""
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     path = Path(data.path).expanduser()
     local = path.suffix in _FORMATS or path.exists() or data.path.startswith((".", "/", "~"))
     if local:
-        if not path.is_file():
-            raise ConfigError(f"data file {data.path} does not exist")
-        if path.suffix == ".jsonl":
-            _check_jsonl(path)
+        _check_file(path)
+        quiet = not datasets.are_progress_bars_disabled()  # a local file parses in moments: no bars
+        if quiet:
+            datasets.disable_progress_bars()
         try:
             dataset = datasets.load_dataset(_FORMATS.get(path.suffix, "json"), data_files=str(path), split="train")
-        except Exception as e:  # datasets wraps parser errors in several types
-            raise ConfigError(f"cannot read data file {path}: {e}") from e
+        except Exception as e:  # datasets wraps the parser's error, which says what is wrong
+            cause = (e.__cause__ or e.__context__ or e) if isinstance(e, DatasetGenerationError) else e
+            raise ConfigError(f"cannot read data file {path}: {type(cause).__name__}: {cause}") from e
+        finally:
+            if quiet:
+                datasets.enable_progress_bars()
     else:
         try:
             dataset = datasets.load_dataset(data.path, split=data.split)
         except Exception as e:
             raise ConfigError(f"cannot load dataset {data.path!r} (split {data.split!r}): {e}") from e
-    columns = {ours: data.columns.get(ours, ours) for ours in needed}
+    columns = {ours: data.columns.get(ours, ours) for ours in (*text, *numbers)}
     absent = [theirs for theirs in columns.values() if theirs not in dataset.column_names]
     if absent:
         raise ConfigError(f"{data.path}: column(s) {absent} not found; it has {dataset.column_names} "
@@ -45,20 +53,51 @@ def load_rows(data: DataConfig, needed: tuple[str, ...]) -> list[dict[str, Any]]
     rows = [{ours: dataset[i][theirs] for ours, theirs in columns.items()} for i in range(data.skip_rows, end)]
     if not rows:
         raise ConfigError(f"{data.path}: no rows to use (it has {len(dataset)}; skip_rows={data.skip_rows})")
+    for number, row in enumerate(rows, data.skip_rows + 1):
+        for ours in text:
+            if not isinstance(row[ours], str):
+                raise ConfigError(f"{data.path}: row {number}, column {columns[ours]!r}: expected text, got "
+                                  f"{_shown(row[ours])}")
+        for ours in numbers:
+            value = row[ours]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{data.path}: row {number}, column {columns[ours]!r}: expected a finite "
+                                  f"number, got {_shown(value)}")
     return rows
 
 
-def _check_jsonl(path: Path) -> None:
-    with path.open() as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise ConfigError(f"{path}:{number}: malformed JSON line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}")
+def _shown(value) -> str:
+    return "nothing (a missing or null value)" if value is None else repr(value)
+
+
+def _check_file(path: Path) -> None:
+    """A local data file exists, is not empty, and (text formats) is UTF-8; a JSONL file holds
+    one JSON object per line. Errors name the file and the line."""
+    if path.is_dir():
+        raise ConfigError(f"data file {path} is a folder; name a .json, .jsonl, .csv or .parquet file")
+    if not path.is_file():
+        raise ConfigError(f"data file {path} does not exist")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise ConfigError(f"data file {path} is empty")
+    if path.suffix == ".parquet":
+        return
+    try:
+        content = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); save the file as UTF-8") from None
+    if path.suffix != ".jsonl":
+        return
+    for number, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{path}:{number}: malformed JSON line ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}")
 
 
 def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -112,12 +151,16 @@ def encode_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, np.n
     return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
 
 
+def check_batch(n_rows: int, batch_size: int) -> None:
+    if batch_size > n_rows:
+        raise ConfigError(f"batch_size={batch_size} is larger than the {n_rows} rows of data")
+
+
 def batch_indices(n_rows: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     """The rows of batch `step`: epochs of fresh permutations (seeded by epoch), incomplete
     tail batches dropped. Pure in `step`, so a resumed run sees the same data order."""
+    check_batch(n_rows, batch_size)
     per_epoch = n_rows // batch_size
-    if per_epoch == 0:
-        raise ConfigError(f"batch_size={batch_size} is larger than the {n_rows} rows of data")
     epoch, offset = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n_rows)
     return order[offset * batch_size: (offset + 1) * batch_size]

@@ -63,7 +63,11 @@ def function_scorer(source: RewardSource) -> Scorer:
             values = fn(list(prompts), list(responses))
         except Exception as e:
             raise JaxRLHFError(f"reward function {source.function} raised {type(e).__name__}: {e}") from e
-        values = np.asarray(values, dtype=np.float32).reshape(-1)
+        try:
+            values = np.asarray(values, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise JaxRLHFError(f"reward function {source.function} returned {_shown(values)}; it must return one "
+                               "number per response (a list or array of floats)") from None
         if values.shape[0] != len(responses):
             raise JaxRLHFError(f"reward function {source.function} returned {values.shape[0]} scores "
                                f"for {len(responses)} responses")
@@ -72,6 +76,11 @@ def function_scorer(source: RewardSource) -> Scorer:
         return values
 
     return score
+
+
+def _shown(values, most: int = 60) -> str:
+    text = repr(values)
+    return f"a {type(values).__name__} {text[:most]}{'...' if len(text) > most else ''}"
 
 
 def make_scorer(source: RewardSource) -> Scorer:

@@ -91,3 +91,22 @@ def tiny_run(tmp_path_factory):
     return work / "runs" / "tiny"
 
 
+
+
+def interrupt_at_call(monkeypatch, stage_module, call: int) -> None:
+    """Make `stage_module`'s compiled step raise KeyboardInterrupt (a Ctrl-C) on its `call`-th
+    call, as a user stopping a run between two checkpoints would."""
+    real = stage_module.data_parallel
+
+    def stopping(make_step, devices):
+        compiled, calls = real(make_step, devices), []
+
+        def run(state, batch, key):
+            calls.append(1)
+            if len(calls) == call:
+                raise KeyboardInterrupt
+            return compiled(state, batch, key)
+
+        return run
+
+    monkeypatch.setattr(stage_module, "data_parallel", stopping)

@@ -4,6 +4,7 @@ culprit, and leaves no output behind."""
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -24,9 +25,59 @@ def ppo_args(tiny_run, out, *extra):
             "train.steps=1", "train.batch_size=8", "ppo.num_minibatches=1", f"train.output_dir={out}", *extra]
 
 
+def reward_args(tiny_run, out, *extra):
+    data = tiny_run / "data"
+    return ["--config", str(TINY / "reward.yaml"), "model_config.hidden_size=32", "model_config.num_hidden_layers=1",
+            "train.steps=2", f"tokenizer={data / 'tokenizers' / 'bert'}", f"data.path={data / 'reward.jsonl'}",
+            f"train.output_dir={out}", *extra]
+
+
+def evaluate_args(tiny_run, out, *extra, policies=("sft",)):
+    """An evaluation of `policies` (stage names in the tiny run, or paths) against the SFT policy."""
+    sft = tiny_run / "sft" / "final"
+    config = {"policies": {Path(p).name: str(tiny_run / p / "final" if "/" not in p else p) for p in policies},
+              "reference": str(sft), "prompts": {"path": str(tiny_run / "data" / "eval_prompts.jsonl")},
+              "scorers": {"judge": {"function": "jaxrlhf.politeness:score_responses"}}, "output_dir": str(out),
+              "batch_size": 16, "sampling": {"max_new_tokens": 8, "max_prompt_tokens": 16}}
+    path = out.parent / "evaluate.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return ["--config", str(path), *extra]
+
+
 def write(path, text):
     path.write_text(text)
     return path
+
+
+def rows(path, *lines):
+    """A JSONL file of these rows (dicts, or raw lines as they would be typed)."""
+    return write(path, "".join((line if isinstance(line, str) else json.dumps(line)) + chr(10) for line in lines))
+
+
+def latin1(path):
+    """Rows saved in Latin-1, as a spreadsheet might: the é of the second row is byte 0xe9."""
+    path.write_bytes('{"prompt": "a", "response": "b"}\n{"prompt": "café", "response": "b"}\n'.encode("latin-1"))
+    return path
+
+
+def labelled(path, bad):
+    """Reward rows whose third row's label is `bad` (a raw JSON value, or None to leave it out)."""
+    third = '{"text": "c"' + ("" if bad is None else f', "label": {bad}') + "}"
+    return rows(path, {"text": "a", "label": 0.5}, {"text": "b", "label": -0.5}, third)
+
+
+def policy_without_tokenizer(tiny_run, where):
+    where.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_run / "sft" / "final" / name, where / name)
+    return where
+
+
+def policy_with_bert_tokenizer(tiny_run, where):
+    policy_without_tokenizer(tiny_run, where)
+    for f in (tiny_run / "data" / "tokenizers" / "bert").iterdir():
+        shutil.copy(f, where / f.name)
+    return where
 
 
 def corrupt_copy(src, dst):
@@ -96,12 +147,50 @@ CASES = [
      r"reward function tests.test_stages:raises raised ZeroDivisionError"),
     ("reward function with the wrong length", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:wrong_length"),
      r"reward function tests.test_stages:wrong_length returned 1 scores for 8 responses"),
+    ("reward function returning text", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:words"),
+     r"reward function tests.test_stages:words returned a list \['good', .*; it must return one number per response"),
+    ("reward function returning a dict", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:a_dict"),
+     r"reward function tests.test_stages:a_dict returned a dict \{'score': .*; it must return one number per response"),
+    # Each row of a data file is checked before anything is written: the error names the row and the column.
+    ("label that is text", "reward", lambda r, t, o: reward_args(r, o, f"data.path={labelled(t / 'l.jsonl', chr(34) + 'high' + chr(34))}"),
+     r"l.jsonl: row 3, column 'label': expected a finite number, got 'high'"),
+    ("null label", "reward", lambda r, t, o: reward_args(r, o, f"data.path={labelled(t / 'l.jsonl', 'null')}"),
+     r"l.jsonl: row 3, column 'label': expected a finite number, got nothing \(a missing or null value\)"),
+    ("row without a label", "reward", lambda r, t, o: reward_args(r, o, f"data.path={labelled(t / 'l.jsonl', None)}"),
+     r"l.jsonl: row 3, column 'label': expected a finite number, got nothing"),
+    ("NaN label", "reward", lambda r, t, o: reward_args(r, o, f"data.path={labelled(t / 'l.jsonl', 'NaN')}"),
+     r"l.jsonl: row 3, column 'label': expected a finite number, got nan"),
+    ("infinite label", "reward", lambda r, t, o: reward_args(r, o, f"data.path={labelled(t / 'l.jsonl', '-Infinity')}"),
+     r"l.jsonl: row 3, column 'label': expected a finite number, got -inf"),
+    ("mapped column with a number for text", "sft", lambda r, t, o: sft_args(r, o, "data.columns={response: reply}", f"data.path={rows(t / 's.jsonl', {'prompt': 'a', 'reply': 'b'}, {'prompt': 'c', 'reply': 7})}"),
+     r"s.jsonl: row 2, column 'reply': expected text, got 7"),
+    ("null text", "sft", lambda r, t, o: sft_args(r, o, f"data.path={rows(t / 's.jsonl', {'prompt': 'a', 'response': 'b'}, {'prompt': None, 'response': 'd'})}"),
+     r"s.jsonl: row 2, column 'prompt': expected text, got nothing"),
+    ("data file that is not UTF-8", "sft", lambda r, t, o: sft_args(r, o, f"data.path={latin1(t / 's.jsonl')}"),
+     r"s.jsonl:2: not UTF-8 text \(byte 0xe9\)"),
+    ("data path that is a folder", "sft", lambda r, t, o: sft_args(r, o, f"data.path={r / 'data'}"),
+     r"data file .*data is a folder; name a .json, .jsonl, .csv or .parquet file"),
+    ("empty data file", "sft", lambda r, t, o: sft_args(r, o, f"data.path={write(t / 'empty.jsonl', '')}"),
+     r"data file .*empty.jsonl is empty"),
+    ("malformed JSON file", "sft", lambda r, t, o: sft_args(r, o, f"data.path={write(t / 'cut.json', '[{' + chr(34) + 'prompt')}"),
+     r"cannot read data file .*cut.json: ValueError: Unmatched"),
+    ("batch larger than the data", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=4", f"data.path={rows(t / 's.jsonl', {'prompt': 'a', 'response': 'b'})}"),
+     r"batch_size=4 is larger than the 1 rows of data"),
+    ("policy folder without a tokenizer", "ppo", lambda r, t, o: ppo_args(r, o, f"policy={policy_without_tokenizer(r, t / 'bare')}"),
+     r"bare holds no tokenizer \(none of tokenizer.json, .*\)"),
+    ("policy with another model's tokenizer", "ppo", lambda r, t, o: ppo_args(r, o, f"policy={policy_with_bert_tokenizer(r, t / 'mixed')}"),
+     r"the tokenizer of .*mixed has no EOS token, so replies could never end"),
+    ("evaluation's last policy missing", "evaluate", lambda r, t, o: evaluate_args(r, o, policies=("sft", str(t / "gone"))),
+     r"checkpoint directory .*gone does not exist"),
+    ("evaluation into the folder of a policy", "evaluate", lambda r, t, o: evaluate_args(r, o, f"output_dir={r / 'sft'}"),
+     r"output_dir .*sft overlaps .*sft/final, which this run reads from"),
 ]
 
 
 # A reward function can only be judged by calling it, on the first rollout: by then the run
 # folder holds its config.json, but no checkpoint and no model.
-FAILS_AT_RUN_TIME = {"reward function that raises", "reward function with the wrong length"}
+FAILS_AT_RUN_TIME = {"reward function that raises", "reward function with the wrong length",
+                     "reward function returning text", "reward function returning a dict"}
 
 
 @pytest.mark.parametrize("name,stage,args,message", CASES, ids=[c[0] for c in CASES])
@@ -122,4 +211,4 @@ def test_resuming_with_another_architecture_is_refused(tiny_run, tmp_path, capsy
     capsys.readouterr()
     assert cli.stage_main("sft", [*sft_args(tiny_run, out, "model_config.n_embd=64"), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "checkpoint 2 in" in err[0] and "does not fit this model" in err[0], err
+    assert len(err) == 1 and "changes model_config.n_embd (32 -> 64)" in err[0], err

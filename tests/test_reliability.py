@@ -77,12 +77,22 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tiny_run, tmp_path):
 
 
 @pytest.fixture
-def poisoned_reward_data(tiny_run, tmp_path):
-    """The reward rows as CSV with one label NaN: the batch that draws it has a NaN loss."""
-    rows = [json.loads(line) for line in (tiny_run / "data" / "reward.jsonl").read_text().splitlines()][:64]
-    rows[5]["label"] = float("nan")
-    path = tmp_path / "reward.csv"
-    path.write_text("text,label\n" + "".join(f"\"{r['text']}\",{r['label']}\n" for r in rows))
+def poisoned_reward_data(tiny_run, tmp_path, monkeypatch):
+    """64 reward rows, one of which turns into a NaN label once loaded (a data file with one is
+    refused at load, so the NaN is planted past that check): the batch that draws it has a NaN
+    loss, as a numerical blow-up would."""
+    from jaxrlhf import data
+
+    path = tmp_path / "reward.jsonl"
+    path.write_text("".join((tiny_run / "data" / "reward.jsonl").read_text().splitlines(keepends=True)[:64]))
+    real = data.load_rows
+
+    def poisoned(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        rows[5]["label"] = float("nan")
+        return rows
+
+    monkeypatch.setattr(data, "load_rows", poisoned)
     return path
 
 

@@ -12,7 +12,7 @@ from jaxrlhf import config as cfg
 from jaxrlhf.config import RewardSource, SamplingSection
 from jaxrlhf.errors import ConfigError, JaxRLHFError
 from jaxrlhf.stages.preferences import make_pairs
-from tests.conftest import ROOT, SHRINK, TINY
+from tests.conftest import ROOT, SHRINK, TINY, interrupt_at_call
 
 
 def test_every_stage_leaves_its_outputs(tiny_run):
@@ -85,23 +85,10 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_run, t
         return cfg.load(sft.SFTConfig, TINY / "sft.yaml", overrides)
 
     sft.run(config(tmp_path / "straight"))
-    real = sft.data_parallel
-
-    def stopping(make_step, devices):
-        compiled, calls = real(make_step, devices), []
-
-        def run(state, batch, key):
-            calls.append(1)
-            if len(calls) == 5:  # after the step-3 checkpoint, before the step-6 one
-                raise KeyboardInterrupt
-            return compiled(state, batch, key)
-
-        return run
-
-    monkeypatch.setattr(sft, "data_parallel", stopping)
+    interrupt_at_call(monkeypatch, sft, 5)  # after the step-3 checkpoint, before the step-6 one
     with pytest.raises(KeyboardInterrupt):
         sft.run(config(tmp_path / "interrupted"))
-    monkeypatch.setattr(sft, "data_parallel", real)
+    monkeypatch.undo()
     with pytest.raises(JaxRLHFError, match="already holds checkpoints .* pass --resume"):
         sft.run(config(tmp_path / "interrupted"))
     sft.run(config(tmp_path / "interrupted"), resume=True)
@@ -168,6 +155,14 @@ def wrong_length(prompts, responses):
 
 def raises(prompts, responses):
     return 1 / 0
+
+
+def words(prompts, responses):
+    return ["good"] * len(responses)
+
+
+def a_dict(prompts, responses):
+    return {"score": [1.0] * len(responses)}
 
 
 def test_pairs_put_the_higher_score_first_and_respect_the_margin():

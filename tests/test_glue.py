@@ -122,14 +122,20 @@ def rm_scores(module, params, ids_BxT, mask_BxT) -> jax.Array:
 
 
 def test_pairwise_reward_step_is_bradley_terry_on_chosen_minus_rejected():
-    """Loss mean(-log sigmoid(r_chosen - r_rejected - margin)), accuracy mean(r_chosen >
-    r_rejected) and the SGD step on that loss, with r_chosen and r_rejected the model applied
-    to the chosen and the rejected rows separately. Swapping the two leaves the step's own
-    accuracy at 1.0 as it learns; it cannot match scores computed outside it."""
+    """Loss mean(-log sigmoid(r_chosen - r_rejected - margin)), accuracy and margin metrics,
+    and the SGD step on that loss, with r_chosen and r_rejected the model applied to the chosen
+    and the rejected rows separately. Each pair is ordered so that the model scores its chosen
+    text higher: a step that swapped the two would see every difference change sign (its own
+    accuracy, computed on the swapped values, still reads 1.0 once it has learned)."""
     module, params0, _ = reward_model()
-    params, lr = noisy(params0, 3, 0.2), 0.5
-    batch = {k: v for k, v in pair_batch().items() if "loss_mask" not in k}
-    batch["margin"] = np.linspace(0.0, 0.7, B).astype(np.float32)
+    params, lr = noisy(params0, 6, 0.5), 0.5
+    pairs = pair_batch()
+    higher = (rm_scores(module, params, pairs["chosen_ids"], pairs["chosen_mask"])
+              > rm_scores(module, params, pairs["rejected_ids"], pairs["rejected_mask"]))[:, None]
+    batch = {"margin": np.linspace(0.0, 0.7, B).astype(np.float32)}
+    for k in ("ids", "mask"):
+        first, second = pairs[f"chosen_{k}"], pairs[f"rejected_{k}"]
+        batch |= {f"chosen_{k}": np.where(higher, first, second), f"rejected_{k}": np.where(higher, second, first)}
 
     def bradley_terry(params):
         chosen = rm_scores(module, params, batch["chosen_ids"], batch["chosen_mask"])
@@ -138,13 +144,14 @@ def test_pairwise_reward_step_is_bradley_terry_on_chosen_minus_rejected():
 
     r_chosen = np.asarray(rm_scores(module, params, batch["chosen_ids"], batch["chosen_mask"]), np.float64)
     r_rejected = np.asarray(rm_scores(module, params, batch["rejected_ids"], batch["rejected_mask"]), np.float64)
+    assert np.all(r_chosen - r_rejected > 0.1), "every pair must have a clear order"
     want_params = sgd_step(params, bradley_terry, lr)
     state, metrics = jit_step(make_reward_step("pairwise"))(
         TrainState.create(module, params, optax.sgd(lr)), batch, jax.random.key(0))
+    np.testing.assert_allclose(metrics["reward/accuracy"], np.mean(r_chosen > r_rejected))
+    np.testing.assert_allclose(metrics["reward/margin"], np.mean(r_chosen - r_rejected), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(metrics["loss"], np.mean(np.logaddexp(0, -(r_chosen - r_rejected - batch["margin"]))),
                                rtol=1e-5)
-    np.testing.assert_allclose(metrics["reward/margin"], np.mean(r_chosen - r_rejected), rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(metrics["reward/accuracy"], np.mean(r_chosen > r_rejected))
     assert_params_close(state.params, want_params)
 
 

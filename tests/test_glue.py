@@ -303,8 +303,8 @@ def test_sft_stage_feeds_each_row_once_per_epoch_with_the_loss_on_its_response(t
             for batch in batches
             for ids, attn, loss in zip(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])]
     want = sorted((r["prompt"], r["response"] + tokenizer.eos_token) for r in rows)
-    assert sorted(seen[:24]) == want, "epoch 1"
-    assert sorted(seen[24:]) == want, "epoch 2"
+    for epoch, rows_seen in enumerate((seen[:24], seen[24:]), 1):
+        assert sorted(rows_seen) == want, f"epoch {epoch} saw {len(set(rows_seen))} distinct rows of 24"
 
 
 def reward_stage_config(tiny_run, tmp_path, kind, rows, *overrides):

@@ -214,16 +214,17 @@ def altered_copy(src, dst, seed: int, std: float = 0.3):
     return save_pretrained(dst, module, noisy(params, seed, std), tokenizer=load_tokenizer(src, config))
 
 
-def record_step_batches(monkeypatch, stage) -> list[dict]:
-    """Every batch `stage` hands its compiled step, as NumPy, in order; the real step still runs."""
+def record_step_batches(monkeypatch, stage, run_step: bool = True) -> list[dict]:
+    """Every batch `stage` hands its compiled step, as NumPy, in order. The real step then
+    runs, or with `run_step=False` is skipped (the state stays as it was, no metrics)."""
     real, batches = stage.data_parallel, []
 
     def recording(make_step, devices):
-        compiled = real(make_step, devices)
+        compiled = real(make_step, devices) if run_step else None
 
         def step(state, batch, key):
             batches.append(jax.tree.map(np.asarray, batch))
-            return compiled(state, batch, key)
+            return compiled(state, batch, key) if run_step else (state, {})
 
         return step
 
@@ -264,7 +265,8 @@ def prompt_and_response_reward(prompts, responses):
 def test_ppo_stage_scores_each_rollout_with_its_own_prompt_and_sees_each_prompt_once(tiny_run, tmp_path, monkeypatch):
     """The batches PPO's update receives: every row's score is the reward of that row's own
     prompt and response (decoded from the batch's sequences), and one epoch of steps covers
-    every prompt exactly once."""
+    every prompt exactly once. The update itself is skipped (tested above; compiling it here
+    would only cost time)."""
     from jaxrlhf.stages import ppo
 
     write_jsonl([{"prompt": p} for p in PROMPTS], tmp_path / "prompts.jsonl")
@@ -273,7 +275,7 @@ def test_ppo_stage_scores_each_rollout_with_its_own_prompt_and_sees_each_prompt_
         prompts=DataConfig(path=str(tmp_path / "prompts.jsonl")), ppo=PPOConfig(epochs=1),
         sampling=SamplingSection(max_new_tokens=8, max_prompt_tokens=16),
         train=TrainConfig(output_dir=str(tmp_path / "ppo"), batch_size=8, steps=2, log_every=1, save_every=2))
-    batches = record_step_batches(monkeypatch, ppo)
+    batches = record_step_batches(monkeypatch, ppo, run_step=False)
     ppo.run(config)
     tokenizer = load_tokenizer(config.policy)
     seen = []

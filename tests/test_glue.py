@@ -1,0 +1,493 @@
+"""The glue: how update functions and stages assemble rewards, advantages, pairs, batches and
+metrics out of the pieces, each compared with an independent computation (NumPy, a hand-worked
+example, or the model applied directly), never with the code under test.
+
+A consistently wrong assembly passes "the loss falls", "the value is finite" and "two runs of
+the same code agree"; these tests are the ones that notice it. Models are tiny and noisy (their
+weights plus Gaussian noise), so a policy differs from its reference, values are not zero and
+scores vary: a swapped or misplaced term then changes the numbers well beyond the tolerance.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxrlhf import config as cfg
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig
+from jaxrlhf.models import load_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.parallel import jit_step
+from jaxrlhf.politeness import TASKS, write_jsonl
+from jaxrlhf.ppo import PPOConfig, make_ppo_update
+from jaxrlhf.steps import TrainState, make_dpo_step, make_reward_step
+from tests.conftest import SHRINK, TINY
+from tests.test_steps import B, pair_batch, policy, reward_model, rollout_batch
+
+
+def noisy(tree, seed: int, std: float):
+    """`tree` plus Gaussian noise of `std` on every leaf."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: jnp.asarray(x + std * rng.normal(size=x.shape), jnp.float32), tree)
+
+
+# The model applied directly (compiled once per model and shape).
+forward = jax.jit(lambda apply_fn, params, *inputs: apply_fn({"params": params}, *inputs), static_argnums=0)
+
+
+def next_token_logps(module, params, ids_BxT, mask_BxT) -> np.ndarray:
+    """log p(token t + 1 | tokens <= t) under the model applied directly, in float64 -> `[B, T - 1]`."""
+    logits = np.asarray(forward(module.apply, params, ids_BxT, mask_BxT).logits, np.float64)[:, :-1]
+    log_z = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+    return np.take_along_axis(logits, np.asarray(ids_BxT)[:, 1:, None], -1)[..., 0] - log_z
+
+
+def assert_params_close(got, want, atol=2e-5):
+    """Leaf by leaf, each named in the failure message."""
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=atol, rtol=1e-4,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def sgd_step(params, loss_fn, lr):
+    """What one plain SGD step on `loss_fn` makes of `params`."""
+    return jax.tree.map(lambda p, g: p - lr * g, params, jax.jit(jax.grad(loss_fn))(params))
+
+
+# --- PPO: per-token rewards, GAE, whitening, the first gradient -------------------------------
+
+
+def numpy_gae(rewards_BxN, values_BxN, lengths_B, gamma, lam):
+    """GAE by the recursion A_t = delta_t + gamma lam A_{t+1}, delta_t = r_t + gamma V_{t+1} - V_t,
+    each row ending (V = 0 after it) at its last real token -> (advantages, returns), 0 after."""
+    advantages = np.zeros_like(rewards_BxN)
+    for b, n in enumerate(lengths_B):
+        following = 0.0
+        for t in reversed(range(n)):
+            next_value = values_BxN[b, t + 1] if t + 1 < n else 0.0
+            following = rewards_BxN[b, t] + gamma * next_value - values_BxN[b, t] + gamma * lam * following
+            advantages[b, t] = following
+    real_BxN = np.arange(rewards_BxN.shape[1])[None] < np.asarray(lengths_B)[:, None]
+    return advantages, (advantages + values_BxN) * real_BxN
+
+
+def test_ppo_update_equals_a_numpy_derivation_of_rewards_advantages_and_the_first_step():
+    """Rewards are -kl_coef * (logp - ref_logp) on every response token plus the score on each
+    row's last *real* token (rows end early here); then GAE, whitened advantages, and the
+    clipped losses, whose gradient at ratio 1 is the unclipped one. All re-derived from the
+    model applied directly; the reported value loss (which sees the returns) and the params
+    after one epoch of one minibatch of plain SGD must match. A reference that differs by
+    about half a nat a token makes the KL term's sign count; scores of a few units on rows
+    that mostly end early make the score's position count (each moves the value loss ~20%)."""
+    module, params0, _ = policy(value_head=True)
+    params, ref_params = noisy(params0, 1, 0.3), noisy(params0, 2, 0.3)
+    batch = rollout_batch(seed=2)
+    batch["scores"] = np.array([3.0, -2.0, 2.5, -3.0, 1.0, 2.0, -1.0, 3.0], np.float32)
+    config, kl_coef, lr = PPOConfig(epochs=1, gamma=0.9, lam=0.8, vf_coef=0.5), 0.5, 1.0
+    seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"]
+    p, lengths = seq.shape[1] - resp.shape[1], resp.sum(1)
+    assert (lengths < resp.shape[1]).sum() >= 4, "rows that end early make the score's position matter"
+
+    logps = next_token_logps(module, params, seq, attn)[:, p - 1:]
+    kl = (logps - next_token_logps(module, ref_params, seq, attn)[:, p - 1:]) * resp
+    rewards = -kl_coef * kl
+    rewards[np.arange(B), lengths - 1] += batch["scores"]
+    values = np.asarray(forward(module.apply, params, seq, attn).values, np.float64)[:, p - 1:-1] * resp
+    advantages, returns = numpy_gae(rewards, values, lengths, config.gamma, config.lam)
+    real = resp == 1
+    whitened = (advantages - advantages[real].mean()) / np.sqrt(advantages[real].var(ddof=1) + 1e-8) * resp
+
+    def surrogate(params):
+        out = module.apply({"params": params}, seq, attn)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(out.logits[:, p - 1:-1]), seq[:, p:, None], -1)[..., 0]
+        policy_loss = -jnp.sum(whitened * jnp.exp(lp - logps) * resp) / resp.sum()
+        value_loss = 0.5 * jnp.sum((out.values[:, p - 1:-1] - returns) ** 2 * resp) / resp.sum()
+        return policy_loss + config.vf_coef * value_loss
+
+    want_params = sgd_step(params, surrogate, lr)
+    state = TrainState.create(module, params, optax.sgd(lr), ref_params=ref_params, kl_coef=jnp.float32(kl_coef))
+    state, metrics = jit_step(make_ppo_update(config))(state, batch, jax.random.key(0))
+    np.testing.assert_allclose(metrics["objective/kl"], kl.sum(1).mean(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["value/loss"], 0.5 * np.sum((values - returns) ** 2) / resp.sum(),
+                               rtol=1e-4, err_msg="value loss: the returns (rewards + GAE) differ")
+    assert_params_close(state.params, want_params)
+
+
+# --- Reward model and preference steps: which score is whose -----------------------------------
+
+
+def rm_scores(module, params, ids_BxT, mask_BxT) -> jax.Array:
+    """The reward model applied directly: its one output per row -> `[B]`."""
+    return forward(module.apply, params, ids_BxT, mask_BxT)[:, 0]
+
+
+def test_pairwise_reward_step_is_bradley_terry_on_chosen_minus_rejected():
+    """Loss mean(-log sigmoid(r_chosen - r_rejected - margin)), accuracy and margin metrics,
+    and the SGD step on that loss, with r_chosen and r_rejected the model applied to the chosen
+    and the rejected rows separately. Each pair is ordered so that the model scores its chosen
+    text higher: a step that swapped the two would see every difference change sign (its own
+    accuracy, computed on the swapped values, still reads 1.0 once it has learned)."""
+    module, params0, _ = reward_model()
+    params, lr = noisy(params0, 6, 0.5), 0.5
+    pairs = pair_batch()
+    higher = (rm_scores(module, params, pairs["chosen_ids"], pairs["chosen_mask"])
+              > rm_scores(module, params, pairs["rejected_ids"], pairs["rejected_mask"]))[:, None]
+    batch = {"margin": np.linspace(0.0, 0.7, B).astype(np.float32)}
+    for k in ("ids", "mask"):
+        first, second = pairs[f"chosen_{k}"], pairs[f"rejected_{k}"]
+        batch |= {f"chosen_{k}": np.where(higher, first, second), f"rejected_{k}": np.where(higher, second, first)}
+
+    def bradley_terry(params):
+        chosen = rm_scores(module, params, batch["chosen_ids"], batch["chosen_mask"])
+        rejected = rm_scores(module, params, batch["rejected_ids"], batch["rejected_mask"])
+        return jnp.mean(jnp.logaddexp(0.0, -(chosen - rejected - batch["margin"])))
+
+    r_chosen = np.asarray(rm_scores(module, params, batch["chosen_ids"], batch["chosen_mask"]), np.float64)
+    r_rejected = np.asarray(rm_scores(module, params, batch["rejected_ids"], batch["rejected_mask"]), np.float64)
+    assert np.all(r_chosen - r_rejected > 0.1), "every pair must have a clear order"
+    want_params = sgd_step(params, bradley_terry, lr)
+    state, metrics = jit_step(make_reward_step("pairwise"))(
+        TrainState.create(module, params, optax.sgd(lr)), batch, jax.random.key(0))
+    np.testing.assert_allclose(metrics["reward/accuracy"], np.mean(r_chosen > r_rejected))
+    np.testing.assert_allclose(metrics["reward/margin"], np.mean(r_chosen - r_rejected), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], np.mean(np.logaddexp(0, -(r_chosen - r_rejected - batch["margin"]))),
+                               rtol=1e-5)
+    assert_params_close(state.params, want_params)
+
+
+def response_logps(module, params, batch, side, average=False) -> np.ndarray:
+    """Summed (or length-averaged) logprobs of a side's response tokens (`loss_mask`), the
+    model applied directly -> `[B]`."""
+    ids, mask, loss_mask = (batch[f"{side}_{k}"] for k in ("ids", "mask", "loss_mask"))
+    scored = (loss_mask * mask)[:, 1:]
+    total = np.sum(next_token_logps(module, params, ids, mask) * scored, axis=1)
+    return total / scored.sum(1) if average else total
+
+
+def preference_formula(loss_type, pi_c, pi_r, ref_c, ref_r, n_chosen, beta, delta=1.0, reg_weight=0.1):
+    """Per-pair losses as the papers write them, and the step's margin (what accuracy counts)."""
+    h = (pi_c - pi_r) - (ref_c - ref_r)
+    if loss_type == "sigmoid":  # DPO, Rafailov et al.
+        return np.logaddexp(0.0, -beta * h), beta * h
+    if loss_type == "hinge":  # TRL's reference-normalised hinge
+        return np.maximum(0.0, 1.0 - beta * h), beta * h
+    if loss_type == "ipo":  # Azar et al., on length-averaged logprobs
+        return (h - 1.0 / (2.0 * beta)) ** 2, beta * h
+    # SLiC-HF, Zhao et al.: rank hinge on the policy alone + the chosen response's mean token NLL
+    return np.maximum(0.0, delta - pi_c + pi_r) + reg_weight * (-pi_c / n_chosen), pi_c - pi_r
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "slic"])
+def test_preference_step_loss_and_metrics_follow_the_papers_on_the_model_applied_directly(loss_type):
+    """The step's loss and every metric, from sequence logprobs of the chosen and rejected
+    responses under the policy and a reference that differs from it, computed outside the
+    step. A swap of chosen and rejected, a reference scored with the policy's params, or a
+    missing length average for IPO all change them."""
+    module, params0, _ = policy()
+    params, ref_params, beta = noisy(params0, 5, 0.2), noisy(params0, 6, 0.2), 0.5
+    batch, average = pair_batch(), loss_type == "ipo"
+    pi_c, pi_r, ref_c, ref_r = (response_logps(module, p, batch, side, average)
+                                for p in (params, ref_params) for side in ("chosen", "rejected"))
+    n_chosen = (batch["chosen_loss_mask"] * batch["chosen_mask"])[:, 1:].sum(1)
+    per_pair, margin = preference_formula(loss_type, pi_c, pi_r, ref_c, ref_r, n_chosen, beta)
+    want = {"loss": per_pair.mean(), "logps/chosen": pi_c.mean(), "logps/rejected": pi_r.mean(),
+            "rewards/margins": margin.mean(), "rewards/accuracies": np.mean(margin > 0)}
+    if loss_type != "slic":
+        want |= {"rewards/chosen": beta * np.mean(pi_c - ref_c), "rewards/rejected": beta * np.mean(pi_r - ref_r)}
+    state = TrainState.create(module, params, optax.sgd(0.1), ref_params=ref_params)
+    _, metrics = jit_step(make_dpo_step(loss_type, beta))(state, batch, jax.random.key(0))
+    for name, value in want.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+# --- Stages: what each step, scorer and file is fed -------------------------------------------
+
+
+PROMPTS = [f"Request: Could you {task}?\nReply:" for task in TASKS[:16]]
+
+
+def altered_copy(src, dst, seed: int, std: float = 0.3):
+    """A checkpoint in HF layout: `src`'s weights plus noise, with `src`'s tokenizer."""
+    module, params, config = load_pretrained(src)
+    return save_pretrained(dst, module, noisy(params, seed, std), tokenizer=load_tokenizer(src, config))
+
+
+def record_step_batches(monkeypatch, stage, run_step: bool = True) -> list[dict]:
+    """Every batch `stage` hands its compiled step, as NumPy, in order. The real step then
+    runs, or with `run_step=False` is skipped (the state stays as it was, no metrics)."""
+    real, batches = stage.data_parallel, []
+
+    def recording(make_step, devices):
+        compiled = real(make_step, devices) if run_step else None
+
+        def step(state, batch, key):
+            batches.append(jax.tree.map(np.asarray, batch))
+            return compiled(state, batch, key) if run_step else (state, {})
+
+        return step
+
+    monkeypatch.setattr(stage, "data_parallel", recording)
+    return batches
+
+
+def record_generations(monkeypatch, stage) -> list:
+    """Every output of `stage`'s calls to `generate`, as NumPy, in order."""
+    real, outputs = stage.generate, []
+
+    def recording(*args):
+        out = real(*args)
+        outputs.append(jax.tree.map(np.asarray, out))
+        return out
+
+    monkeypatch.setattr(stage, "generate", recording)
+    return outputs
+
+
+def split_rollout(tokenizer, sequences_BxS, attention_mask_BxS, n_new: int) -> list[tuple[str, str]]:
+    """(prompt, response) text of each generated row: the prompt's real tokens, and the
+    response's tokens before its first EOS."""
+    rows = []
+    for seq, attn in zip(np.asarray(sequences_BxS), np.asarray(attention_mask_BxS)):
+        prompt, response = seq[:-n_new][attn[:-n_new] == 1], list(seq[-n_new:])
+        if tokenizer.eos_token_id in response:
+            response = response[: response.index(tokenizer.eos_token_id)]
+        rows.append((tokenizer.decode(prompt), tokenizer.decode(response)))
+    return rows
+
+
+def prompt_and_response_reward(prompts, responses):
+    """A reward that reads both texts, so a response scored with another row's prompt shows."""
+    return [len(p) + len(r) / 1000 for p, r in zip(prompts, responses)]
+
+
+def test_ppo_stage_scores_each_rollout_with_its_own_prompt_and_sees_each_prompt_once(tiny_run, tmp_path, monkeypatch):
+    """The batches PPO's update receives: every row's score is the reward of that row's own
+    prompt and response (decoded from the batch's sequences), and one epoch of steps covers
+    every prompt exactly once. The update itself is skipped (tested above; compiling it here
+    would only cost time)."""
+    from jaxrlhf.stages import ppo
+
+    write_jsonl([{"prompt": p} for p in PROMPTS], tmp_path / "prompts.jsonl")
+    config = ppo.PPOStageConfig(
+        policy=str(tiny_run / "sft" / "final"), reward=RewardSource(function=f"{__name__}:prompt_and_response_reward"),
+        prompts=DataConfig(path=str(tmp_path / "prompts.jsonl")), ppo=PPOConfig(epochs=1),
+        sampling=SamplingSection(max_new_tokens=8, max_prompt_tokens=16),
+        train=TrainConfig(output_dir=str(tmp_path / "ppo"), batch_size=8, steps=2, log_every=1, save_every=2))
+    batches = record_step_batches(monkeypatch, ppo, run_step=False)
+    ppo.run(config)
+    tokenizer = load_tokenizer(config.policy)
+    seen = []
+    for batch in batches:
+        rows = split_rollout(tokenizer, batch["sequences"], batch["attention_mask"], batch["response_mask"].shape[1])
+        np.testing.assert_allclose(batch["scores"], prompt_and_response_reward(*zip(*rows)), rtol=1e-6)
+        seen += [prompt for prompt, _ in rows]
+    assert sorted(seen) == sorted(PROMPTS)
+
+
+def test_sft_stage_feeds_each_row_once_per_epoch_with_the_loss_on_its_response(tiny_run, tmp_path, monkeypatch):
+    """Over each epoch (3 steps of 8 of 24 rows) the SFT step sees every row exactly once;
+    in each row the tokens under the loss decode to the response and EOS, the others to the
+    prompt. A stage that fed batch 0 at every step would see 8 rows, 3 times each."""
+    from jaxrlhf.stages import sft
+
+    rows = [{"prompt": f"Request: Can you {task}?\nReply:", "response": f" Sure, I will {task} soon."}
+            for task in TASKS[:24]]
+    write_jsonl(rows, tmp_path / "sft.jsonl")
+    config = cfg.load(sft.SFTConfig, TINY / "sft.yaml", SHRINK["sft.yaml"] + [
+        f"train.output_dir={tmp_path / 'sft'}", "train.steps=6", "train.batch_size=8", "train.save_every=6",
+        f"tokenizer={tiny_run / 'data' / 'tokenizers' / 'gpt2'}", f"data.path={tmp_path / 'sft.jsonl'}"])
+    batches = record_step_batches(monkeypatch, sft)
+    sft.run(config)
+    tokenizer = load_tokenizer(config.tokenizer)
+    seen = [(tokenizer.decode(ids[(attn == 1) & (loss == 0)]), tokenizer.decode(ids[loss == 1]))
+            for batch in batches
+            for ids, attn, loss in zip(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])]
+    want = sorted((r["prompt"], r["response"] + tokenizer.eos_token) for r in rows)
+    for epoch, rows_seen in enumerate((seen[:24], seen[24:]), 1):
+        assert sorted(rows_seen) == want, f"epoch {epoch} saw {len(set(rows_seen))} distinct rows of 24"
+
+
+def reward_stage_config(tiny_run, tmp_path, kind, rows, *overrides):
+    """The shrunk tiny reward config on `rows` (written to a file): 3 steps of 8 rows."""
+    from jaxrlhf.stages import reward
+
+    write_jsonl(rows, tmp_path / "reward.jsonl")
+    return cfg.load(reward.RewardConfig, TINY / "reward.yaml", SHRINK["reward.yaml"] + [
+        f"kind={kind}", f"train.output_dir={tmp_path / 'reward'}", "train.steps=3", "train.batch_size=8",
+        "train.save_every=3", f"tokenizer={tiny_run / 'data' / 'tokenizers' / 'bert'}",
+        f"data.path={tmp_path / 'reward.jsonl'}", *overrides])
+
+
+def test_reward_stage_pairs_each_text_with_its_own_normalised_label(tiny_run, tmp_path, monkeypatch):
+    """Regression batches: each row's ids are one text's tokens (found by tokenising the texts
+    directly) and its target is that text's label, standardised over the file in NumPy; one
+    epoch holds every text once."""
+    from jaxrlhf.stages import reward
+
+    labels = np.random.default_rng(0).normal(size=24)
+    rows = [{"text": f" I will {task} today.", "label": float(y)} for task, y in zip(TASKS, labels)]
+    config = reward_stage_config(tiny_run, tmp_path, "regression", rows, "normalize_targets=true")
+    batches = record_step_batches(monkeypatch, reward)
+    reward.run(config)
+    tokenizer = load_tokenizer(config.tokenizer)
+    row_of = {tuple(tokenizer(r["text"])["input_ids"]): i for i, r in enumerate(rows)}
+    standardised = (labels - labels.mean()) / labels.std()
+    seen = []
+    for batch in batches:
+        for ids, mask, target in zip(batch["input_ids"], batch["attention_mask"], batch["target"]):
+            seen.append(row_of[tuple(ids[mask == 1])])
+            np.testing.assert_allclose(target, standardised[seen[-1]], rtol=1e-5)
+    assert sorted(seen) == list(range(24))
+
+
+def test_reward_stage_keeps_chosen_and_rejected_of_the_same_pair_in_place(tiny_run, tmp_path, monkeypatch):
+    """Pairwise batches: in each row, `chosen_*` holds a pair's chosen text and `rejected_*`
+    the rejected text of that same pair; one epoch holds every pair once."""
+    from jaxrlhf.stages import reward
+
+    rows = [{"chosen": f" Of course, I will {task}.", "rejected": f" Ugh. {task.capitalize()} yourself."}
+            for task in TASKS[:24]]
+    config = reward_stage_config(tiny_run, tmp_path, "pairwise", rows)
+    batches = record_step_batches(monkeypatch, reward)
+    reward.run(config)
+    tokenizer = load_tokenizer(config.tokenizer)
+
+    def texts(batch, side):
+        return [tokenizer.decode(ids[mask == 1], skip_special_tokens=True)
+                for ids, mask in zip(batch[f"{side}_ids"], batch[f"{side}_mask"])]
+
+    seen = [pair for batch in batches for pair in zip(texts(batch, "chosen"), texts(batch, "rejected"))]
+    want = [tuple(tokenizer.decode(tokenizer(r[side])["input_ids"], skip_special_tokens=True)
+                  for side in ("chosen", "rejected")) for r in rows]
+    assert sorted(seen) == sorted(want)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_stage_batches_hold_each_pair_with_its_reference_logprobs(loss_type, tiny_run, tmp_path, monkeypatch):
+    """The DPO stage's batches: chosen and rejected rows are prompt + response + EOS of the
+    same pair (the loss mask on the response and EOS), one epoch holds every pair once, and the
+    precomputed reference logprobs are those of the named reference (not the policy) applied
+    directly to that row, length-averaged for IPO."""
+    from jaxrlhf.stages import dpo
+
+    rows = [{"prompt": p, "chosen": f" Of course, I will {task}.", "rejected": f" Ugh. Go {task} yourself."}
+            for p, task in zip(PROMPTS[:12], TASKS)]
+    write_jsonl(rows, tmp_path / "pairs.jsonl")
+    reference = altered_copy(tiny_run / "sft" / "final", tmp_path / "reference", seed=7)
+    config = cfg.load(dpo.DPOConfig, TINY / "dpo.yaml", SHRINK["dpo.yaml"] + [
+        f"loss_type={loss_type}", f"policy={tiny_run / 'sft' / 'final'}", f"reference={reference}",
+        f"data.path={tmp_path / 'pairs.jsonl'}", f"train.output_dir={tmp_path / 'dpo'}", "train.steps=3",
+        "train.batch_size=4", "train.save_every=3"])
+    batches = record_step_batches(monkeypatch, dpo)
+    dpo.run(config)
+    module, ref_params, _ = load_pretrained(reference)
+    tokenizer = load_tokenizer(reference)
+    seen = []
+    for batch in batches:
+        for side in ("chosen", "rejected"):
+            np.testing.assert_allclose(batch[f"ref_{side}_logps"],
+                                       response_logps(module, ref_params, batch, side, loss_type == "ipo"),
+                                       rtol=1e-4, atol=1e-4, err_msg=side)
+        split = [[(tokenizer.decode(ids[(attn == 1) & (loss == 0)]), tokenizer.decode(ids[loss == 1]))
+                  for ids, attn, loss in zip(*(batch[f"{side}_{k}"] for k in ("ids", "mask", "loss_mask")))]
+                 for side in ("chosen", "rejected")]
+        seen += [(c_prompt, c, r_prompt, r) for (c_prompt, c), (r_prompt, r) in zip(*split)]
+    eos = tokenizer.eos_token
+    assert sorted(seen) == sorted((r["prompt"], r["chosen"] + eos, r["prompt"], r["rejected"] + eos) for r in rows)
+
+
+def test_preference_pairs_are_every_differently_scored_pair_of_each_prompts_own_samples(tiny_run, tmp_path,
+                                                                                         monkeypatch):
+    """The pairs file, against pairs built by hand from the recorded samples: for each of the
+    10 prompts (3 generation calls of 4 prompts x 4 samples, the last one padded), every two
+    of its own 4 samples whose rewards differ by more than the margin, higher score chosen,
+    the scores those of the reward applied directly; nothing from the padding rows."""
+    from jaxrlhf.stages import preferences
+
+    write_jsonl([{"prompt": p} for p in PROMPTS[:10]], tmp_path / "prompts.jsonl")
+    config = preferences.PreferencesConfig(
+        policy=str(tiny_run / "sft" / "final"), reward=RewardSource(function=f"{__name__}:prompt_and_response_reward"),
+        prompts=DataConfig(path=str(tmp_path / "prompts.jsonl")), output=str(tmp_path / "pairs.jsonl"),
+        samples_per_prompt=4, batch_size=4, sampling=SamplingSection(max_new_tokens=8),
+        min_margin=0.0025)  # between the reward's steps of 0.001, so float32 rounding decides no pair
+    outputs = record_generations(monkeypatch, preferences)
+    preferences.run(config)
+    tokenizer = load_tokenizer(config.policy)
+    samples = [row for out in outputs for row in split_rollout(tokenizer, out.sequences, out.attention_mask,
+                                                                out.response_mask.shape[1])]
+    want = []
+    for i, prompt in enumerate(PROMPTS[:10]):
+        group = samples[4 * i: 4 * i + 4]
+        assert {p for p, _ in group} == {prompt}, f"generation rows {4 * i}..{4 * i + 3} are not prompt {i}'s"
+        scores = prompt_and_response_reward(*zip(*group))
+        for a in range(4):
+            for b in range(4):
+                if scores[a] - scores[b] > config.min_margin:
+                    want.append((prompt, group[a][1], group[b][1], scores[a], scores[b]))
+    fields = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
+    got = sorted(tuple(pair[k] for k in fields)
+                 for pair in map(json.loads, (tmp_path / "pairs.jsonl").read_text().splitlines()))
+    assert len(want) >= 10, "too few pairs for the comparison to mean much"
+    assert [g[:3] for g in got] == [w[:3] for w in sorted(want)]
+    np.testing.assert_allclose([g[3:] for g in got], [w[3:] for w in sorted(want)], rtol=1e-6)
+
+
+@pytest.mark.parametrize("text", ["response", "prompt+response"])
+def test_reward_model_scorer_reads_the_text_its_source_names(text, tiny_run, tmp_path):
+    """With non-empty prompts (where the two modes differ), a reward model scorer gives the
+    model applied directly to the response alone, or to prompt + response, tokenised here."""
+    from jaxrlhf.rewards import make_scorer
+
+    rm = altered_copy(tiny_run / "reward" / "final", tmp_path / "rm", seed=8)
+    prompts = PROMPTS[:4]
+    responses = [" Of course! I will walk the dog.", " Ugh. Go away.", " Fine.", " Thank you, happy to help."]
+    scores = make_scorer(RewardSource(model=str(rm), text=text, max_length=40, batch_size=4))(prompts, responses)
+    module, params, config = load_pretrained(rm)
+    read = responses if text == "response" else [p + r for p, r in zip(prompts, responses)]
+    enc = load_tokenizer(rm, config)(read, padding=True, return_tensors="np")
+    want = np.asarray(rm_scores(module, params, enc["input_ids"], enc["attention_mask"]))
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
+
+
+def test_evaluation_reports_the_kl_and_distinct_n_of_the_responses_it_sampled(tiny_run, tmp_path, monkeypatch):
+    """results.json against the recorded samples: KL to the reference is the mean over rows of
+    the summed response-token log p_policy - log p_reference (both models applied directly),
+    distinct-n the share of distinct whitespace n-grams, pooled; response tokens and the
+    ground-truth mean likewise, all over the first 16 rows sampled (the 16 prompts in order; the
+    second batch of 12 is filled up with repeats). The policy is the SFT model plus noise, so
+    the KL is far from 0."""
+    from jaxrlhf import evaluate
+    from jaxrlhf.politeness import score_responses
+
+    write_jsonl([{"prompt": p} for p in PROMPTS], tmp_path / "prompts.jsonl")
+    reference = tiny_run / "sft" / "final"
+    noisy_policy = altered_copy(reference, tmp_path / "noisy", seed=9)
+    config = evaluate.EvaluateConfig(
+        policies={"noisy": str(noisy_policy)}, reference=str(reference), output_dir=str(tmp_path / "eval"),
+        prompts=DataConfig(path=str(tmp_path / "prompts.jsonl")), batch_size=12,
+        scorers={"ground_truth": RewardSource(function="jaxrlhf.politeness:score_responses")},
+        sampling=SamplingSection(max_new_tokens=8, max_prompt_tokens=16))
+    outputs = record_generations(monkeypatch, evaluate)
+    evaluate.run(config)
+    got = json.loads((tmp_path / "eval" / "results.json").read_text())["noisy"]
+
+    tokenizer, models = load_tokenizer(reference), [load_pretrained(path)[:2] for path in (noisy_policy, reference)]
+    seq, attn, resp = (np.concatenate(parts)[: len(PROMPTS)] for parts in zip(
+        *((out.sequences, out.attention_mask, out.response_mask) for out in outputs)))
+    n = resp.shape[1]
+    prompts, responses = zip(*split_rollout(tokenizer, seq, attn, n))
+    assert list(prompts) == PROMPTS, "the first 16 samples are of the prompts in order"
+    policy_logps, ref_logps = (next_token_logps(module, params, seq, attn)[:, -n:] for module, params in models)
+    kls = np.sum((policy_logps - ref_logps) * resp, axis=1)
+
+    def distinct(n):
+        grams = [tuple(w[i: i + n]) for r in responses for w in [r.split()] for i in range(len(w) - n + 1)]
+        return len(set(grams)) / len(grams)
+
+    assert abs(np.mean(kls)) > 0.5 and abs(distinct(1) - distinct(2)) > 0.02, "the checks below must discriminate"
+    np.testing.assert_allclose(got["kl_to_reference"], np.mean(kls), rtol=1e-4)
+    np.testing.assert_allclose([got["distinct_1"], got["distinct_2"]], [distinct(1), distinct(2)], rtol=1e-12)
+    np.testing.assert_allclose(got["response_tokens"], resp.sum(1).mean())
+    np.testing.assert_allclose(got["ground_truth/mean"], np.mean(score_responses(prompts, responses)), rtol=1e-6)

@@ -6,6 +6,7 @@ Shapes: prompts for generation are left-padded `[B, P]`; training sequences are 
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -128,27 +129,48 @@ def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, length_range=
 
 def encode_pairs_of_text(tokenizer, prompts, responses, max_length: int, completion_only: bool = True):
     """prompt + response + EOS, right-padded to `max_length` -> input_ids, attention_mask,
-    loss_mask `[B, T]` (loss on the response and EOS; on everything if not completion_only).
-    Responses are truncated to fit; a prompt that leaves no room for a response is an error."""
+    loss_mask `[B, T]` (loss on the response and EOS; on everything if not completion_only),
+    and `cut` `[B]`. A response too long to fit loses the end of its body but keeps its EOS,
+    so the model still learns to stop (`cut` marks those rows); a prompt that leaves no room
+    for the EOS is an error."""
     eos = tokenizer.eos_token_id
     prompt_ids, response_ids = _ids(tokenizer, prompts), _ids(tokenizer, responses)
     ids = np.full((len(prompts), max_length), tokenizer.pad_token_id, np.int32)
     attn, loss = np.zeros_like(ids), np.zeros_like(ids)
+    cut = np.zeros(len(prompts), bool)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         if len(p) >= max_length:
             raise ConfigError(f"row {i}: the prompt has {len(p)} tokens, leaving no room for a response "
                               f"within max_length={max_length}")
-        r = (r + [eos])[: max_length - len(p)]
+        body = r[: max_length - len(p) - 1]
+        cut[i] = len(body) < len(r)
+        r = body + [eos]
         ids[i, : len(p) + len(r)] = p + r
         attn[i, : len(p) + len(r)] = 1
         loss[i, 0 if not completion_only else len(p): len(p) + len(r)] = 1
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "cut": cut}
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
-    """Right-padded, truncated encoder inputs (with the tokenizer's [CLS]/[SEP]) `[B, T]`."""
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
-    return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
+def encode_texts(tokenizer, texts: list[str], max_length: int, keep: str = "start") -> dict[str, np.ndarray]:
+    """Right-padded encoder inputs (with the tokenizer's [CLS]/[SEP]) `[B, T]`, and `cut` `[B]`
+    marking the texts longer than `max_length`, which keep their start or (`keep="end"`, for
+    prompt + response, whose response is at the end) their end."""
+    texts = list(texts)
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = {"start": "right", "end": "left"}[keep]
+    try:
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np")
+    finally:
+        tokenizer.truncation_side = side
+    cut = np.asarray([len(ids) > max_length for ids in tokenizer(texts)["input_ids"]], bool)
+    return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32),
+            "cut": cut}
+
+
+def warn_cut(cut_B: np.ndarray, what: str) -> None:
+    """One warning with the count of rows cut to fit (`what` says which and to what)."""
+    if cut_B.any():
+        warnings.warn(f"{int(cut_B.sum())} of {len(cut_B)} {what}", stacklevel=2)
 
 
 def check_batch(n_rows: int, batch_size: int) -> None:

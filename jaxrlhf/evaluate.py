@@ -59,9 +59,11 @@ def _sample_policy(config, path, ref, ids, mask, texts, scorers):
         out = generate(module, params, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]), key, settings)
         keep = min(config.batch_size, n - start)
         responses += decode_responses(tokenizer, out)[:keep]
-        # Summed raw (temperature 1) logprobs of each response under the policy and the reference.
+        # Summed logprobs of each response under the policy and the reference, both at the
+        # sampling temperature: the KL of the distribution the replies were drawn from.
         response_only = out.attention_mask.at[:, : -out.response_mask.shape[1]].set(0)
-        policy_lp, ref_lp = (sequence_logps_jit(m.apply, p, out.sequences, out.attention_mask, response_only)
+        policy_lp, ref_lp = (sequence_logps_jit(m.apply, p, out.sequences, out.attention_mask, response_only,
+                                                temperature=config.sampling.temperature)
                              for m, p in ((module, params), (ref_module, ref_params)))
         kls += list(np.asarray(policy_lp - ref_lp)[:keep])
         lengths += list(np.asarray(out.response_mask.sum(-1))[:keep])

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from jaxrlhf.config import RewardSource
-from jaxrlhf.data import encode_texts
+from jaxrlhf.data import encode_texts, warn_cut
 from jaxrlhf.errors import ConfigError, JaxRLHFError
 from jaxrlhf.models import load_pretrained, load_tokenizer
 
@@ -37,15 +37,23 @@ def model_scorer(source: RewardSource) -> Scorer:
     if not 0 <= label < len(labels):
         raise ConfigError(f"reward label index {label} is out of range for {len(labels)} labels")
     forward = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask)[:, label])
+    # prompt + response too long for the scorer keeps its end: the response the score is about.
+    keep = "start" if source.text == "response" else "end"
+    warned = []
 
     def score(prompts: list[str], responses: list[str]) -> np.ndarray:
         texts = _texts(source, prompts, responses)
-        out = []
+        out, cut = [], []
         for start in range(0, len(texts), source.batch_size):
             chunk = texts[start: start + source.batch_size]
             pad = source.batch_size - len(chunk)  # one compiled shape for every chunk
-            enc = encode_texts(tokenizer, chunk + [""] * pad, source.max_length)
+            enc = encode_texts(tokenizer, chunk + [""] * pad, source.max_length, keep=keep)
             out.append(np.asarray(forward(params, enc["input_ids"], enc["attention_mask"]))[: len(chunk)])
+            cut.append(enc["cut"][: len(chunk)])
+        if not warned and np.concatenate(cut).any():  # once per scorer: it runs every PPO step
+            warned.append(True)
+            warn_cut(np.concatenate(cut), f"texts cut to the reward model's max_length={source.max_length} "
+                                          f"(their {keep} kept); later cuts are not reported")
         return np.concatenate(out).astype(np.float32)
 
     return score
@@ -81,6 +89,15 @@ def function_scorer(source: RewardSource) -> Scorer:
 def _shown(values, most: int = 60) -> str:
     text = repr(values)
     return f"a {type(values).__name__} {text[:most]}{'...' if len(text) > most else ''}"
+
+
+def penalise_missing_eos(scores_B: np.ndarray, rollout, eos_token_id: int, penalty: float) -> np.ndarray:
+    """TRL's `missing_eos_penalty`: `penalty` off the score of each rollout whose response
+    (`rollout.sequences` after the prompt, `[B, N]`, real where `rollout.response_mask`) holds
+    no EOS, i.e. was cut at max_new_tokens."""
+    response_BxN = np.asarray(rollout.sequences)[:, -rollout.response_mask.shape[1]:]
+    ended_B = ((response_BxN == eos_token_id) & (np.asarray(rollout.response_mask) == 1)).any(-1)
+    return np.where(ended_B, scores_B, scores_B - penalty).astype(np.float32)
 
 
 def make_scorer(source: RewardSource) -> Scorer:

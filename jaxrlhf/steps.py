@@ -103,10 +103,11 @@ def _mean(x_B: jax.Array, axis_name: str | None) -> jax.Array:
     return losses.masked_mean(x_B, jnp.ones_like(x_B), axis_name=axis_name)
 
 
-def sequence_logps(apply_fn, params, ids_BxT, mask_BxT, loss_mask_BxT, average: bool = False) -> jax.Array:
+def sequence_logps(apply_fn, params, ids_BxT, mask_BxT, loss_mask_BxT, average: bool = False,
+                   temperature: float = 1.0) -> jax.Array:
     """Summed (or length-averaged) logprobs of the `loss_mask` tokens of each row under a
-    causal LM -> `[B]`; position t's logits score token t + 1."""
-    logits = apply_fn({"params": params}, ids_BxT, mask_BxT, head_slice=slice(0, -1)).logits
+    causal LM, its logits divided by `temperature` -> `[B]`; position t's logits score token t + 1."""
+    logits = apply_fn({"params": params}, ids_BxT, mask_BxT, head_slice=slice(0, -1)).logits / temperature
     return losses.sequence_logprobs(logits, ids_BxT[:, 1:], loss_mask_BxT[:, 1:] * mask_BxT[:, 1:], average)
 
 

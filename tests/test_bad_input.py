@@ -151,6 +151,8 @@ CASES = [
      r"reward function tests.test_stages:words returned a list \['good', .*; it must return one number per response"),
     ("reward function returning a dict", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:a_dict"),
      r"reward function tests.test_stages:a_dict returned a dict \{'score': .*; it must return one number per response"),
+    ("PPO sampling that is off-policy", "ppo", lambda r, t, o: ppo_args(r, o, "sampling.top_k=5", "sampling.min_new_tokens=2"),
+     r"sampling.top_k, sampling.min_new_tokens would make PPO off-policy: the update scores .* under the tempered softmax"),
     # Each row of a data file is checked before anything is written: the error names the row and the column.
     ("label that is text", "reward", lambda r, t, o: reward_args(r, o, f"data.path={labelled(t / 'l.jsonl', chr(34) + 'high' + chr(34))}"),
      r"l.jsonl: row 3, column 'label': expected a finite number, got 'high'"),

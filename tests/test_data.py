@@ -46,8 +46,11 @@ def test_completion_only_masks_cover_the_response_and_eos(tokenizer):
     assert enc["input_ids"][0, n_prompt + n_resp - 1] == tokenizer.eos_token_id
     whole = data.encode_pairs_of_text(tokenizer, ["Request: Hi\nReply:"], [" Hello there."], 16, completion_only=False)
     np.testing.assert_array_equal(whole["loss_mask"], whole["attention_mask"])
-    cut = data.encode_pairs_of_text(tokenizer, ["Request: Hi\nReply:"], [" Hello there."], max_length=n_prompt + 1)
-    assert cut["loss_mask"][0].sum() == 1  # the response is truncated to fit, the prompt kept
+    cut = data.encode_pairs_of_text(tokenizer, ["Request: Hi\nReply:"], [" Hello there."], max_length=n_prompt + 2)
+    # The response's body is cut to fit, its EOS kept (the model still learns to stop), the prompt kept.
+    first_response_token = tokenizer(" Hello there.", add_special_tokens=False)["input_ids"][0]
+    assert list(cut["input_ids"][0, n_prompt:]) == [first_response_token, tokenizer.eos_token_id]
+    assert cut["loss_mask"][0].sum() == 2 and list(cut["cut"]) == [True] and list(enc["cut"]) == [False]
 
 
 def test_batch_order_is_a_pure_function_of_the_step():

@@ -37,9 +37,10 @@ def noisy(tree, seed: int, std: float):
 forward = jax.jit(lambda apply_fn, params, *inputs: apply_fn({"params": params}, *inputs), static_argnums=0)
 
 
-def next_token_logps(module, params, ids_BxT, mask_BxT) -> np.ndarray:
-    """log p(token t + 1 | tokens <= t) under the model applied directly, in float64 -> `[B, T - 1]`."""
-    logits = np.asarray(forward(module.apply, params, ids_BxT, mask_BxT).logits, np.float64)[:, :-1]
+def next_token_logps(module, params, ids_BxT, mask_BxT, temperature: float = 1.0) -> np.ndarray:
+    """log p(token t + 1 | tokens <= t) under the model applied directly, its logits divided by
+    `temperature`, in float64 -> `[B, T - 1]`."""
+    logits = np.asarray(forward(module.apply, params, ids_BxT, mask_BxT).logits, np.float64)[:, :-1] / temperature
     log_z = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
     return np.take_along_axis(logits, np.asarray(ids_BxT)[:, 1:, None], -1)[..., 0] - log_z
 
@@ -451,9 +452,12 @@ def test_reward_model_scorer_reads_the_text_its_source_names(text, tiny_run, tmp
     np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
 
 
-def test_evaluation_reports_the_kl_and_distinct_n_of_the_responses_it_sampled(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_evaluation_reports_the_kl_and_distinct_n_of_the_responses_it_sampled(tiny_run, tmp_path, monkeypatch,
+                                                                              temperature):
     """results.json against the recorded samples: KL to the reference is the mean over rows of
-    the summed response-token log p_policy - log p_reference (both models applied directly),
+    the summed response-token log p_policy - log p_reference (both models applied directly, at
+    the sampling temperature: the KL of the distributions the replies were drawn from),
     distinct-n the share of distinct whitespace n-grams, pooled; response tokens and the
     ground-truth mean likewise, all over the first 16 rows sampled (the 16 prompts in order; the
     second batch of 12 is filled up with repeats). The policy is the SFT model plus noise, so
@@ -468,7 +472,7 @@ def test_evaluation_reports_the_kl_and_distinct_n_of_the_responses_it_sampled(ti
         policies={"noisy": str(noisy_policy)}, reference=str(reference), output_dir=str(tmp_path / "eval"),
         prompts=DataConfig(path=str(tmp_path / "prompts.jsonl")), batch_size=12,
         scorers={"ground_truth": RewardSource(function="jaxrlhf.politeness:score_responses")},
-        sampling=SamplingSection(max_new_tokens=8, max_prompt_tokens=16))
+        sampling=SamplingSection(max_new_tokens=8, max_prompt_tokens=16, temperature=temperature))
     outputs = record_generations(monkeypatch, evaluate)
     evaluate.run(config)
     got = json.loads((tmp_path / "eval" / "results.json").read_text())["noisy"]
@@ -479,7 +483,8 @@ def test_evaluation_reports_the_kl_and_distinct_n_of_the_responses_it_sampled(ti
     n = resp.shape[1]
     prompts, responses = zip(*split_rollout(tokenizer, seq, attn, n))
     assert list(prompts) == PROMPTS, "the first 16 samples are of the prompts in order"
-    policy_logps, ref_logps = (next_token_logps(module, params, seq, attn)[:, -n:] for module, params in models)
+    policy_logps, ref_logps = (next_token_logps(module, params, seq, attn, temperature)[:, -n:]
+                               for module, params in models)
     kls = np.sum((policy_logps - ref_logps) * resp, axis=1)
 
     def distinct(n):

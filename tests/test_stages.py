@@ -183,3 +183,77 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 0.5, "grad_norm": 1.25}
     assert lines == ["{'step': 3, 'loss': 0.5, 'grad_norm': 1.25}"]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_missing_eos_costs_the_penalty_and_an_ended_reply_nothing():
+    from jaxrlhf.rewards import penalise_missing_eos
+    from jaxrlhf.sampling import GenerateOutput
+
+    eos, pad = 9, 0
+    # Prompt [5], then responses: ended at t=1; never ended; EOS only in the padding (not real).
+    sequences = np.array([[5, 3, eos, pad], [5, 3, 4, 4], [5, 3, 4, eos]])
+    response_mask = np.array([[1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    rollout = GenerateOutput(sequences, np.ones_like(sequences), response_mask, None, None)
+    scores = penalise_missing_eos(np.array([1.0, 1.0, 0.5], np.float32), rollout, eos, penalty=2.0)
+    np.testing.assert_array_equal(scores, [1.0, -1.0, -1.5])
+
+
+def pad_less_copy(policy, where):
+    """`policy` with a tokenizer saved without a pad token, as the stock GPT-2 tokenizer ships."""
+    import shutil
+
+    shutil.copytree(policy, where)
+    config = json.loads((where / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (where / "tokenizer_config.json").write_text(json.dumps(config))
+    from jaxrlhf.models import load_tokenizer
+
+    assert load_tokenizer(where).pad_token_id is None
+    return where
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos_in_every_stage(tiny_run, tmp_path):
+    """TRL's rule for GPT-2: pad with EOS, and let the masks (from lengths and the sampler's
+    done flags, never from ids) tell padding from a real EOS."""
+    from tests.test_bad_input import evaluate_args, ppo_args
+
+    policy = pad_less_copy(tiny_run / "sft" / "final", tmp_path / "policy")
+    assert cli.stage_main("ppo", ppo_args(tiny_run, tmp_path / "ppo", f"policy={policy}")) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    assert cli.stage_main("preferences", [
+        "--config", str(TINY / "preferences.yaml"), *SHRINK["preferences.yaml"], "prompts.max_rows=16",
+        f"policy={policy}", f"reward.model={tiny_run / 'reward' / 'final'}",
+        f"prompts.path={tiny_run / 'data' / 'prompts.jsonl'}", f"output={pairs}"]) == 0
+    assert cli.stage_main("dpo", ["--config", str(TINY / "dpo.yaml"), *SHRINK["dpo.yaml"], f"policy={policy}",
+                                  f"data.path={pairs}", "train.steps=1", f"train.output_dir={tmp_path / 'dpo'}"]) == 0
+    assert cli.stage_main("evaluate", evaluate_args(tiny_run, tmp_path / "eval", policies=(str(policy),))) == 0
+    from jaxrlhf.models import load_tokenizer
+
+    assert load_tokenizer(tmp_path / "ppo" / "final").pad_token == load_tokenizer(policy).eos_token
+
+
+def test_sft_and_reward_inputs_cut_to_fit_keep_what_matters_and_say_how_many(tiny_run, tmp_path, minilm_dir):
+    """SFT keeps a cut response's EOS and warns once with the count (counted here from the
+    tokenizer directly); a reward model reading prompt + response keeps the end (the response)."""
+    from jaxrlhf import data
+    from jaxrlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_run / "data" / "tokenizers" / "gpt2")
+    rows = [json.loads(line) for line in (tiny_run / "data" / "sft.jsonl").read_text().splitlines()][:64]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    length = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    too_long = sum(length(r["prompt"]) + length(r["response"]) + 1 > 24 for r in rows)
+    assert 0 < too_long < len(rows)
+    from tests.test_bad_input import sft_args
+
+    with pytest.warns(UserWarning, match=rf"^{too_long} of 64 responses cut to fit max_length=24 \(each keeps its EOS\)"):
+        assert cli.stage_main("sft", sft_args(tiny_run, tmp_path / "sft", "max_length=24",
+                                              f"data.path={tmp_path / 'sft.jsonl'}")) == 0
+
+    bert = load_tokenizer(minilm_dir)
+    text = "a long request that rambles on and on before the reply: thank you kindly"
+    enc = data.encode_texts(bert, [text, "short"], max_length=8, keep="end")
+    kept = bert.convert_ids_to_tokens(enc["input_ids"][0])
+    assert kept[0] == "[CLS]" and kept[-1] == "[SEP]"
+    assert kept[1:-1] == bert.tokenize(text)[-6:]
+    assert list(enc["cut"]) == [True, False]

@@ -55,12 +55,16 @@ def check_policy(path: str) -> None:
 
 
 def check_special_tokens(tokenizer, where, eos: bool) -> None:
-    """Batches are padded with the pad token, and a policy's replies end with EOS."""
+    """Batches are padded with the pad token, and a policy's replies end with EOS. A policy
+    tokenizer without a pad token (stock GPT-2 has none) pads with EOS, as TRL does: every
+    mask comes from lengths and the sampler's done flags, never from comparing ids with pad."""
     if eos and tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {where} has no EOS token, so replies could never end; "
                           "is it the policy's own tokenizer?")
+    if eos and tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id is None:
-        raise ConfigError(f"the tokenizer of {where} has no pad token; set one (e.g. to EOS)")
+        raise ConfigError(f"the tokenizer of {where} has no pad token; save it with one")
 
 
 def check_context(tokens: int, what: str, model_config) -> None:

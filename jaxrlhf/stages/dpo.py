@@ -42,11 +42,13 @@ def plan(config: DPOConfig) -> str:
 
 def _pair_arrays(rows, tokenizer, max_length):
     prompts = [r["prompt"] for r in rows]
-    out = {}
+    out, cut = {}, np.zeros(len(rows), bool)
     for side in ("chosen", "rejected"):
         enc = data.encode_pairs_of_text(tokenizer, prompts, [r[side] for r in rows], max_length)
         out |= {f"{side}_ids": enc["input_ids"], f"{side}_mask": enc["attention_mask"],
                 f"{side}_loss_mask": enc["loss_mask"]}
+        cut |= enc["cut"]
+    data.warn_cut(cut, f"pairs with a response cut to fit max_length={max_length} (each keeps its EOS)")
     return out
 
 

@@ -10,7 +10,7 @@ from jaxrlhf import data
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check
 from jaxrlhf.parallel import data_parallel, host_share, unreplicate
 from jaxrlhf.ppo import PPOConfig, make_ppo_update
-from jaxrlhf.rewards import make_scorer
+from jaxrlhf.rewards import make_scorer, penalise_missing_eos
 from jaxrlhf.sampling import generate
 from jaxrlhf.stages import common
 from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sampling_config
@@ -26,11 +26,23 @@ class PPOStageConfig:
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # batch_size = rollouts per step
+    # TRL's missing_eos_penalty: subtracted from the score of a rollout that never emitted EOS
+    # (a reply cut at max_new_tokens), so rambling does not pay. Off when null.
+    missing_eos_penalty: float | None = None
 
     def __post_init__(self):
         check(self.ppo.temperature == self.sampling.temperature,
               f"ppo.temperature={self.ppo.temperature} must equal sampling.temperature={self.sampling.temperature} "
               "(the update must score tokens under the distribution that sampled them)")
+        s = self.sampling
+        off_policy = {"sampling.top_k": s.top_k != 0, "sampling.top_p": s.top_p != 1.0,
+                      "sampling.greedy": s.greedy, "sampling.min_new_tokens": s.min_new_tokens != 0}
+        changed = [k for k, on in off_policy.items() if on]
+        check(not changed, f"{', '.join(changed)} would make PPO off-policy: the update scores old, reference and "
+                           "new logprobs under the tempered softmax, so rollouts must be drawn from it (set "
+                           "top_k: 0, top_p: 1.0, greedy: false, min_new_tokens: 0)")
+        check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+              f"missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted)")
         check(self.train.batch_size % self.ppo.num_minibatches == 0,
               f"train.batch_size={self.train.batch_size} must be a multiple of ppo.num_minibatches")
 
@@ -69,6 +81,8 @@ def run(config: PPOStageConfig, resume: bool = False):
         rollout = generate(module, params, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]), gen_key, settings)
         responses = decode_responses(tokenizer, rollout)
         scores = scorer([texts[j] for j in idx], responses)
+        if config.missing_eos_penalty is not None:
+            scores = penalise_missing_eos(scores, rollout, tokenizer.eos_token_id, config.missing_eos_penalty)
         batch = {"sequences": rollout.sequences, "attention_mask": rollout.attention_mask,
                  "response_mask": rollout.response_mask, "scores": jnp.asarray(scores)}
         rollout_s = time.perf_counter() - started

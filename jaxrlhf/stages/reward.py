@@ -41,6 +41,7 @@ def _arrays(config: RewardConfig, tokenizer) -> tuple[dict, int]:
     if config.kind == "regression":
         rows = data.load_rows(config.data, ("text",), numbers=("label",))
         arrays = data.encode_texts(tokenizer, [r["text"] for r in rows], config.max_length)
+        data.warn_cut(arrays.pop("cut"), f"texts cut to max_length={config.max_length} tokens (their start kept)")
         target = np.asarray([r["label"] for r in rows], np.float32)
         if config.normalize_targets:
             target = (target - target.mean()) / max(float(target.std()), 1e-6)
@@ -48,6 +49,8 @@ def _arrays(config: RewardConfig, tokenizer) -> tuple[dict, int]:
     rows = data.load_rows(config.data, ("chosen", "rejected"))
     chosen = data.encode_texts(tokenizer, [r["chosen"] for r in rows], config.max_length)
     rejected = data.encode_texts(tokenizer, [r["rejected"] for r in rows], config.max_length)
+    data.warn_cut(chosen["cut"] | rejected["cut"],
+                  f"pairs with a text cut to max_length={config.max_length} tokens (its start kept)")
     return {"chosen_ids": chosen["input_ids"], "chosen_mask": chosen["attention_mask"],
             "rejected_ids": rejected["input_ids"], "rejected_mask": rejected["attention_mask"]}, len(rows)
 

@@ -41,6 +41,7 @@ def run(config: SFTConfig, resume: bool = False):
     rows = data.load_rows(config.data, ("prompt", "response"))
     arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                        config.max_length, config.completion_only)
+    data.warn_cut(arrays.pop("cut"), f"responses cut to fit max_length={config.max_length} (each keeps its EOS)")
     out = common.prepare_output("sft", config.train, config, resume, len(rows),
                                 inputs=(config.model, config.tokenizer, config.data.path))
     train = config.train

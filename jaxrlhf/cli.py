@@ -55,7 +55,8 @@ def stage_main(name: str, argv=None) -> int:
     try:
         if args.multihost:
             initialize_multihost()
-        config = cfg.load(config_cls, args.config, args.overrides)
+        config = cfg.locate_reward_functions(cfg.load(config_cls, args.config, args.overrides),
+                                             args.config.parent if args.config else None)
         print(module.plan(config))
         if not args.dry_run:
             module.run(config, resume=args.resume, **({"overwrite": args.overwrite} if writes_whole else {}))
@@ -79,7 +80,9 @@ def load_pipeline(path: Path) -> list[tuple[str, object, object]]:
             raise JaxRLHFError(f"{path}: stages[{i}] must be {{stage: NAME, config: FILE, overrides: [...]}}")
         module, config_cls = stage(entry["stage"])
         config_path = path.parent / entry["config"] if entry.get("config") else None
-        out.append((entry["stage"], module, cfg.load(config_cls, config_path, entry.get("overrides", []))))
+        config = cfg.load(config_cls, config_path, entry.get("overrides", []))
+        config_dir = config_path.parent if config_path else path.parent
+        out.append((entry["stage"], module, cfg.locate_reward_functions(config, config_dir)))
     return out
 
 

@@ -262,7 +262,8 @@ class SamplingSection:
 class RewardSource:
     """A reward: our trained reward model or any HF sequence classifier (`model`, scoring the
     logit of `label`, a name or index, default 0), or a Python function `module:function`
-    called as f(prompts, responses) -> one float per response."""
+    (importable, or `module.py` in the working directory or beside the config file) or
+    `path/to/file.py:function`, called as f(prompts, responses) -> one float per response."""
 
     model: str | None = None
     label: str | int | None = None
@@ -277,3 +278,37 @@ class RewardSource:
               "a reward source needs exactly one of model (a checkpoint) or function ('module:function')")
         check(self.function is None or ":" in self.function,
               f"function={self.function!r} must look like 'package.module:function'")
+
+
+def locate_reward_functions(config, config_dir: Path | None):
+    """`config` with each reward source's `module:function` found the way users expect: from the
+    Python path, else as `module.py` in the working directory or beside the config file
+    (`config_dir`), which is then named by its full path (so config.json records the file used)."""
+    if isinstance(config, RewardSource):
+        return _located(config, config_dir)
+    if isinstance(config, dict):
+        return {k: locate_reward_functions(v, config_dir) for k, v in config.items()}
+    if dataclasses.is_dataclass(config):
+        changes = {f.name: locate_reward_functions(getattr(config, f.name), config_dir)
+                   for f in dataclasses.fields(config)}
+        return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not getattr(config, k)})
+    return config
+
+
+def _located(source: RewardSource, config_dir: Path | None) -> RewardSource:
+    import importlib.util
+
+    if source.function is None:
+        return source
+    module, _, name = source.function.rpartition(":")
+    if module.endswith(".py") or "." in module:
+        return source
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return source
+    except (ImportError, ValueError):
+        pass
+    for folder in (Path.cwd(), config_dir):
+        if folder is not None and (Path(folder) / f"{module}.py").is_file():
+            return dataclasses.replace(source, function=f"{(Path(folder) / f'{module}.py').resolve()}:{name}")
+    return source

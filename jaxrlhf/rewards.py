@@ -7,6 +7,8 @@ policy's tokenizer and the scorer's may differ: responses are decoded, then re-e
 """
 
 import importlib
+import importlib.util
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -60,11 +62,13 @@ def model_scorer(source: RewardSource) -> Scorer:
 
 
 def function_scorer(source: RewardSource) -> Scorer:
-    module_name, _, name = source.function.partition(":")
+    module_name, _, name = source.function.rpartition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward function {source.function!r} cannot be imported: {e}") from None
+        fn = getattr(_import(module_name), name)
+    except (ImportError, AttributeError, OSError) as e:
+        raise ConfigError(f"reward function {source.function!r} cannot be imported: {e} (a module is looked for "
+                          "on the Python path, then as a .py file in the working directory and beside the "
+                          "config file)") from None
 
     def score(prompts: list[str], responses: list[str]) -> np.ndarray:
         try:
@@ -89,6 +93,18 @@ def function_scorer(source: RewardSource) -> Scorer:
 def _shown(values, most: int = 60) -> str:
     text = repr(values)
     return f"a {type(values).__name__} {text[:most]}{'...' if len(text) > most else ''}"
+
+
+def _import(module: str):
+    """A module by name, or by the path of its .py file."""
+    if not module.endswith(".py"):
+        return importlib.import_module(module)
+    spec = importlib.util.spec_from_file_location(Path(module).stem, module)
+    if spec is None or not Path(module).is_file():
+        raise ImportError(f"no file {module}")
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
 
 
 def penalise_missing_eos(scores_B: np.ndarray, rollout, eos_token_id: int, penalty: float) -> np.ndarray:

@@ -257,3 +257,28 @@ def test_sft_and_reward_inputs_cut_to_fit_keep_what_matters_and_say_how_many(tin
     assert kept[0] == "[CLS]" and kept[-1] == "[SEP]"
     assert kept[1:-1] == bert.tokenize(text)[-6:]
     assert list(enc["cut"]) == [True, False]
+
+
+def test_a_reward_function_beside_the_config_or_in_the_working_directory_is_found(tiny_run, tmp_path, monkeypatch,
+                                                                                 capsys):
+    from tests.test_bad_input import ppo_args
+
+    beside, elsewhere = tmp_path / "configs", tmp_path / "work"
+    beside.mkdir()
+    elsewhere.mkdir()
+    (beside / "ppo.yaml").write_text((TINY / "ppo.yaml").read_text())
+    (beside / "myreward.py").write_text("def score(prompts, responses):\n    return [1.0] * len(responses)\n")
+    (elsewhere / "cwdreward.py").write_text("def score(prompts, responses):\n    return [2.0] * len(responses)\n")
+    monkeypatch.chdir(elsewhere)
+    for function, score in (("myreward:score", 1.0), ("cwdreward:score", 2.0)):
+        out = tmp_path / function.split(":")[0]
+        args = [*ppo_args(tiny_run, out, "reward.model=null", f"reward.function={function}"), "--config",
+                str(beside / "ppo.yaml")]
+        assert cli.stage_main("ppo", args) == 0, capsys.readouterr().err
+        assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["objective/scores"] == score
+        recorded = json.loads((out / "config.json").read_text())["reward"]["function"]
+        assert recorded.endswith(f"{function.split(':')[0]}.py:score") and recorded.startswith("/")
+    assert cli.stage_main("ppo", [*ppo_args(tiny_run, tmp_path / "x", "reward.model=null",
+                                            "reward.function=nowhere:score")]) == 2
+    assert "looked for on the Python path, then as a .py file in the working directory and beside the config" \
+        in capsys.readouterr().err

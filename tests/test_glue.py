@@ -110,9 +110,64 @@ def test_ppo_update_equals_a_numpy_derivation_of_rewards_advantages_and_the_firs
     state = TrainState.create(module, params, optax.sgd(lr), ref_params=ref_params, kl_coef=jnp.float32(kl_coef))
     state, metrics = jit_step(make_ppo_update(config))(state, batch, jax.random.key(0))
     np.testing.assert_allclose(metrics["objective/kl"], kl.sum(1).mean(), rtol=1e-4)
+    # TRL's objective/entropy: (-logprobs).sum(1).mean() over the response tokens, not a per-token entropy.
+    np.testing.assert_allclose(metrics["objective/entropy"], -(logps * resp).sum(1).mean(), rtol=1e-4)
     np.testing.assert_allclose(metrics["value/loss"], 0.5 * np.sum((values - returns) ** 2) / resp.sum(),
                                rtol=1e-4, err_msg="value loss: the returns (rewards + GAE) differ")
     assert_params_close(state.params, want_params)
+
+
+def test_ppo_kl_past_the_response_is_masked_out_even_where_a_logprob_is_minus_inf():
+    """A token after EOS that the policy gives probability 0 (logprob -inf, so KL inf there,
+    and inf * 0 = NaN in a masked product) changes no metric, no param and not the adaptive
+    KL coefficient: all stay finite and equal to the update on a batch whose padding is benign."""
+    module, params, _ = policy(value_head=True)
+    batch = rollout_batch(seed=2)
+    resp = batch["response_mask"]
+    assert (resp == 0).any()
+
+    def minus_inf_after_eos(variables, ids_BxT, mask_BxT, **kwargs):
+        out = module.apply(variables, ids_BxT, mask_BxT, **kwargs)
+        n = out.logits.shape[1]  # the update's head_slice scores the last n tokens
+        hit = jax.nn.one_hot(ids_BxT[:, -n:], out.logits.shape[-1], dtype=bool) & (mask_BxT[:, -n:] == 0)[..., None]
+        return out._replace(logits=jnp.where(hit, -jnp.inf, out.logits))
+
+    config = PPOConfig(epochs=1, kl_target=0.01, kl_horizon=100)
+    results = []
+    for apply_fn in (module.apply, minus_inf_after_eos):
+        state = TrainState.create(module, jax.tree.map(jnp.array, params), optax.sgd(0.1),
+                                  ref_params=noisy(params, 1, 0.3), kl_coef=jnp.float32(0.1))
+        state = state.replace(apply_fn=apply_fn)
+        results.append(jit_step(make_ppo_update(config))(state, batch, jax.random.key(0)))
+    (want_state, want), (state, got) = results
+    for name in want:
+        assert np.isfinite(got[name]), name
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert np.isfinite(state.kl_coef)
+    np.testing.assert_allclose(state.kl_coef, want_state.kl_coef, rtol=1e-6)
+    assert_params_close(state.params, want_state.params, atol=1e-6)
+
+
+def test_adaptive_kl_refuses_a_horizon_that_could_make_the_coefficient_nonpositive():
+    """Ziegler et al.'s factor 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon is <= 0 once
+    n / horizon >= 5: such a horizon is a config error (in the update and in the stage's
+    config, before any work); one just above the limit keeps the coefficient positive."""
+    from jaxrlhf.errors import ConfigError
+    from jaxrlhf.ppo import update_kl_coef
+    from jaxrlhf.stages.ppo import PPOStageConfig
+
+    module, params, _ = policy(value_head=True)
+    state = TrainState.create(module, params, optax.sgd(0.1), ref_params=jax.tree.map(jnp.array, params),
+                              kl_coef=jnp.float32(0.1))
+    with pytest.raises(ConfigError, match="kl_horizon"):  # B = 8 rollouts, 8 / 1 >= 5
+        jit_step(make_ppo_update(PPOConfig(epochs=1, kl_target=1.0, kl_horizon=1)))(
+            state, rollout_batch(), jax.random.key(0))
+    sections = dict(policy="p", reward=RewardSource(function="m:f"), prompts=DataConfig(path="x.jsonl"))
+    with pytest.raises(ConfigError, match="kl_horizon"):
+        PPOStageConfig(**sections, ppo=PPOConfig(kl_target=1.0, kl_horizon=6), train=TrainConfig(batch_size=32))
+    PPOStageConfig(**sections, ppo=PPOConfig(kl_target=1.0, kl_horizon=7), train=TrainConfig(batch_size=32))
+    # At the limit allowed (32 / 7 < 5) and the largest downward error (kl = 0): still > 0.
+    assert update_kl_coef(jnp.float32(0.1), jnp.float32(0.0), 32, PPOConfig(kl_target=1.0, kl_horizon=7)) > 0
 
 
 # --- Reward model and preference steps: which score is whose -----------------------------------

@@ -173,7 +173,8 @@ def preference_loss(pi_chosen_B, pi_rejected_B, ref_chosen_B, ref_rejected_B, be
       -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
     - "hinge" (TRL's reference-normalised hinge, margin 1/beta): relu(1 - beta h)
     - "ipo" (Azar et al.): (h - 1 / (2 beta))^2. IPO is defined on length-averaged logprobs;
-      pass averaged ones (`sequence_logprobs(..., average=True)`) to follow the paper and TRL.
+      pass averaged ones (`sequence_logprobs(..., average=True)`) to follow TRL (the IPO
+      authors' normalisation).
     """
     h = (pi_chosen_B - pi_rejected_B) - (ref_chosen_B - ref_rejected_B)
     if loss_type == "sigmoid":
@@ -188,5 +189,6 @@ def preference_loss(pi_chosen_B, pi_rejected_B, ref_chosen_B, ref_rejected_B, be
 def slic_loss(pi_chosen_B, pi_rejected_B, reg_nll_B, delta: float, reg_weight: float) -> jax.Array:
     """SLiC-HF (Zhao et al. 2023), per pair `[B]`: the rank calibration hinge on policy
     logprobs, max(0, delta - log pi(y+|x) + log pi(y-|x)), plus `reg_weight` times the SFT
-    regulariser `reg_nll` (the NLL of the regularisation target, e.g. the chosen response)."""
+    regulariser `reg_nll`. In the paper `reg_nll` is -log pi(y_ref|x), the *sequence* NLL
+    (summed over tokens) of the SFT target; `make_dpo_step` passes the chosen response's."""
     return jax.nn.relu(delta - pi_chosen_B + pi_rejected_B) + reg_weight * reg_nll_B

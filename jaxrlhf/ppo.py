@@ -44,9 +44,19 @@ class PPOConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
 
 
+def check_kl_horizon(config: PPOConfig, n_rollouts: int) -> None:
+    """Refuse an adaptive controller whose factor could reach 0 or below: with the error
+    clipped at -0.2, 1 - 0.2 * n_rollouts / horizon > 0 needs horizon > n_rollouts / 5. (A
+    zero or negative coefficient would turn the KL leash off or into a reward for drifting.)"""
+    if config.kl_target is not None and 5 * config.kl_horizon <= n_rollouts:
+        raise ConfigError(f"kl_horizon={config.kl_horizon} must exceed rollouts per update / 5 = {n_rollouts} / 5 "
+                          "with kl_target set, or the adaptive KL coefficient can reach 0 or below")
+
+
 def update_kl_coef(coef: jax.Array, kl: jax.Array, n_steps, config: PPOConfig) -> jax.Array:
     """The KL controller. Fixed when `config.kl_target` is None; else Ziegler et al.'s
-    adaptive rule: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon."""
+    adaptive rule: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon, which
+    stays positive when `check_kl_horizon(config, n_steps)` passes."""
     if config.kl_target is None:
         return coef
     error = jnp.clip(kl / config.kl_target - 1.0, -0.2, 0.2)
@@ -73,13 +83,17 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
     def update(state: TrainState, batch, key):
         seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"].astype(jnp.float32)
         b, n = resp.shape
+        n_rollouts = b * (1 if axis_name is None else lax.axis_size(axis_name))
+        check_kl_horizon(config, n_rollouts)  # shapes are static: this runs once, at trace time
         logits, old_logprobs, old_values = lax.stop_gradient(response_outputs(state.params, state.apply_fn, seq, attn, n))
-        entropy = psum(losses.masked_mean(losses.entropy(logits, config.temperature), resp, axis_name=axis_name), axis_name)
+        entropy_per_token = psum(losses.masked_mean(losses.entropy(logits, config.temperature), resp,
+                                                    axis_name=axis_name), axis_name)
         _, ref_logprobs, _ = lax.stop_gradient(response_outputs(state.ref_params, state.apply_fn, seq, attn, n))
         scores = batch["scores"] if reward_fn is None else reward_fn(state.reward_params, seq, attn, batch["response_mask"])
         scores = lax.stop_gradient(scores.astype(jnp.float32))
 
-        kl = losses.kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator) * resp
+        # where, not a product: a logprob of -inf after EOS gives inf there, and inf * 0 = NaN.
+        kl = jnp.where(resp > 0, losses.kl_penalty(old_logprobs, ref_logprobs, config.kl_estimator), 0.0)
         last_real = jax.nn.one_hot(jnp.sum(resp, axis=-1).astype(jnp.int32) - 1, n)
         rewards = -state.kl_coef * kl + last_real * scores[:, None]
         if config.whiten_rewards:
@@ -120,10 +134,11 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
             "objective/kl": mean_kl,
             "objective/kl_coef": state.kl_coef,
             "objective/non_score_reward": -state.kl_coef * mean_kl,
-            "objective/entropy": entropy,
+            # TRL's objective/entropy: the sampled response's negative logprob, summed over its tokens.
+            "objective/entropy": global_mean(-jnp.sum(jnp.where(resp > 0, old_logprobs, 0.0), axis=-1)),
+            "policy/entropy_per_token": entropy_per_token,
             "response_length": global_mean(jnp.sum(resp, axis=-1)),
         }
-        n_rollouts = psum(jnp.float32(b), axis_name)
         state = state.replace(kl_coef=update_kl_coef(state.kl_coef, mean_kl, n_rollouts, config))
         return state, metrics
 

@@ -103,16 +103,20 @@ def _mean(x_B: jax.Array, axis_name: str | None) -> jax.Array:
     return losses.masked_mean(x_B, jnp.ones_like(x_B), axis_name=axis_name)
 
 
-def sequence_logps(apply_fn, params, ids_BxT, mask_BxT, loss_mask_BxT, average: bool = False,
-                   temperature: float = 1.0) -> jax.Array:
-    """Summed (or length-averaged) logprobs of the `loss_mask` tokens of each row under a
-    causal LM, its logits divided by `temperature` -> `[B]`; position t's logits score token t + 1."""
+def scored_mask(mask_BxT, loss_mask_BxT) -> jax.Array:
+    """Which next tokens a causal LM's logits score: `[B, T - 1]`, 1 on real `loss_mask` tokens."""
+    return loss_mask_BxT[:, 1:] * mask_BxT[:, 1:]
+
+
+def sequence_logps(apply_fn, params, ids_BxT, mask_BxT, loss_mask_BxT, temperature: float = 1.0) -> jax.Array:
+    """Summed logprobs of the `loss_mask` tokens of each row under a causal LM, its logits
+    divided by `temperature` -> `[B]`; position t's logits score token t + 1."""
     logits = apply_fn({"params": params}, ids_BxT, mask_BxT, head_slice=slice(0, -1)).logits / temperature
-    return losses.sequence_logprobs(logits, ids_BxT[:, 1:], loss_mask_BxT[:, 1:] * mask_BxT[:, 1:], average)
+    return losses.sequence_logprobs(logits, ids_BxT[:, 1:], scored_mask(mask_BxT, loss_mask_BxT))
 
 
 # Compiled once per model and shape; params stay an argument, never a baked-in constant.
-sequence_logps_jit = jax.jit(sequence_logps, static_argnames=("apply_fn", "average"))
+sequence_logps_jit = jax.jit(sequence_logps, static_argnames=("apply_fn",))
 
 
 def make_sft_step(axis_name: str | None = None):
@@ -173,6 +177,9 @@ def make_reward_step(kind: str = "regression", axis_name: str | None = None):
     return step
 
 
+SLIC_REGULARIZERS = ("sequence", "token_mean")
+
+
 def make_dpo_step(
     loss_type: str = "sigmoid",
     beta: float = 0.1,
@@ -181,24 +188,36 @@ def make_dpo_step(
     average_log_prob: bool | None = None,
     slic_delta: float = 1.0,
     slic_reg_weight: float = 0.1,
+    slic_regularizer: str = "sequence",
     axis_name: str | None = None,
 ):
     """Preference optimisation on pairs: "sigmoid" (DPO), "hinge", "ipo" or "slic" (SLiC-HF).
 
     Batch: `chosen_ids`, `chosen_mask` (attention), `chosen_loss_mask` (response tokens) and
     the same three for `rejected_`, all `[B, T]`; optionally `ref_chosen_logps` and
-    `ref_rejected_logps` `[B]` precomputed, else the reference is scored in-step from
-    `state.ref_params`. SLiC needs no reference; its regulariser is the chosen response's
-    mean token NLL. `average_log_prob` length-averages sequence logprobs (default: only for
-    IPO, as TRL does).
+    `ref_rejected_logps` `[B]`, the reference's summed sequence logprobs precomputed, else the
+    reference is scored in-step from `state.ref_params`. `average_log_prob` length-averages
+    the logprobs the loss sees (default: only for IPO, as TRL does).
+
+    SLiC needs no reference. Its regulariser is on the chosen response (the pairs have no
+    separate SFT target; the chosen one stands in for it): `slic_regularizer="sequence"` is
+    Zhao et al.'s -log pi(y+|x), summed over the response tokens; "token_mean" is its mean
+    per token.
+
+    Metrics mean what TRL's DPOTrainer logs under the same names, whatever the loss averages:
+    `logps/*` are mean summed logprobs, `rewards/chosen|rejected` beta times the summed log
+    ratio to the reference, `rewards/margins|accuracies` from those rewards. For SLiC (no
+    reference) `rewards/margins|accuracies` are on the policy's summed logprobs.
     """
     if loss_type not in (*losses.PREFERENCE_LOSSES, "slic"):
         raise ConfigError(f"loss_type={loss_type!r} is not one of {[*losses.PREFERENCE_LOSSES, 'slic']}")
+    if slic_regularizer not in SLIC_REGULARIZERS:
+        raise ConfigError(f"slic_regularizer={slic_regularizer!r} is not one of {list(SLIC_REGULARIZERS)}")
     average = loss_type == "ipo" if average_log_prob is None else average_log_prob
 
-    def logps(state, params, batch, average):
+    def summed_logps(state, params, batch):
         both = [jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("ids", "mask", "loss_mask")]
-        return jnp.split(sequence_logps(state.apply_fn, params, *both, average), 2)
+        return jnp.split(sequence_logps(state.apply_fn, params, *both), 2)
 
     def step(state: TrainState, batch, key):
         del key
@@ -207,22 +226,30 @@ def make_dpo_step(
         elif "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:
-            ref_chosen, ref_rejected = jax.lax.stop_gradient(logps(state, state.ref_params, batch, average))
+            ref_chosen, ref_rejected = jax.lax.stop_gradient(summed_logps(state, state.ref_params, batch))
+        n_chosen, n_rejected = (
+            jnp.maximum(jnp.sum(scored_mask(batch[f"{side}_mask"], batch[f"{side}_loss_mask"]), axis=-1), 1.0)
+            for side in ("chosen", "rejected"))
+
+        def seen_by_loss(chosen_B, rejected_B):
+            """Summed logprobs, or each over its response's length (IPO, as TRL)."""
+            return (chosen_B / n_chosen, rejected_B / n_rejected) if average else (chosen_B, rejected_B)
 
         def loss_fn(params):
-            chosen, rejected = logps(state, params, batch, average)
+            chosen, rejected = summed_logps(state, params, batch)
+            seen_chosen, seen_rejected = seen_by_loss(chosen, rejected)
             metrics = {"logps/chosen": _mean(chosen, axis_name), "logps/rejected": _mean(rejected, axis_name)}
             if loss_type == "slic":
-                n_chosen = jnp.maximum(jnp.sum(batch["chosen_loss_mask"][:, 1:] * batch["chosen_mask"][:, 1:], -1), 1)
-                reg_nll = -(chosen if average else chosen / n_chosen)
-                per_pair = losses.slic_loss(chosen, rejected, reg_nll, slic_delta, slic_reg_weight)
+                reg_nll = -chosen if slic_regularizer == "sequence" else -chosen / n_chosen
+                per_pair = losses.slic_loss(seen_chosen, seen_rejected, reg_nll, slic_delta, slic_reg_weight)
                 margin = chosen - rejected
             else:
-                per_pair = losses.preference_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type,
-                                                  label_smoothing)
+                per_pair = losses.preference_loss(seen_chosen, seen_rejected, *seen_by_loss(ref_chosen, ref_rejected),
+                                                  beta, loss_type, label_smoothing)
                 r_chosen, r_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
                 margin = r_chosen - r_rejected
-                metrics |= {"rewards/chosen": _mean(r_chosen, axis_name), "rewards/rejected": _mean(r_rejected, axis_name)}
+                metrics |= {"rewards/chosen": _mean(r_chosen, axis_name),
+                            "rewards/rejected": _mean(r_rejected, axis_name)}
             metrics |= {"rewards/margins": _mean(margin, axis_name),
                         "rewards/accuracies": _mean((margin > 0).astype(jnp.float32), axis_name)}
             return _mean(per_pair, axis_name), jax.lax.stop_gradient(metrics)

@@ -111,9 +111,64 @@ def test_ppo_update_equals_a_numpy_derivation_of_rewards_advantages_and_the_firs
     state = TrainState.create(module, params, optax.sgd(lr), ref_params=ref_params, kl_coef=jnp.float32(kl_coef))
     state, metrics = jit_step(make_ppo_update(config))(state, batch, jax.random.key(0))
     np.testing.assert_allclose(metrics["objective/kl"], kl.sum(1).mean(), rtol=1e-4)
+    # TRL's objective/entropy: (-logprobs).sum(1).mean() over the response tokens, not a per-token entropy.
+    np.testing.assert_allclose(metrics["objective/entropy"], -(logps * resp).sum(1).mean(), rtol=1e-4)
     np.testing.assert_allclose(metrics["value/loss"], 0.5 * np.sum((values - returns) ** 2) / resp.sum(),
                                rtol=1e-4, err_msg="value loss: the returns (rewards + GAE) differ")
     assert_params_close(state.params, want_params)
+
+
+def test_ppo_kl_past_the_response_is_masked_out_even_where_a_logprob_is_minus_inf():
+    """A token after EOS that the policy gives probability 0 (logprob -inf, so KL inf there,
+    and inf * 0 = NaN in a masked product) changes no metric, no param and not the adaptive
+    KL coefficient: all stay finite and equal to the update on a batch whose padding is benign."""
+    module, params, _ = policy(value_head=True)
+    batch = rollout_batch(seed=2)
+    resp = batch["response_mask"]
+    assert (resp == 0).any()
+
+    def minus_inf_after_eos(variables, ids_BxT, mask_BxT, **kwargs):
+        out = module.apply(variables, ids_BxT, mask_BxT, **kwargs)
+        n = out.logits.shape[1]  # the update's head_slice scores the last n tokens
+        hit = jax.nn.one_hot(ids_BxT[:, -n:], out.logits.shape[-1], dtype=bool) & (mask_BxT[:, -n:] == 0)[..., None]
+        return out._replace(logits=jnp.where(hit, -jnp.inf, out.logits))
+
+    config = PPOConfig(epochs=1, kl_target=0.01, kl_horizon=100)
+    results = []
+    for apply_fn in (module.apply, minus_inf_after_eos):
+        state = TrainState.create(module, jax.tree.map(jnp.array, params), optax.sgd(0.1),
+                                  ref_params=noisy(params, 1, 0.3), kl_coef=jnp.float32(0.1))
+        state = state.replace(apply_fn=apply_fn)
+        results.append(jit_step(make_ppo_update(config))(state, batch, jax.random.key(0)))
+    (want_state, want), (state, got) = results
+    for name in want:
+        assert np.isfinite(got[name]), name
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert np.isfinite(state.kl_coef)
+    np.testing.assert_allclose(state.kl_coef, want_state.kl_coef, rtol=1e-6)
+    assert_params_close(state.params, want_state.params, atol=1e-6)
+
+
+def test_adaptive_kl_refuses_a_horizon_that_could_make_the_coefficient_nonpositive():
+    """Ziegler et al.'s factor 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon is <= 0 once
+    n / horizon >= 5: such a horizon is a config error (in the update and in the stage's
+    config, before any work); one just above the limit keeps the coefficient positive."""
+    from jaxrlhf.errors import ConfigError
+    from jaxrlhf.ppo import update_kl_coef
+    from jaxrlhf.stages.ppo import PPOStageConfig
+
+    module, params, _ = policy(value_head=True)
+    state = TrainState.create(module, params, optax.sgd(0.1), ref_params=jax.tree.map(jnp.array, params),
+                              kl_coef=jnp.float32(0.1))
+    with pytest.raises(ConfigError, match="kl_horizon"):  # B = 8 rollouts, 8 / 1 >= 5
+        jit_step(make_ppo_update(PPOConfig(epochs=1, kl_target=1.0, kl_horizon=1)))(
+            state, rollout_batch(), jax.random.key(0))
+    sections = dict(policy="p", reward=RewardSource(function="m:f"), prompts=DataConfig(path="x.jsonl"))
+    with pytest.raises(ConfigError, match="kl_horizon"):
+        PPOStageConfig(**sections, ppo=PPOConfig(kl_target=1.0, kl_horizon=6), train=TrainConfig(batch_size=32))
+    PPOStageConfig(**sections, ppo=PPOConfig(kl_target=1.0, kl_horizon=7), train=TrainConfig(batch_size=32))
+    # At the limit allowed (32 / 7 < 5) and the largest downward error (kl = 0): still > 0.
+    assert update_kl_coef(jnp.float32(0.1), jnp.float32(0.0), 32, PPOConfig(kl_target=1.0, kl_horizon=7)) > 0
 
 
 # --- Reward model and preference steps: which score is whose -----------------------------------
@@ -158,47 +213,54 @@ def test_pairwise_reward_step_is_bradley_terry_on_chosen_minus_rejected():
     assert_params_close(state.params, want_params)
 
 
-def response_logps(module, params, batch, side, average=False) -> np.ndarray:
-    """Summed (or length-averaged) logprobs of a side's response tokens (`loss_mask`), the
-    model applied directly -> `[B]`."""
+def response_logps(module, params, batch, side) -> np.ndarray:
+    """Summed logprobs of a side's response tokens (`loss_mask`), the model applied directly
+    -> `[B]`."""
     ids, mask, loss_mask = (batch[f"{side}_{k}"] for k in ("ids", "mask", "loss_mask"))
-    scored = (loss_mask * mask)[:, 1:]
-    total = np.sum(next_token_logps(module, params, ids, mask) * scored, axis=1)
-    return total / scored.sum(1) if average else total
+    return np.sum(next_token_logps(module, params, ids, mask) * (loss_mask * mask)[:, 1:], axis=1)
 
 
-def preference_formula(loss_type, pi_c, pi_r, ref_c, ref_r, n_chosen, beta, delta=1.0, reg_weight=0.1):
-    """Per-pair losses as the papers write them, and the step's margin (what accuracy counts)."""
+def preference_formula(loss_type, pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta, delta=1.0, reg_weight=0.1):
+    """Per-pair losses as the papers (and TRL) write them, from summed sequence logprobs and
+    the response lengths `n_c`, `n_r`."""
     h = (pi_c - pi_r) - (ref_c - ref_r)
     if loss_type == "sigmoid":  # DPO, Rafailov et al.
-        return np.logaddexp(0.0, -beta * h), beta * h
+        return np.logaddexp(0.0, -beta * h)
     if loss_type == "hinge":  # TRL's reference-normalised hinge
-        return np.maximum(0.0, 1.0 - beta * h), beta * h
-    if loss_type == "ipo":  # Azar et al., on length-averaged logprobs
-        return (h - 1.0 / (2.0 * beta)) ** 2, beta * h
-    # SLiC-HF, Zhao et al.: rank hinge on the policy alone + the chosen response's mean token NLL
-    return np.maximum(0.0, delta - pi_c + pi_r) + reg_weight * (-pi_c / n_chosen), pi_c - pi_r
+        return np.maximum(0.0, 1.0 - beta * h)
+    if loss_type == "ipo":  # Azar et al., on each side's log ratio over its length, as TRL
+        return ((pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r - 1.0 / (2.0 * beta)) ** 2
+    hinge = np.maximum(0.0, delta - pi_c + pi_r)  # SLiC-HF, Zhao et al.: rank hinge on the policy alone
+    if loss_type == "slic":  # ... + the sequence NLL of the SFT target (the chosen response)
+        return hinge + reg_weight * -pi_c
+    return hinge + reg_weight * (-pi_c / n_c)  # "slic-token_mean": that NLL per token
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "slic"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "slic", "slic-token_mean"])
 def test_preference_step_loss_and_metrics_follow_the_papers_on_the_model_applied_directly(loss_type):
     """The step's loss and every metric, from sequence logprobs of the chosen and rejected
     responses under the policy and a reference that differs from it, computed outside the
-    step. A swap of chosen and rejected, a reference scored with the policy's params, or a
-    missing length average for IPO all change them."""
+    step. A swap of chosen and rejected, a reference scored with the policy's params, a
+    missing length average in the IPO loss, or metrics from averaged logprobs (TRL logs sums:
+    `logps/*` the summed logprobs, `rewards/*` beta times the summed log ratios) all change
+    them; so does SLiC's regulariser per token where the paper sums over the sequence."""
     module, params0, _ = policy()
     params, ref_params, beta = noisy(params0, 5, 0.2), noisy(params0, 6, 0.2), 0.5
-    batch, average = pair_batch(), loss_type == "ipo"
-    pi_c, pi_r, ref_c, ref_r = (response_logps(module, p, batch, side, average)
+    batch = pair_batch()
+    pi_c, pi_r, ref_c, ref_r = (response_logps(module, p, batch, side)
                                 for p in (params, ref_params) for side in ("chosen", "rejected"))
-    n_chosen = (batch["chosen_loss_mask"] * batch["chosen_mask"])[:, 1:].sum(1)
-    per_pair, margin = preference_formula(loss_type, pi_c, pi_r, ref_c, ref_r, n_chosen, beta)
+    n_c, n_r = ((batch[f"{side}_loss_mask"] * batch[f"{side}_mask"])[:, 1:].sum(1) for side in ("chosen", "rejected"))
+    assert len(set(n_c) | set(n_r)) > 1, "ragged lengths make the IPO average and SLiC's sum count"
+    per_pair = preference_formula(loss_type, pi_c, pi_r, ref_c, ref_r, n_c, n_r, beta)
+    margin = pi_c - pi_r if loss_type.startswith("slic") else beta * ((pi_c - ref_c) - (pi_r - ref_r))
     want = {"loss": per_pair.mean(), "logps/chosen": pi_c.mean(), "logps/rejected": pi_r.mean(),
             "rewards/margins": margin.mean(), "rewards/accuracies": np.mean(margin > 0)}
-    if loss_type != "slic":
+    if not loss_type.startswith("slic"):
         want |= {"rewards/chosen": beta * np.mean(pi_c - ref_c), "rewards/rejected": beta * np.mean(pi_r - ref_r)}
     state = TrainState.create(module, params, optax.sgd(0.1), ref_params=ref_params)
-    _, metrics = jit_step(make_dpo_step(loss_type, beta))(state, batch, jax.random.key(0))
+    kind, _, regularizer = loss_type.partition("-")
+    step = make_dpo_step(kind, beta, **({"slic_regularizer": regularizer} if regularizer else {}))
+    _, metrics = jit_step(step)(state, batch, jax.random.key(0))
     for name, value in want.items():
         np.testing.assert_allclose(metrics[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
 
@@ -370,7 +432,7 @@ def test_dpo_stage_batches_hold_each_pair_with_its_reference_logprobs(loss_type,
     """The DPO stage's batches: chosen and rejected rows are prompt + response + EOS of the
     same pair (the loss mask on the response and EOS), one epoch holds every pair once, and the
     precomputed reference logprobs are those of the named reference (not the policy) applied
-    directly to that row, length-averaged for IPO."""
+    directly to that row, summed (IPO too: its step averages them for the loss alone)."""
     from jaxrlhf.stages import dpo
 
     rows = [{"prompt": p, "chosen": f" Of course, I will {task}.", "rejected": f" Ugh. Go {task} yourself."}
@@ -389,7 +451,7 @@ def test_dpo_stage_batches_hold_each_pair_with_its_reference_logprobs(loss_type,
     for batch in batches:
         for side in ("chosen", "rejected"):
             np.testing.assert_allclose(batch[f"ref_{side}_logps"],
-                                       response_logps(module, ref_params, batch, side, loss_type == "ipo"),
+                                       response_logps(module, ref_params, batch, side),
                                        rtol=1e-4, atol=1e-4, err_msg=side)
         split = [[(tokenizer.decode(ids[(attn == 1) & (loss == 0)]), tokenizer.decode(ids[loss == 1]))
                   for ids, attn, loss in zip(*(batch[f"{side}_{k}"] for k in ("ids", "mask", "loss_mask")))]

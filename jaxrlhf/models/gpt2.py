@@ -180,7 +180,7 @@ class GPT2LMHeadModel(nn.Module):
         values_BxL = None
         if self.value_head:
             values_BxL = _ValueHead(self.dtype, name="v_head")(head_in_BxLxD)
-        return CausalLMOutput(logits_BxLxV.astype(jnp.float32), values_BxL, hidden_BxTxD, cache)
+        return CausalLMOutput(logits_BxLxV, values_BxL, hidden_BxTxD, cache)
 
 
 class _ValueHead(nn.Module):

@@ -26,6 +26,8 @@ class DPOConfig:
     label_smoothing: float = 0.0
     slic_delta: float = 1.0
     slic_reg_weight: float = 0.1
+    # Zhao et al.'s regulariser: the chosen response's sequence NLL ("sequence"), or per token ("token_mean").
+    slic_regularizer: Literal["sequence", "token_mean"] = "sequence"
     max_length: int = 64
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
@@ -52,8 +54,9 @@ def _pair_arrays(rows, tokenizer, max_length):
     return out
 
 
-def _reference_logps(module, params, arrays, average, batch_size=64):
-    """Sequence logprobs of every pair under the frozen reference, computed once up front."""
+def _reference_logps(module, params, arrays, batch_size=64):
+    """Summed sequence logprobs of every pair under the frozen reference, computed once up
+    front (the step length-averages them itself where the loss wants that)."""
     out = {}
     for side in ("chosen", "rejected"):
         parts = []
@@ -61,7 +64,7 @@ def _reference_logps(module, params, arrays, average, batch_size=64):
         for s in range(0, n, batch_size):
             idx = np.arange(s, s + batch_size) % n  # full batches: one compiled shape
             batch = (arrays[f"{side}_{k}"][idx] for k in ("ids", "mask", "loss_mask"))
-            parts.append(np.asarray(sequence_logps_jit(module.apply, params, *batch, average=average)))
+            parts.append(np.asarray(sequence_logps_jit(module.apply, params, *batch)))
         out[f"ref_{side}_logps"] = np.concatenate(parts)[:n]
     return out
 
@@ -79,14 +82,15 @@ def run(config: DPOConfig, resume: bool = False):
             if ref_config != model_config:
                 raise ConfigError(f"reference {config.reference} is not the policy's architecture "
                                   f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
-        arrays |= _reference_logps(module, ref_params, arrays, average=config.loss_type == "ipo")
+        arrays |= _reference_logps(module, ref_params, arrays)
     out = common.prepare_output("dpo", train, config, resume, len(rows),
                                 inputs=(config.policy, config.reference, config.data.path))
     tx, lr = common.optimizer(train)
     state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")
     step = data_parallel(lambda axis: make_dpo_step(
         config.loss_type, config.beta, label_smoothing=config.label_smoothing, slic_delta=config.slic_delta,
-        slic_reg_weight=config.slic_reg_weight, axis_name=axis), train.devices)
+        slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer, axis_name=axis),
+        train.devices)
 
     def step_fn(state, i):
         batch = data.take(arrays, host_share(data.batch_indices(len(rows), train.batch_size, i, train.seed)))

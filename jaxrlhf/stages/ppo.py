@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check
 from jaxrlhf.parallel import data_parallel, host_share, unreplicate
-from jaxrlhf.ppo import PPOConfig, make_ppo_update
+from jaxrlhf.ppo import PPOConfig, check_kl_horizon, make_ppo_update
 from jaxrlhf.rewards import make_scorer, penalise_missing_eos
 from jaxrlhf.sampling import generate
 from jaxrlhf.stages import common
@@ -45,6 +45,7 @@ class PPOStageConfig:
               f"missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted)")
         check(self.train.batch_size % self.ppo.num_minibatches == 0,
               f"train.batch_size={self.train.batch_size} must be a multiple of ppo.num_minibatches")
+        check_kl_horizon(self.ppo, self.train.batch_size)
 
 
 def plan(config: PPOStageConfig) -> str:

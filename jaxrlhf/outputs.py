@@ -43,10 +43,17 @@ def check_apart(target, inputs: Iterable, what: str) -> None:
 
 
 def _own(target: Path, kind: str) -> bool:
+    """An earlier output of `kind`, holding only the files it was written with (a file added
+    since, such as a user's notes, makes it no longer ours to replace)."""
     try:
-        return json.loads((target / MARK).read_text()).get("kind") == kind
-    except (OSError, ValueError, AttributeError):
+        mark = json.loads((target / MARK).read_text())
+        return mark.get("kind") == kind and set(_files(target)) - {MARK} <= set(mark.get("files", ()))
+    except (OSError, ValueError, AttributeError, TypeError):
         return False
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
 
 
 def check_replaceable(target, kind: str, overwrite: bool = False) -> None:
@@ -57,12 +64,13 @@ def check_replaceable(target, kind: str, overwrite: bool = False) -> None:
         return
     if target.is_dir() and (not any(target.iterdir()) or _own(target, kind)):
         return
-    held = "a file" if not target.is_dir() else f"files jaxrlhf did not write ({_listing(target)})"
+    held = "a file" if not target.is_dir() else f"files jaxrlhf did not write ({listing(target)})"
     raise OutputError(f"{target} already exists and holds {held}; choose another path, or pass --overwrite "
                       "to replace it")
 
 
-def _listing(folder: Path, most: int = 3) -> str:
+def listing(folder: Path, most: int = 3) -> str:
+    """The first names in `folder`, for an error message."""
     names = sorted(p.name for p in folder.iterdir())
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
@@ -80,7 +88,7 @@ def replace_folder(target, kind: str, build: Callable[[Path], None], overwrite: 
         raise write_failed(target, e) from None
     try:
         build(staging)
-        (staging / MARK).write_text(json.dumps({"kind": kind, **record}, indent=2) + "\n")
+        (staging / MARK).write_text(json.dumps({"kind": kind, **record, "files": _files(staging)}, indent=2) + "\n")
         _swap_in(staging, target)
     except OSError as e:
         raise write_failed(target, e) from None
@@ -94,9 +102,13 @@ def _swap_in(staging: Path, target: Path) -> None:
         staging.rename(target)
         return
     old = target.with_name(f".{target.name}.old")
-    _remove(old)
+    _remove(old)  # a stale copy, from a swap interrupted before its clean-up
     target.rename(old)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except OSError:
+        old.rename(target)
+        raise
     _remove(old)
 
 

@@ -83,11 +83,18 @@ class Checkpoints:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
+    def last_good(self) -> str:
+        """Where a run stopped by a failure can resume from, for its error message."""
+        latest = self.latest()
+        where = self.manager.directory
+        return f"no checkpoint was written yet in {where}" if latest is None else \
+            f"the last good checkpoint is step {latest} in {where}"
+
     def save(self, step: int, state: Any, record: dict) -> None:
         """Save `state` as checkpoint `step`; a failed write raises an OutputError naming the
         folder, the cause and the last good checkpoint (which a failed save leaves as it was)."""
         directory = Path(self.manager.directory)
-        last_good = f"the last good checkpoint is step {self.latest()} in {directory}"
+        last_good = self.last_good()
         # Checked first, because orbax reports a full or read-only disk from many threads at once.
         need = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
         try:
@@ -170,17 +177,15 @@ def run_loop(
         values = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in jax.device_get(metrics).items()}  # [0]: the first device's copy
         bad = [k for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])]
         if bad and not values.get("skipped"):
-            raise JaxRLHFError(f"{desc}: non-finite {bad[0]}={values[bad[0]]} at step {done}; the last good "
-                               f"checkpoint is step {checkpoints.latest()} in {out_dir / 'checkpoints'} "
-                               "(train.on_nonfinite=skip skips such updates instead)")
+            raise JaxRLHFError(f"{desc}: non-finite {bad[0]}={values[bad[0]]} at step {done}; "
+                               f"{checkpoints.last_good()} (train.on_nonfinite=skip skips such updates instead)")
         if done % log_every == 0 or done == steps:
             values |= extra_metrics(done)
             values["steps_per_second"] = (done - start) / (time.perf_counter() - started)
             try:
                 log.write(done, values, echo=bar.write)
             except OSError as e:
-                raise outputs.write_failed(log.path, e, f"the last good checkpoint is step {checkpoints.latest()} "
-                                                        f"in {out_dir / 'checkpoints'}") from None
+                raise outputs.write_failed(log.path, e, checkpoints.last_good()) from None
         if done % save_every == 0 or done == steps:
             checkpoints.save(done, single(state), {**record, "step": done})
         bar.update(1)

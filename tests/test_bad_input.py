@@ -125,6 +125,8 @@ CASES = [
      r"bad/model.safetensors is not a readable safetensors file"),
     ("missing checkpoint directory", "ppo", lambda r, t, o: ppo_args(r, o, f"policy={t / 'missing'}"),
      r"checkpoint directory .*missing does not exist"),
+    ("output folder of a user's files", "sft", lambda r, t, o: sft_args(r, o, f"train.output_dir={write(t / 'notes.txt', 'x').parent}"),
+     r"output_dir .* holds files but no jaxrlhf run \(.*notes.txt.*\); choose an empty or new folder"),
     ("output folder not writable", "sft", lambda r, t, o: sft_args(r, o, f"train.output_dir={write(t / 'file', 'x')}/run"),
      r"output_dir .*file/run is not writable"),
     ("missing config file", "sft", lambda r, t, o: ["--config", str(t / "none.yaml")],

@@ -137,10 +137,13 @@ def test_save_replaces_an_earlier_export_whole_and_nothing_else(tmp_path):
     tiny_gpt2(tmp_path / "orig")
     module, params, _ = load_pretrained(tmp_path / "orig")
     save_pretrained(tmp_path / "out", module, params)
-    (tmp_path / "out" / "stale.txt").write_text("from an older export")
-    save_pretrained(tmp_path / "out", module, params)
+    save_pretrained(tmp_path / "out", module, params)  # its own earlier export: replaced
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MARK, "config.json", "model.safetensors"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    (tmp_path / "out" / "notes.txt").write_text("added to the export by its user")
+    with pytest.raises(OutputError, match=r"out already exists and holds files jaxrlhf did not write"):
+        save_pretrained(tmp_path / "out", module, params)
+    assert (tmp_path / "out" / "notes.txt").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("a user's notes")
     with pytest.raises(OutputError, match=r"mine already exists and holds files jaxrlhf did not write \(notes.txt\)"):

@@ -219,6 +219,12 @@ echo $? >"$LOGS/resumed.rc"
 """
 
 
+def user_namespaces() -> bool:
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not user_namespaces(), reason="needs unprivileged user namespaces (unshare -rm) to mount a "
+                                                  "private tmpfs; CI's machine has them")
 @pytest.mark.parametrize("break_disk,mend_disk,cause", [
     ('dd if=/dev/zero of="$DISK/filler" bs=64k 2>/dev/null', 'rm "$DISK/filler"', r"not enough space|No space left on device"),
     ('mount -o remount,ro "$DISK"', 'mount -o remount,rw "$DISK"', r"Read-only file system"),

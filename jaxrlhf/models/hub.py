@@ -313,6 +313,7 @@ def save_pretrained(
     an earlier export (`record`, e.g. the source run, goes into its marker file); a folder of
     anything else only with `overwrite` (see `jaxrlhf.outputs`).
     """
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     arch_name, head = _architecture_of(module)
@@ -330,7 +331,10 @@ def save_pretrained(
         hf = config.to_hf(arch.heads[head].hf_architecture)
         hf["torch_dtype"] = "float32"
         (staging / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        except SafetensorError as e:  # a full disk, say: a write failure like any other
+            raise OSError(f"model.safetensors: {e}") from e
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
 

@@ -98,6 +98,9 @@ def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool
     outputs.check_apart(out / "final", inputs, "train.output_dir's export")
     record = {"_stage": stage, **cfg.to_dict(config), "_working_dir": str(Path.cwd())}
     saved = _saved_config(out)
+    if saved is None and out.is_dir() and any(out.iterdir()):
+        raise OutputError(f"output_dir {out} holds files but no jaxrlhf run ({outputs.listing(out)}); choose an "
+                          "empty or new folder")
     latest = Checkpoints.latest_in(out)
     if latest is not None and not resume:
         raise JaxRLHFError(f"{out} already holds checkpoints (latest step {latest}); pass --resume to continue "
@@ -105,9 +108,8 @@ def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool
     if (out / "final").exists() and not resume:
         raise JaxRLHFError(f"{out / 'final'} already exists from an earlier run; choose another output_dir "
                            "(or pass --resume to finish that run)")
-    if resume and (latest is not None or (out / "final").exists()):
+    if resume and (latest is not None or (out / "final").exists()):  # saved is not None: checked above
         _check_same_run(out, saved, record)
-        outputs.check_replaceable(out / "final", "export")  # the export at the end replaces it
     # The working directory too: the config's relative paths are relative to it (export needs them).
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -131,11 +133,8 @@ def _saved_config(out: Path) -> dict | None:
     return saved
 
 
-def _check_same_run(out: Path, saved: dict | None, record: dict) -> None:
+def _check_same_run(out: Path, saved: dict, record: dict) -> None:
     """A resumed run must be the run whose checkpoints it continues."""
-    if saved is None:
-        raise JaxRLHFError(f"{out} holds checkpoints but no config.json saying what trained them; "
-                           "cannot resume it safely: choose another output_dir")
     if saved.get("_stage", record["_stage"]) != record["_stage"]:
         raise JaxRLHFError(f"{out} holds a {saved['_stage']} run, not a {record['_stage']} run; "
                            "choose another output_dir")
@@ -157,8 +156,11 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def export(out: Path, module, params, tokenizer) -> Path:
+    """The run's final model in HF layout at `out/final`, replacing the one an earlier part of
+    the same run wrote (`prepare_output` has checked the folder is this run's)."""
     try:
-        path = save_pretrained(out / "final", module, params, tokenizer=tokenizer, source=str(out.resolve()))
+        path = save_pretrained(out / "final", module, params, tokenizer=tokenizer, overwrite=True,
+                               source=str(out.resolve()))
     except OutputError as e:
         raise OutputError(f"{e}; the checkpoints in {out / 'checkpoints'} are complete: export one with "
                           "scripts/export.py") from None

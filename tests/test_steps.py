@@ -291,3 +291,16 @@ def test_dpo_with_precomputed_reference_logps_equals_the_in_step_reference():
     for a, b in zip(jax.tree.leaves(in_step.params), jax.tree.leaves(pre.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+
+
+def test_batches_must_split_into_microbatches_on_every_device():
+    from jaxrlhf.config import TrainConfig
+    from jaxrlhf.errors import ConfigError
+    from jaxrlhf.stages.ppo import PPOStageConfig
+
+    with pytest.raises(ConfigError, match=r"batch_size=12 does not split into grad_accum_steps=4 microbatches on "
+                                          r"each of devices=2 \(it must be a multiple of 8\)"):
+        TrainConfig(batch_size=12, devices=2, grad_accum_steps=4)
+    with pytest.raises(ConfigError, match=r"grad_accum_steps=4 must divide the 2 rows of each minibatch"):
+        PPOStageConfig(policy="p", reward=None, prompts=None, ppo=PPOConfig(num_minibatches=4),
+                       train=TrainConfig(batch_size=16, devices=2, grad_accum_steps=4))

@@ -210,13 +210,16 @@ class TrainConfig:
 
     output_dir: str = "runs/stage"
     seed: int = 0
-    batch_size: int = 16
-    steps: int = 100
+    batch_size: int = 16  # rows per step, over all devices and microbatches
+    steps: int = 100  # optimizer updates (PPO: iterations, each of ppo.epochs x ppo.num_minibatches updates)
     learning_rate: float = 1e-4
+    # The schedule and its warm-up count optimizer updates (PPO's too), so it ends with the run.
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
+    # Split each device's batch (PPO: each minibatch) into this many microbatches run one after
+    # another (less memory): the update is the whole batch's, token-weighted.
     grad_accum_steps: int = 1
     log_every: int = 10
     save_every: int = 100
@@ -226,11 +229,15 @@ class TrainConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip that update
 
     def __post_init__(self):
-        check(self.batch_size % max(self.devices, 1) == 0,
-              f"batch_size={self.batch_size} does not divide over devices={self.devices}")
         for name in ("batch_size", "steps", "log_every", "save_every", "keep_checkpoints", "grad_accum_steps",
                      "devices"):
             check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
+        check(self.batch_size % self.devices == 0,
+              f"batch_size={self.batch_size} does not divide over devices={self.devices}")
+        check(self.batch_size % (self.devices * self.grad_accum_steps) == 0,
+              f"batch_size={self.batch_size} does not split into grad_accum_steps={self.grad_accum_steps} "
+              f"microbatches on each of devices={self.devices} (it must be a multiple of "
+              f"{self.devices * self.grad_accum_steps})")
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
         check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
 

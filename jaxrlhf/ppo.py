@@ -36,6 +36,11 @@ class PPOConfig:
     kl_target: float | None = None  # adaptive control (Ziegler et al.) toward this KL
     kl_horizon: int = 10000
 
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per PPO iteration: every epoch takes one per minibatch."""
+        return self.epochs * self.num_minibatches
+
     def __post_init__(self):
         if self.kl_estimator not in losses.KL_ESTIMATORS:
             raise ConfigError(f"kl_estimator={self.kl_estimator!r} is not one of {list(losses.KL_ESTIMATORS)}")
@@ -72,7 +77,8 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
     `[B, P + N]`, `response_mask` `[B, N]`, and `scores` `[B]` unless `reward_fn` is given:
     `reward_fn(state.reward_params, sequences, attention_mask, response_mask) -> [B]`, traced
     into the update.
-    With several minibatches each device permutes its own shard of the rollout.
+    With several minibatches each device permutes its own shard of the rollout; with
+    `state.grad_accum_steps` = k each minibatch is split into k microbatches (see `apply_loss`).
     """
 
     def response_outputs(params, apply_fn, seq, attn, n):
@@ -102,17 +108,21 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
         advantages = losses.masked_whiten(advantages, resp, axis_name=axis_name)
 
         mb = b // config.num_minibatches
+        scored = {"seq": seq, "attn": attn, "resp": resp, "old_logprobs": old_logprobs, "old_values": old_values,
+                  "advantages": advantages, "returns": returns}
+
+        def loss_fn(params, batch):
+            _, logprobs, values = response_outputs(params, state.apply_fn, batch["seq"], batch["attn"], n)
+            pg, pg_metrics = losses.ppo_policy_loss(
+                logprobs, batch["old_logprobs"], batch["advantages"], batch["resp"], config.clip_eps, axis_name)
+            vf, vf_metrics = losses.ppo_value_loss(
+                values, batch["old_values"], batch["returns"], batch["resp"], config.vf_clip_eps, axis_name)
+            return pg + config.vf_coef * vf, {"policy/loss": pg, "value/loss": vf, **pg_metrics, **vf_metrics}
 
         def minibatch(state, idx):
-            def loss_fn(params):
-                _, logprobs, values = response_outputs(params, state.apply_fn, seq[idx], attn[idx], n)
-                pg, pg_metrics = losses.ppo_policy_loss(
-                    logprobs, old_logprobs[idx], advantages[idx], resp[idx], config.clip_eps, axis_name)
-                vf, vf_metrics = losses.ppo_value_loss(
-                    values, old_values[idx], returns[idx], resp[idx], config.vf_clip_eps, axis_name)
-                return pg + config.vf_coef * vf, {"policy/loss": pg, "value/loss": vf, **pg_metrics, **vf_metrics}
-
-            return apply_loss(state, loss_fn, axis_name)
+            # Every loss and metric is a mean over response tokens.
+            return apply_loss(state, loss_fn, jax.tree.map(lambda x: x[idx], scored),
+                              lambda batch: jnp.sum(batch["resp"]), axis_name)
 
         def epoch(state, epoch_key):
             order = jax.random.permutation(epoch_key, b)[: mb * config.num_minibatches]

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+from jax import lax
 
 from jaxrlhf import losses
 from jaxrlhf.errors import ConfigError
@@ -40,6 +41,9 @@ class TrainState(struct.PyTreeNode):
     # On a NaN/inf loss or gradient: False applies the update anyway (the loop then stops the
     # run); True leaves params and optimizer state as they were and reports skipped=1.
     skip_nonfinite: bool = struct.field(pytree_node=False, default=False)
+    # Microbatches per update: each batch's rows are split into this many, run one after another
+    # inside the one compiled update (only one microbatch's activations are held at a time).
+    grad_accum_steps: int = struct.field(pytree_node=False, default=1)
 
     @classmethod
     def create(cls, module, params, tx, **frozen) -> "TrainState":
@@ -55,13 +59,13 @@ def make_optimizer(
     total_steps: int | None = None,
     max_grad_norm: float | None = 1.0,
     weight_decay: float = 0.0,
-    grad_accum_steps: int = 1,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping, a warm-up then constant / linear / cosine schedule,
-    and gradient accumulation over `grad_accum_steps` calls -> (optimizer, schedule)."""
+    """AdamW with global-norm clipping and a warm-up then constant / linear / cosine schedule
+    -> (optimizer, schedule). `warmup_steps` and `total_steps` count optimizer updates: the
+    schedule is evaluated at the optimizer's own update count."""
     decays = {"constant": None, "linear": "linear", "cosine": "cosine"}
     if schedule not in decays:
         raise ConfigError(f"schedule={schedule!r} is not one of {sorted(decays)}")
@@ -77,15 +81,40 @@ def make_optimizer(
     lr = optax.join_schedules([warmup, after], [warmup_steps]) if warmup else after
     parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     tx = optax.chain(*parts, optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-    if grad_accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
     return tx, lr
 
 
-def apply_loss(state: TrainState, loss_fn, axis_name: str | None) -> tuple[TrainState, Metrics]:
-    """One optimizer step on `loss_fn(params) -> (loss share, metric shares)`; gradients and
-    metrics are summed over `axis_name` first."""
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+def rows(batch) -> jax.Array:
+    """The number of rows of a batch: the count a per-row mean divides by (see `apply_loss`)."""
+    return jnp.float32(jax.tree.leaves(batch)[0].shape[0])
+
+
+def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | None) -> tuple[TrainState, Metrics]:
+    """One optimizer update on the whole `batch` (arrays with rows on axis 0).
+
+    `loss_fn(params, batch) -> (loss share, metric shares)`: means over `count_fn(batch)`
+    (the loss's denominator on this device's batch: its tokens, or `rows`), as shares of the
+    mean over devices when `axis_name` is set. The batch is split into
+    `state.grad_accum_steps` = k microbatches `[k, B / k, ...]`, run one after another
+    (`lax.scan`); each microbatch's loss, gradient and metrics are scaled by its share of the
+    whole batch's count, so their sum (then over devices) is the whole batch's mean: k
+    microbatches give the update of one, however their token counts differ."""
+    k = state.grad_accum_steps
+    b = jax.tree.leaves(batch)[0].shape[0]
+    if b % k:
+        raise ConfigError(f"a batch of {b} rows does not split into grad_accum_steps={k} microbatches")
+    micro = jax.tree.map(lambda x: x.reshape(k, b // k, *x.shape[1:]), batch)
+    counts_K = psum(jax.vmap(count_fn)(micro), axis_name)  # each microbatch's count on all devices
+    weights_K = counts_K / jnp.maximum(jnp.sum(counts_K), 1.0)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(total, xs):
+        microbatch, weight = xs
+        return jax.tree.map(lambda t, x: t + weight * x, total, grad_fn(state.params, microbatch)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro)))
+    ((loss, metrics), grads), _ = lax.scan(accumulate, zeros, (micro, weights_K))
     grads, loss, metrics = psum((grads, loss, metrics), axis_name)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -123,17 +152,19 @@ def make_sft_step(axis_name: str | None = None):
     """Next-token NLL on the response. Batch: `input_ids`, `attention_mask`, `loss_mask`
     (1 on the tokens to learn, i.e. the response), all `[B, T]`."""
 
+    def learned_tokens(batch):  # [B, T - 1]: which next tokens the loss is on
+        return batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
+
     def step(state: TrainState, batch, key):
         del key  # SFT has no randomness (dropout is off)
 
-        def loss_fn(params):
+        def loss_fn(params, batch):
             logits = state.apply_fn({"params": params}, batch["input_ids"], batch["attention_mask"],
                                     head_slice=slice(0, -1)).logits
-            mask = batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
-            loss = losses.sft_loss(logits, batch["input_ids"][:, 1:], mask, axis_name)
+            loss = losses.sft_loss(logits, batch["input_ids"][:, 1:], learned_tokens(batch), axis_name)
             return loss, {}
 
-        return apply_loss(state, loss_fn, axis_name)
+        return apply_loss(state, loss_fn, batch, lambda batch: jnp.sum(learned_tokens(batch)), axis_name)
 
     return step
 
@@ -156,7 +187,7 @@ def make_reward_step(kind: str = "regression", axis_name: str | None = None):
     def step(state: TrainState, batch, key):
         del key
 
-        def loss_fn(params):
+        def loss_fn(params, batch):
             if kind == "regression":
                 pred = _scores(state, params, batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
                 return losses.regression_loss(pred, batch["target"], axis_name), {
@@ -172,7 +203,7 @@ def make_reward_step(kind: str = "regression", axis_name: str | None = None):
                 "reward/margin": _mean(chosen - rejected, axis_name),
             }
 
-        return apply_loss(state, loss_fn, axis_name)
+        return apply_loss(state, loss_fn, batch, rows, axis_name)
 
     return step
 
@@ -221,21 +252,19 @@ def make_dpo_step(
 
     def step(state: TrainState, batch, key):
         del key
-        if loss_type == "slic":
-            ref_chosen = ref_rejected = None
-        elif "ref_chosen_logps" in batch:
-            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        else:
-            ref_chosen, ref_rejected = jax.lax.stop_gradient(summed_logps(state, state.ref_params, batch))
-        n_chosen, n_rejected = (
-            jnp.maximum(jnp.sum(scored_mask(batch[f"{side}_mask"], batch[f"{side}_loss_mask"]), axis=-1), 1.0)
-            for side in ("chosen", "rejected"))
+        if loss_type != "slic" and "ref_chosen_logps" not in batch:
+            ref = jax.lax.stop_gradient(summed_logps(state, state.ref_params, batch))
+            batch = batch | dict(zip(("ref_chosen_logps", "ref_rejected_logps"), ref))
 
-        def seen_by_loss(chosen_B, rejected_B):
-            """Summed logprobs, or each over its response's length (IPO, as TRL)."""
-            return (chosen_B / n_chosen, rejected_B / n_rejected) if average else (chosen_B, rejected_B)
+        def loss_fn(params, batch):
+            n_chosen, n_rejected = (
+                jnp.maximum(jnp.sum(scored_mask(batch[f"{side}_mask"], batch[f"{side}_loss_mask"]), axis=-1), 1.0)
+                for side in ("chosen", "rejected"))
 
-        def loss_fn(params):
+            def seen_by_loss(chosen_B, rejected_B):
+                """Summed logprobs, or each over its response's length (IPO, as TRL)."""
+                return (chosen_B / n_chosen, rejected_B / n_rejected) if average else (chosen_B, rejected_B)
+
             chosen, rejected = summed_logps(state, params, batch)
             seen_chosen, seen_rejected = seen_by_loss(chosen, rejected)
             metrics = {"logps/chosen": _mean(chosen, axis_name), "logps/rejected": _mean(rejected, axis_name)}
@@ -244,6 +273,7 @@ def make_dpo_step(
                 per_pair = losses.slic_loss(seen_chosen, seen_rejected, reg_nll, slic_delta, slic_reg_weight)
                 margin = chosen - rejected
             else:
+                ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
                 per_pair = losses.preference_loss(seen_chosen, seen_rejected, *seen_by_loss(ref_chosen, ref_rejected),
                                                   beta, loss_type, label_smoothing)
                 r_chosen, r_rejected = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
@@ -254,6 +284,6 @@ def make_dpo_step(
                         "rewards/accuracies": _mean((margin > 0).astype(jnp.float32), axis_name)}
             return _mean(per_pair, axis_name), jax.lax.stop_gradient(metrics)
 
-        return apply_loss(state, loss_fn, axis_name)
+        return apply_loss(state, loss_fn, batch, rows, axis_name)
 
     return step

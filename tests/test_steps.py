@@ -161,23 +161,102 @@ def test_ppo_raises_a_fixed_reward():
     assert float(metrics["objective/kl"]) > 0
 
 
-def test_gradient_accumulation_applies_the_mean_gradient_every_k_calls():
+def accumulating(state, k):
+    return state.replace(grad_accum_steps=k)
+
+
+def test_k_microbatches_give_the_token_weighted_whole_batch_update():
+    """Halves with different numbers of loss tokens: the update is the whole batch's mean
+    gradient (token-weighted), not the mean of the two halves' means."""
     whole = sft_batch(seed=5)
     halves = [{k: v[:4] for k, v in whole.items()}, {k: v[4:] for k, v in whole.items()}]
+    tokens = [float(np.sum(h["loss_mask"][:, 1:] * h["attention_mask"][:, 1:])) for h in halves]
+    assert tokens[0] != tokens[1], tokens
     module, params, _ = policy()
-    # A large eps keeps Adam's update smooth in the gradient (no sign flips on tiny components).
-    tx, _ = make_optimizer(0.5, grad_accum_steps=2, max_grad_norm=None, eps=1.0)
+    tx = optax.sgd(0.5)  # the update is the gradient itself
     step = jit_step(make_sft_step())
-    state, _ = step(TrainState.create(module, copy(params), tx), halves[0], jax.random.key(0))
-    np.testing.assert_array_equal(jax.tree.leaves(state.params)[0], jax.tree.leaves(params)[0])  # not yet
-    state, _ = step(state, halves[1], jax.random.key(1))
-    # One AdamW step on the mean of the two gradients: compare with optax directly.
-    grad_fn = jax.jit(jax.grad(lambda p, h: _sft_loss(module, p, h)))
-    grads = jax.tree.map(lambda a, b: (a + b) / 2, *[grad_fn(params, h) for h in halves])
-    direct = optax.adamw(0.5, eps=1.0, weight_decay=0.0)
-    updates, _ = direct.update(grads, direct.init(params), params)
-    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(optax.apply_updates(params, updates))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    two, _ = step(accumulating(TrainState.create(module, copy(params), tx), 2), whole, jax.random.key(0))
+    one, _ = step(TrainState.create(module, copy(params), tx), whole, jax.random.key(0))
+    # By hand: each half's summed token NLL, over the whole batch's token count.
+    sum_grad = jax.jit(jax.grad(lambda p, h, n: _sft_loss(module, p, h) * n))
+    grads = jax.tree.map(lambda a, b: (a + b) / sum(tokens), *[sum_grad(params, h, n) for h, n in zip(halves, tokens)])
+    by_hand = optax.apply_updates(params, jax.tree.map(lambda g: -0.5 * g, grads))
+    for a, b, c in zip(*map(jax.tree.leaves, (two.params, one.params, by_hand))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(c), atol=1e-6)
+    equal_weights = jax.tree.map(lambda a, b: (a / tokens[0] + b / tokens[1]) / 2,
+                                 *[sum_grad(params, h, n) for h, n in zip(halves, tokens)])
+    assert optax.global_norm(jax.tree.map(jnp.subtract, grads, equal_weights)) > 1e-3  # the test can tell
+
+
+@pytest.mark.parametrize("kind", ["regression", "sigmoid", "slic", "ppo"])
+def test_every_update_accumulates_to_its_whole_batch_update(kind):
+    tx = optax.sgd(0.5)
+    step, state, batch = build(kind, tx)
+    one, one_metrics = jit_step(step)(state, batch, jax.random.key(0))
+    two, two_metrics = jit_step(step)(accumulating(build(kind, tx)[1], 2), batch, jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+    # Accuracy is a step function of margins that start at 0 (policy = reference): rounding flips it.
+    for name in set(one_metrics) - {"rewards/accuracies"}:
+        np.testing.assert_allclose(two_metrics[name], one_metrics[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_microbatches_on_four_devices_give_the_one_device_update():
+    tx = optax.sgd(0.5)
+    step, state, batch = build("sft", tx)
+    one, _ = jit_step(step)(state, batch, jax.random.key(0))
+    pstep, pstate, _ = build("sft", tx, axis_name=AXIS)
+    four, _ = pmap_step(pstep)(replicate(accumulating(pstate, 2)), shard(batch, 4), jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(unreplicate(four).params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+
+
+def update_counts(state):
+    return {int(c) for _, c in optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")}
+
+
+def test_a_ppo_schedule_counts_every_update_and_ends_with_the_run():
+    """3 iterations x 4 epochs x 2 minibatches = 24 updates: warm-up over 4 updates, linear
+    decay to 0 at update 24; the logged lr is the lr of the update just taken."""
+    from jaxrlhf.config import TrainConfig
+    from jaxrlhf.stages.common import optimizer
+
+    config = PPOConfig(epochs=4, num_minibatches=2)
+    tx, lr_at_step = optimizer(TrainConfig(steps=3, batch_size=B, learning_rate=1e-2, schedule="linear",
+                                           warmup_steps=4), config.updates_per_step)
+    module, params, _ = policy(value_head=True)
+    state = TrainState.create(module, params, tx, ref_params=copy(params), kl_coef=jnp.float32(0.1))
+    update = jit_step(make_ppo_update(config))
+    for s in (1, 2, 3):
+        before = copy(state.params)  # the step donates the state
+        state, _ = update(state, rollout_batch(seed=s), jax.random.key(s))
+        assert update_counts(state) == {8 * s}
+        np.testing.assert_allclose(lr_at_step(s), 1e-2 * min((8 * s - 1) / 4, (24 - 8 * s + 1) / 20), rtol=1e-6)
+        moved = optax.global_norm(jax.tree.map(jnp.subtract, state.params, before))
+        assert moved > 1e-4, f"iteration {s} took updates at lr 0"
+    np.testing.assert_allclose(lr_at_step(3), 1e-2 / 20, rtol=1e-6)  # the last update's lr, then 0
+
+
+def test_warmup_and_decay_count_updates_under_accumulation():
+    """4 steps of 2 microbatches are 4 updates: warm-up over 2 then decay to 0 after the 4th."""
+    from jaxrlhf.config import TrainConfig
+    from jaxrlhf.stages.common import optimizer
+
+    train = TrainConfig(steps=4, batch_size=B, learning_rate=1e-2, schedule="linear", warmup_steps=2,
+                        grad_accum_steps=2)
+    tx, lr_at_step = optimizer(train)
+    module, params, _ = policy()
+    state = TrainState.create(module, params, tx, grad_accum_steps=train.grad_accum_steps)
+    step = jit_step(make_sft_step())
+    moved = []
+    for s in (1, 2, 3, 4):
+        before = copy(state.params)  # the step donates the state
+        state, _ = step(state, sft_batch(seed=s), jax.random.key(s))
+        assert update_counts(state) == {s}
+        moved.append(float(optax.global_norm(jax.tree.map(jnp.subtract, state.params, before))))
+    np.testing.assert_allclose([lr_at_step(s) for s in (1, 2, 3, 4)], [0, 5e-3, 1e-2, 5e-3], atol=1e-9)
+    assert moved[0] == 0 and min(moved[1:]) > 1e-4, moved  # the first update is at lr 0 (warm-up)
 
 
 def _sft_loss(module, params, batch):
@@ -212,3 +291,16 @@ def test_dpo_with_precomputed_reference_logps_equals_the_in_step_reference():
     for a, b in zip(jax.tree.leaves(in_step.params), jax.tree.leaves(pre.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+
+
+def test_batches_must_split_into_microbatches_on_every_device():
+    from jaxrlhf.config import TrainConfig
+    from jaxrlhf.errors import ConfigError
+    from jaxrlhf.stages.ppo import PPOStageConfig
+
+    with pytest.raises(ConfigError, match=r"batch_size=12 does not split into grad_accum_steps=4 microbatches on "
+                                          r"each of devices=2 \(it must be a multiple of 8\)"):
+        TrainConfig(batch_size=12, devices=2, grad_accum_steps=4)
+    with pytest.raises(ConfigError, match=r"grad_accum_steps=4 must divide the 2 rows of each minibatch"):
+        PPOStageConfig(policy="p", reward=None, prompts=None, ppo=PPOConfig(num_minibatches=4),
+                       train=TrainConfig(batch_size=16, devices=2, grad_accum_steps=4))

@@ -73,10 +73,16 @@ def check_context(tokens: int, what: str, model_config) -> None:
         raise ConfigError(f"{what} exceeds the model's context (n_positions={model_config.n_positions})")
 
 
-def optimizer(train: cfg.TrainConfig):
-    return make_optimizer(
-        train.learning_rate, schedule=train.schedule, warmup_steps=train.warmup_steps, total_steps=train.steps,
-        max_grad_norm=train.max_grad_norm, weight_decay=train.weight_decay, grad_accum_steps=train.grad_accum_steps)
+def optimizer(train: cfg.TrainConfig, updates_per_step: int = 1):
+    """The optimizer of a stage whose every step makes `updates_per_step` optimizer updates
+    (PPO: epochs x minibatches) -> (optimizer, lr_at_step). The schedule counts updates, so it
+    ends with the run; `lr_at_step(s)` is the learning rate of the last update of step `s`
+    (1-based: the update just taken), as the stages log it."""
+    tx, schedule = make_optimizer(
+        train.learning_rate, schedule=train.schedule, warmup_steps=train.warmup_steps,
+        total_steps=train.steps * updates_per_step, max_grad_norm=train.max_grad_norm,
+        weight_decay=train.weight_decay)
+    return tx, lambda s: float(schedule(s * updates_per_step - 1))  # optax counts updates from 0
 
 
 # What a resumed run may change: how long it runs, what it logs and keeps, on how many devices

@@ -86,7 +86,8 @@ def run(config: DPOConfig, resume: bool = False):
     out = common.prepare_output("dpo", train, config, resume, len(rows),
                                 inputs=(config.policy, config.reference, config.data.path))
     tx, lr = common.optimizer(train)
-    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")
+    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
+                              grad_accum_steps=train.grad_accum_steps)
     step = data_parallel(lambda axis: make_dpo_step(
         config.loss_type, config.beta, label_smoothing=config.label_smoothing, slic_delta=config.slic_delta,
         slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer, axis_name=axis),
@@ -99,6 +100,6 @@ def run(config: DPOConfig, resume: bool = False):
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
                      record={"stage": config.loss_type}, tensorboard=train.tensorboard, devices=train.devices, desc=config.loss_type,
-                     extra_metrics=lambda s: {"learning_rate": float(lr(s)),
+                     extra_metrics=lambda s: {"learning_rate": lr(s),
                                               "epoch": s / max(len(rows) // train.batch_size, 1)})
     return common.export(out, module, jax.device_get(state.params), tokenizer)

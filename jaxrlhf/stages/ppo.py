@@ -46,6 +46,11 @@ class PPOStageConfig:
         check(self.train.batch_size % self.ppo.num_minibatches == 0,
               f"train.batch_size={self.train.batch_size} must be a multiple of ppo.num_minibatches")
         check_kl_horizon(self.ppo, self.train.batch_size)
+        per_device = self.train.batch_size // self.train.devices // self.ppo.num_minibatches
+        check(per_device % self.train.grad_accum_steps == 0,
+              f"train.grad_accum_steps={self.train.grad_accum_steps} must divide the {per_device} rows of each "
+              f"minibatch on a device (train.batch_size={self.train.batch_size} / train.devices="
+              f"{self.train.devices} / ppo.num_minibatches={self.ppo.num_minibatches})")
 
 
 def plan(config: PPOStageConfig) -> str:
@@ -67,9 +72,10 @@ def run(config: PPOStageConfig, resume: bool = False):
     settings = sampling_config(config.sampling, tokenizer, model_config)
     out = common.prepare_output("ppo", train, config, resume, len(rows),
                                 inputs=(config.policy, config.reward.model, config.prompts.path))
-    tx, lr = common.optimizer(train)
+    tx, lr = common.optimizer(train, config.ppo.updates_per_step)
     state = TrainState.create(module, params, tx, ref_params=jax.tree.map(jnp.array, params),
-                              kl_coef=jnp.float32(config.ppo.kl_coef), skip_nonfinite=train.on_nonfinite == "skip")
+                              kl_coef=jnp.float32(config.ppo.kl_coef), skip_nonfinite=train.on_nonfinite == "skip",
+                              grad_accum_steps=train.grad_accum_steps)
     update = data_parallel(lambda axis: make_ppo_update(config.ppo, axis_name=axis), train.devices)
 
     def step_fn(state, i):
@@ -93,7 +99,7 @@ def run(config: PPOStageConfig, resume: bool = False):
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
                      record={"stage": "ppo"}, tensorboard=train.tensorboard, devices=train.devices, desc="ppo",
-                     extra_metrics=lambda s: {"learning_rate": float(lr(s * config.ppo.epochs * config.ppo.num_minibatches))})
+                     extra_metrics=lambda s: {"learning_rate": lr(s)})
     # The export is the plain LM (the value head stays in the checkpoints).
     lm_params = {"transformer": jax.device_get(state.params)["transformer"]}
     return common.export(out, module.clone(value_head=False), lm_params, tokenizer)

@@ -46,7 +46,8 @@ def run(config: SFTConfig, resume: bool = False):
                                 inputs=(config.model, config.tokenizer, config.data.path))
     train = config.train
     tx, lr = common.optimizer(train)
-    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip")
+    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
+                              grad_accum_steps=train.grad_accum_steps)
     step = data_parallel(make_sft_step, train.devices)
 
     def step_fn(state, i):
@@ -57,5 +58,5 @@ def run(config: SFTConfig, resume: bool = False):
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
                      record={"stage": "sft"}, tensorboard=train.tensorboard, devices=train.devices, desc="sft",
-                     extra_metrics=lambda s: {"learning_rate": float(lr(s)), "epoch": s / max(per_epoch, 1)})
+                     extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(per_epoch, 1)})
     return common.export(out, module, jax.device_get(state.params), tokenizer)

@@ -86,10 +86,11 @@ def optimizer(train: cfg.TrainConfig, updates_per_step: int = 1):
 
 
 # What a resumed run may change: how long it runs, what it logs and keeps, on how many devices
-# (N devices take the one-device update), what it does on a NaN, and where the folder is (it may
-# have been moved). Anything else would make config.json describe steps it did not train.
+# and in how many microbatches (either way the update of the whole batch), what it does on a
+# NaN, and where the folder is (it may have been moved). Anything else would make config.json
+# describe steps it did not train.
 RESUMABLE = ("train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.tensorboard",
-             "train.devices", "train.on_nonfinite", "train.output_dir")
+             "train.devices", "train.grad_accum_steps", "train.on_nonfinite", "train.output_dir")
 
 
 def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool, rows: int,

@@ -146,18 +146,15 @@ def run_loop(
 ) -> Any:
     """Run steps [start, steps) with checkpoints every `save_every` and at the end -> state.
 
-    Without `resume`, an output folder that already holds checkpoints is an error: nothing
-    written by an earlier run is overwritten. NaN or inf in a logged loss stops the run with
-    an error naming the step, before anything is saved over the last good checkpoint."""
+    `out_dir` is a folder `stages.common.prepare_output` has checked for this run (it refuses
+    checkpoints there without `resume`); with `resume`, the run continues from its latest
+    checkpoint. NaN or inf in a logged loss stops the run with an error naming the step,
+    before anything is saved over the last good checkpoint."""
     from tqdm.auto import tqdm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(out_dir, keep_checkpoints)
     start = 0
-    latest = checkpoints.latest()
-    if latest is not None and not resume:
-        raise JaxRLHFError(f"{out_dir} already holds checkpoints (latest step {latest}); pass --resume to "
-                           "continue that run, or choose another output_dir")
+    latest = checkpoints.latest() if resume else None
     if latest is not None:
         state, _ = checkpoints.restore(latest, state)
         start = latest

@@ -41,9 +41,10 @@ def model_scorer(source: RewardSource) -> Scorer:
     forward = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask)[:, label])
     # prompt + response too long for the scorer keeps its end: the response the score is about.
     keep = "start" if source.text == "response" else "end"
-    warned = []
+    warned = False
 
     def score(prompts: list[str], responses: list[str]) -> np.ndarray:
+        nonlocal warned
         texts = _texts(source, prompts, responses)
         out, cut = [], []
         for start in range(0, len(texts), source.batch_size):
@@ -53,7 +54,7 @@ def model_scorer(source: RewardSource) -> Scorer:
             out.append(np.asarray(forward(params, enc["input_ids"], enc["attention_mask"]))[: len(chunk)])
             cut.append(enc["cut"][: len(chunk)])
         if not warned and np.concatenate(cut).any():  # once per scorer: it runs every PPO step
-            warned.append(True)
+            warned = True
             warn_cut(np.concatenate(cut), f"texts cut to the reward model's max_length={source.max_length} "
                                           f"(their {keep} kept); later cuts are not reported")
         return np.concatenate(out).astype(np.float32)

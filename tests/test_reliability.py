@@ -52,6 +52,21 @@ def test_stages_on_one_and_four_devices_end_with_the_same_params(tiny_run, tmp_p
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name,extra", [
+    ("sft.yaml", ["train.steps=3", "train.batch_size=16"]),
+    ("dpo.yaml", ["train.steps=2", "train.batch_size=8"]),
+])
+def test_stages_in_two_microbatches_end_with_the_one_batch_params(tiny_run, tmp_path, name, extra):
+    """What lets a resume change train.grad_accum_steps: the stage's update is the whole batch's."""
+    from jaxrlhf.stages import dpo, sft
+
+    module = {"sft.yaml": sft, "dpo.yaml": dpo}[name]
+    whole = module.run(stage_config(module, name, tiny_run, tmp_path / "whole", [*extra, "train.grad_accum_steps=1"]))
+    split = module.run(stage_config(module, name, tiny_run, tmp_path / "split", [*extra, "train.grad_accum_steps=2"]))
+    for a, b in zip(final_params(whole), final_params(split)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+
+
 def test_devices_must_exist_and_divide_the_batch(tiny_run, tmp_path):
     from jaxrlhf.errors import ConfigError
     from jaxrlhf.stages import sft

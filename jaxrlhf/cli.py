@@ -11,8 +11,27 @@ from jaxrlhf import config as cfg
 from jaxrlhf.errors import JaxRLHFError
 from jaxrlhf.parallel import initialize_multihost
 
-MULTIHOST_HELP = ("join the other hosts first (jax.distributed.initialize; run the same command on every host, "
-                  "the cluster's scheduler supplies the coordinator and process ids)")
+
+
+def add_multihost_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "multi-process runs", "Run the same command in every process, each with its own --process-id; all "
+        "processes' devices form one mesh and every process gets the same output_dir (a shared filesystem).")
+    group.add_argument("--multihost", action="store_true",
+                       help="join the other processes first (jax.distributed.initialize); on a cluster with a "
+                            "scheduler (SLURM, Cloud TPU) the flags below are discovered")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    group.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+
+
+def join_processes(args) -> None:
+    """Join a multi-process run as the flags say (before anything starts JAX)."""
+    given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f) is not None]
+    if given and not args.multihost:
+        raise JaxRLHFError(f"--{given[0].replace('_', '-')} is for multi-process runs; add --multihost")
+    if args.multihost:
+        initialize_multihost(args.coordinator, args.num_processes, args.process_id)
 
 # stage name -> module holding its config class, `plan(config)` and `run(config, resume)`
 STAGES = {
@@ -45,7 +64,7 @@ def stage_main(name: str, argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="validate the config, print the plan, run nothing")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
-    parser.add_argument("--multihost", action="store_true", help=MULTIHOST_HELP)
+    add_multihost_flags(parser)
     # Stages that write one output whole (pairs, evaluations) may replace what is there when told.
     writes_whole = "overwrite" in inspect.signature(module.run).parameters
     if writes_whole:
@@ -53,8 +72,7 @@ def stage_main(name: str, argv=None) -> int:
                             help="replace whatever is at the output path (refused by default)")
     args = parser.parse_args(argv)
     try:
-        if args.multihost:
-            initialize_multihost()
+        join_processes(args)
         config = cfg.locate_reward_functions(cfg.load(config_cls, args.config, args.overrides),
                                              args.config.parent if args.config else None)
         print(module.plan(config))
@@ -92,11 +110,10 @@ def pipeline_main(argv=None) -> int:
     parser.add_argument("--config", type=Path, default=Path("configs/tiny/pipeline.yaml"))
     parser.add_argument("--dry-run", action="store_true", help="validate every stage config and print the plan")
     parser.add_argument("--resume", action="store_true", help="skip finished stages, resume the interrupted one")
-    parser.add_argument("--multihost", action="store_true", help=MULTIHOST_HELP)
+    add_multihost_flags(parser)
     args = parser.parse_args(argv)
     try:
-        if args.multihost:
-            initialize_multihost()
+        join_processes(args)
         stages = load_pipeline(args.config)
         for i, (name, module, config) in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {module.plan(config)}")

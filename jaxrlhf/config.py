@@ -205,6 +205,19 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The devices a stage runs on (all processes): `data` x `fsdp`. Rows of every batch split
+    over all of them; `fsdp` > 1 also splits params and optimizer state (ZeRO-3 style)."""
+
+    data: int | None = None  # null: every device the fsdp axis leaves
+    fsdp: int = 1
+
+    def __post_init__(self):
+        check(self.data is None or self.data >= 1, f"mesh.data={self.data} must be at least 1 (or null: all devices)")
+        check(self.fsdp >= 1, f"mesh.fsdp={self.fsdp} must be at least 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimizer, schedule, loop length, checkpoints and logs of a training stage."""
 
@@ -225,19 +238,13 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 2
     tensorboard: bool = False
-    devices: int = 1  # local devices for data parallelism (pmap); batch_size must divide over them
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient: stop, or skip that update
 
     def __post_init__(self):
-        for name in ("batch_size", "steps", "log_every", "save_every", "keep_checkpoints", "grad_accum_steps",
-                     "devices"):
+        for name in ("batch_size", "steps", "log_every", "save_every", "keep_checkpoints", "grad_accum_steps"):
             check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be at least 1")
-        check(self.batch_size % self.devices == 0,
-              f"batch_size={self.batch_size} does not divide over devices={self.devices}")
-        check(self.batch_size % (self.devices * self.grad_accum_steps) == 0,
-              f"batch_size={self.batch_size} does not split into grad_accum_steps={self.grad_accum_steps} "
-              f"microbatches on each of devices={self.devices} (it must be a multiple of "
-              f"{self.devices * self.grad_accum_steps})")
+        # How rows split over the devices is checked when the mesh exists (stages.common.make_mesh).
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
         check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
 

@@ -7,16 +7,15 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import data, outputs
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, check
+from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection, check
+from jaxrlhf.parallel import check_rows, gather, is_main, make_mesh, on_host, put_rows, put_state, sync
 from jaxrlhf.rewards import make_scorer
-from jaxrlhf.sampling import generate
 from jaxrlhf.stages.common import check_policy, load_policy
 from jaxrlhf.steps import sequence_logps_jit
-from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sampling_config
+from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sample, sampling_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +29,7 @@ class EvaluateConfig:
     seed: int = 0
     samples_to_show: int = 8
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
         check(bool(self.policies), "policies must name at least one checkpoint")
@@ -47,8 +47,10 @@ def distinct_n(texts: list[str], n: int) -> float:
     return len(set(grams)) / max(len(grams), 1)
 
 
-def _sample_policy(config, path, ref, ids, mask, texts, scorers):
-    module, params, model_config, tokenizer = load_policy(path)
+def _sample_policy(config, path, ref, ids, mask, texts, scorers, mesh):
+    with on_host():  # the whole model is built on the host, then laid out on the mesh
+        module, params, model_config, tokenizer = load_policy(path)
+    params = put_state(params, mesh)
     settings = sampling_config(config.sampling, tokenizer, model_config)
     ref_module, ref_params = ref
     responses, kls, lengths = [], [], []
@@ -56,17 +58,18 @@ def _sample_policy(config, path, ref, ids, mask, texts, scorers):
     for start in range(0, n, config.batch_size):
         idx = np.arange(start, start + config.batch_size) % n  # full batches: one compiled shape
         key = jax.random.fold_in(jax.random.key(config.seed), start)
-        out = generate(module, params, jnp.asarray(ids[idx]), jnp.asarray(mask[idx]), key, settings)
+        out = sample(module, params, ids[idx], mask[idx], key, settings, mesh)
         keep = min(config.batch_size, n - start)
         responses += decode_responses(tokenizer, out)[:keep]
         # Summed logprobs of each response under the policy and the reference, both at the
         # sampling temperature: the KL of the distribution the replies were drawn from.
-        response_only = out.attention_mask.at[:, : -out.response_mask.shape[1]].set(0)
-        policy_lp, ref_lp = (sequence_logps_jit(m.apply, p, out.sequences, out.attention_mask, response_only,
-                                                temperature=config.sampling.temperature)
+        response_only = out.attention_mask.copy()
+        response_only[:, : -out.response_mask.shape[1]] = 0
+        scored = put_rows((out.sequences, out.attention_mask, response_only), mesh)
+        policy_lp, ref_lp = (gather(sequence_logps_jit(m.apply, p, *scored, temperature=config.sampling.temperature))
                              for m, p in ((module, params), (ref_module, ref_params)))
-        kls += list(np.asarray(policy_lp - ref_lp)[:keep])
-        lengths += list(np.asarray(out.response_mask.sum(-1))[:keep])
+        kls += list((policy_lp - ref_lp)[:keep])
+        lengths += list(out.response_mask.sum(-1)[:keep])
     scores = {s: scorer(texts, responses) for s, scorer in scorers.items()}
     return responses, scores, np.asarray(kls), np.asarray(lengths)
 
@@ -83,15 +86,19 @@ def run(config: EvaluateConfig, resume: bool = False, overwrite: bool = False) -
     outputs.check_replaceable(out_dir, "evaluation", overwrite)
     for path in (config.reference, *config.policies.values()):
         check_policy(path)
-    ref_module, ref_params, _, tokenizer = load_policy(config.reference)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    check_rows(config.batch_size, mesh, "batch_size")
+    with on_host():
+        ref_module, ref_params, _, tokenizer = load_policy(config.reference)
+    ref_params = put_state(ref_params, mesh)
     rows = data.load_rows(config.prompts, ("prompt",))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
-    scorers = {name: make_scorer(source) for name, source in config.scorers.items()}
+    scorers = {name: make_scorer(source, mesh) for name, source in config.scorers.items()}
     results, samples = {}, {}
     for name, path in config.policies.items():
         print(f"evaluating {name} ({path}) on {len(texts)} prompts")
         responses, scores, kls, lengths = _sample_policy(
-            config, path, (ref_module, ref_params), ids, mask, texts, scorers)
+            config, path, (ref_module, ref_params), ids, mask, texts, scorers, mesh)
         samples[name] = responses
         results[name] = {
             **{f"{s}/{stat}": float(fn(v)) for s, v in scores.items()
@@ -103,10 +110,12 @@ def run(config: EvaluateConfig, resume: bool = False, overwrite: bool = False) -
             "_scores": {s: v.tolist() for s, v in scores.items()},
         }
     table = _table(results)
-    outputs.replace_folder(out_dir, "evaluation", lambda d: _write(d, config, texts, results, samples, table),
-                           overwrite=overwrite)
-    print("\n".join(table))
-    print(f"results, samples and plot in {out_dir}")
+    if is_main():  # every process holds the same results
+        outputs.replace_folder(out_dir, "evaluation", lambda d: _write(d, config, texts, results, samples, table),
+                               overwrite=overwrite)
+        print("\n".join(table))
+        print(f"results, samples and plot in {out_dir}")
+    sync("evaluate: written")
     return out_dir
 
 

@@ -1,45 +1,190 @@
-"""Data parallelism with `pmap`: one axis name, replicated state, sharded batches.
+"""One global mesh for 1 device, N devices and N hosts; and `pmap_step` for pmap-style users.
 
-Update functions are written per device: they take `axis_name` (None on one device), sum
-their gradients and statistics over it (see `losses` for why sums of global-mean shares), and
-derive per-device randomness with `device_key`. This module only wraps them.
+The stages run on a `jax.sharding.Mesh` over the devices of every process, with two axes:
+`data` (replicas) and `fsdp` (replicas that also split the params and optimizer state between
+them). Batch rows are split over both axes; steps are the update functions written for one
+device (`axis_name=None`), compiled with `jax.jit` over global `jax.Array`s, so the math is the
+one-device math whatever the mesh (only the order of float sums changes). Every process holds
+the same host data (the whole global batch); each puts only its own devices' rows.
+
+Update functions also take `axis_name` for `pmap` (see `losses` for why they sum shares of
+the global mean); `pmap_step` keeps that style working on local devices.
 """
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrlhf.errors import ConfigError
 
-AXIS = "batch"
+AXIS = "batch"  # pmap_step's axis name
+DATA, FSDP = "data", "fsdp"
+ROWS = (DATA, FSDP)  # batch rows are split over both mesh axes
+# Params smaller than this stay replicated under FSDP: splitting them saves nothing worth a collective.
+FSDP_MIN_SIZE = 2**10
 
 
-def device_key(key: jax.Array, axis_name: str | None) -> jax.Array:
-    """A key of this device's own: `key` folded with the device index (unchanged on one device)."""
-    return key if axis_name is None else jax.random.fold_in(key, lax.axis_index(axis_name))
+def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
+    """The `data` x `fsdp` mesh over `jax.devices()` (all processes); `data=None` takes every
+    device the fsdp axis leaves. A single process may use its first `data * fsdp` devices; a
+    multi-process run must use them all (each process feeds its own devices)."""
+    devices, processes = jax.devices(), jax.process_count()
+    if fsdp < 1 or (data is not None and data < 1):
+        raise ConfigError(f"mesh data={data}, fsdp={fsdp}: each axis must be at least 1")
+    if data is None:
+        if len(devices) % fsdp:
+            raise ConfigError(f"mesh fsdp={fsdp} does not divide the {len(devices)} device(s) of this run")
+        data = len(devices) // fsdp
+    n = data * fsdp
+    if n > len(devices) or (processes > 1 and n != len(devices)):
+        raise ConfigError(f"mesh data={data} x fsdp={fsdp} = {n} device(s), but this run has {len(devices)} "
+                          f"({processes} process(es) x {jax.local_device_count()}); "
+                          + ("a multi-process run's mesh must use every device" if processes > 1 else
+                             "use at most that many"))
+    return Mesh(np.asarray(devices[:n]).reshape(data, fsdp), (DATA, FSDP))
+
+
+def row_shards(mesh: Mesh) -> int:
+    """Into how many parts a batch's rows are split (every device gets its own)."""
+    return mesh.size
+
+
+def check_rows(rows: int, mesh: Mesh, what: str, microbatches: int = 1) -> None:
+    """`rows` must split evenly over the mesh's devices, and each device's share over
+    `microbatches`; `what` names where the number comes from, for the error."""
+    parts = row_shards(mesh) * microbatches
+    if rows % parts:
+        per_device = f" in {microbatches} microbatches each" if microbatches > 1 else ""
+        raise ConfigError(f"{what} = {rows} rows do not split over {row_shards(mesh)} device(s){per_device} "
+                          f"(mesh data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]}); it must be a multiple of "
+                          f"{parts}")
+
+
+def rows_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Rows (axis 0) split over every device; replicated for a scalar."""
+    return NamedSharding(mesh, P(ROWS) if ndim else P())
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def _put(x, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host value every process holds whole (numpy, a local array or a
+    PRNG key): each process puts only the parts its own devices hold."""
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    """Host values (the same on every process, e.g. a PRNG key) -> global arrays that every
+    device holds whole."""
+    return jax.tree.map(lambda x: _put(x, replicated(mesh)), tree)
+
+
+def put_rows(tree: Any, mesh: Mesh) -> Any:
+    """Host arrays (the whole global batch, on every process) -> global arrays with their
+    rows split over the mesh."""
+    for x in jax.tree.leaves(tree):
+        check_rows(np.shape(x)[0], mesh, "a batch")
+    return jax.tree.map(lambda x: _put(x, rows_sharding(mesh, np.ndim(x))), tree)
+
+
+def param_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """Replicated on the data axis; under FSDP, split on the fsdp axis along the largest
+    dimension that divides evenly (ZeRO-3 style). Optimizer moments have their param's shape,
+    so they get the same layout."""
+    n = mesh.shape[FSDP]
+    if n == 1 or math.prod(shape) < FSDP_MIN_SIZE:
+        return replicated(mesh)
+    dims = sorted((d for d in range(len(shape)) if shape[d] % n == 0), key=lambda d: -shape[d])
+    if not dims:
+        return replicated(mesh)
+    spec = [None] * len(shape)
+    spec[dims[0]] = FSDP
+    return NamedSharding(mesh, P(*spec))
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """The layout of a train state (or any param tree) on the mesh: see `param_sharding`."""
+    return jax.tree.map(lambda x: param_sharding(np.shape(x), mesh), state)
+
+
+def put_state(state: Any, mesh: Mesh) -> Any:
+    """A train state (the same on every process) laid out on the mesh."""
+    return jax.tree.map(_put, state, state_shardings(state, mesh))
+
+
+def constrain_rows(tree: Any, axis: int = 0) -> Any:
+    """Inside a step compiled for a mesh (`data_parallel`): keep axis `axis` of every array
+    split over the devices, so a gathered or reshaped batch stays data parallel; a no-op with
+    no mesh (plain jit, pmap)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or DATA not in mesh.axis_names:
+        return tree
+    return jax.tree.map(lambda x: lax.with_sharding_constraint(x, P(*[None] * axis, ROWS)), tree)
+
+
+def data_parallel(make_step: Callable[[str | None], Callable], mesh: Mesh, state: Any) -> Callable:
+    """The compiled `step(state, batch, key)` of a step factory on `mesh`: the one-device step
+    (`make_step(None)`) under `jax.jit`, the state kept in `state`'s layout (`put_state`) and
+    donated, the host batch (the whole global batch, numpy) split over the devices."""
+    layout = jax.tree.map(lambda x: x.sharding, state)
+    compiled = jax.jit(make_step(None), in_shardings=(layout, rows_sharding(mesh), replicated(mesh)),
+                       out_shardings=(layout, replicated(mesh)), donate_argnums=(0,))
+
+    def step(state, batch, key):
+        batch = put_rows(batch, mesh)
+        with jax.set_mesh(mesh):
+            return compiled(state, batch, put_replicated(key, mesh))
+
+    return step
+
+
+def gather(tree: Any) -> Any:
+    """Global arrays -> numpy arrays holding the whole value, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def is_main() -> bool:
+    """Whether this process writes the run's files (exports, metrics, plots): process 0."""
+    return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+    """Wait until every process gets here (a no-op with one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def on_host():
+    """A context in which new arrays go to the host CPU, so that a whole model and optimizer
+    state are built there (not on one accelerator) before `put_state` lays them out."""
+    return jax.default_device(jax.local_devices(backend="cpu")[0])
+
+
+# pmap style: per-device update bodies with `axis_name` collectives.
 
 
 def psum(tree: Any, axis_name: str | None) -> Any:
     return tree if axis_name is None else lax.psum(tree, axis_name)
 
 
-def local_devices(n: int) -> list:
-    """The first `n` local devices, or an error saying how many there are."""
-    available = jax.local_devices()
-    if n > len(available):
-        raise ConfigError(f"devices={n} but this process sees {len(available)} device(s): {available}")
-    return available[:n]
-
-
 def replicate(tree: Any, devices=None) -> Any:
     """Put a copy of `tree` on every local device (leading axis = device), one transfer per
     device and no stacked copy on the host."""
     devices = devices or jax.local_devices()
-    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
+    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), P("devices"))
 
     def put(x):
         x = jnp.asarray(x)
@@ -69,26 +214,10 @@ def shard(batch: dict[str, Any], num_devices: int | None = None) -> dict[str, An
     return out
 
 
-def host_share(indices: np.ndarray) -> np.ndarray:
-    """This process's contiguous share of a global batch's row indices (all of them when
-    there is one process): each host feeds only its own devices."""
-    return np.array_split(indices, jax.process_count())[jax.process_index()]
-
-
 def pmap_step(step: Callable, axis_name: str = AXIS, devices=None) -> Callable:
     """`step(state, batch, key)` over local devices: state replicated and donated, batch
-    sharded with `shard`, the same key on every device (steps fold in the device index)."""
+    sharded with `shard`, the same key on every device."""
     return jax.pmap(step, axis_name=axis_name, in_axes=(0, 0, None), donate_argnums=(0,), devices=devices)
-
-
-def data_parallel(make_step: Callable[[str | None], Callable], devices: int) -> Callable:
-    """The compiled `step(state, batch, key)` of a step factory on `devices` local devices:
-    jit on one; on several, pmap with the host batch sharded over them (the state passed in
-    must be replicated, as `trainer.run_loop` does)."""
-    if devices == 1:
-        return jit_step(make_step(None))
-    step = pmap_step(make_step(AXIS), devices=local_devices(devices))
-    return lambda state, batch, key: step(state, shard(batch, devices), key)
 
 
 def jit_step(step: Callable) -> Callable:
@@ -97,11 +226,10 @@ def jit_step(step: Callable) -> Callable:
 
 
 def initialize_multihost(coordinator: str | None = None, num_processes: int | None = None,
-                         process_id: int | None = None, cpu: bool = False) -> None:
-    """Join the processes of a multi-host run (`jax.distributed.initialize`); call it before
+                         process_id: int | None = None) -> None:
+    """Join the processes of a multi-process run (`jax.distributed.initialize`); call it before
     anything else touches JAX. On GPU/TPU clusters with a scheduler (SLURM, Cloud TPU) the
-    arguments are discovered and may be omitted; `cpu=True` selects the gloo collectives so
-    `pmap` sums work across CPU processes."""
-    if cpu:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    arguments are discovered and may be omitted. The CPU backend's collectives are switched to
+    gloo, so CPU processes can sum across each other (GPU and TPU collectives are untouched)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)

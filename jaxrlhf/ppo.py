@@ -16,7 +16,7 @@ from jax import lax
 
 from jaxrlhf import losses
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.parallel import device_key, psum
+from jaxrlhf.parallel import constrain_rows, psum
 from jaxrlhf.steps import TrainState, apply_loss
 
 
@@ -77,8 +77,9 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
     `[B, P + N]`, `response_mask` `[B, N]`, and `scores` `[B]` unless `reward_fn` is given:
     `reward_fn(state.reward_params, sequences, attention_mask, response_mask) -> [B]`, traced
     into the update.
-    With several minibatches each device permutes its own shard of the rollout; with
-    `state.grad_accum_steps` = k each minibatch is split into k microbatches (see `apply_loss`).
+    Each epoch's minibatches are one permutation of the whole rollout (all devices), so N
+    devices give the one-device update; with `state.grad_accum_steps` = k each minibatch is
+    split into k microbatches (see `apply_loss`).
     """
 
     def response_outputs(params, apply_fn, seq, attn, n):
@@ -90,7 +91,9 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
         seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"].astype(jnp.float32)
         b, n = resp.shape
         n_rollouts = b * (1 if axis_name is None else lax.axis_size(axis_name))
-        check_kl_horizon(config, n_rollouts)  # shapes are static: this runs once, at trace time
+        check_kl_horizon(config, n_rollouts)  # shapes are static: these run once, at trace time
+        if b % config.num_minibatches:
+            raise ConfigError(f"{b} rollouts (per device) do not split into num_minibatches={config.num_minibatches}")
         logits, old_logprobs, old_values = lax.stop_gradient(response_outputs(state.params, state.apply_fn, seq, attn, n))
         entropy_per_token = psum(losses.masked_mean(losses.entropy(logits, config.temperature), resp,
                                                     axis_name=axis_name), axis_name)
@@ -107,7 +110,7 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
         advantages, returns = losses.gae(rewards, old_values, resp, config.gamma, config.lam)
         advantages = losses.masked_whiten(advantages, resp, axis_name=axis_name)
 
-        mb = b // config.num_minibatches
+        mb = b // config.num_minibatches  # this device's rows of each minibatch
         scored = {"seq": seq, "attn": attn, "resp": resp, "old_logprobs": old_logprobs, "old_values": old_values,
                   "advantages": advantages, "returns": returns}
 
@@ -119,16 +122,22 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
                 values, batch["old_values"], batch["returns"], batch["resp"], config.vf_clip_eps, axis_name)
             return pg + config.vf_coef * vf, {"policy/loss": pg, "value/loss": vf, **pg_metrics, **vf_metrics}
 
+        # Minibatches come from one permutation of the global rollout, the same on every device:
+        # under pmap each device gathers the whole rollout and takes its share of each minibatch.
+        devices = 1 if axis_name is None else lax.axis_size(axis_name)
+        device = 0 if axis_name is None else lax.axis_index(axis_name)
+        rollout = scored if axis_name is None else lax.all_gather(scored, axis_name, tiled=True)
+
         def minibatch(state, idx):
             # Every loss and metric is a mean over response tokens.
-            return apply_loss(state, loss_fn, jax.tree.map(lambda x: x[idx], scored),
+            return apply_loss(state, loss_fn, constrain_rows(jax.tree.map(lambda x: x[idx], rollout)),
                               lambda batch: jnp.sum(batch["resp"]), axis_name)
 
         def epoch(state, epoch_key):
-            order = jax.random.permutation(epoch_key, b)[: mb * config.num_minibatches]
-            return lax.scan(minibatch, state, order.reshape(config.num_minibatches, mb))
+            order = jax.random.permutation(epoch_key, n_rollouts).reshape(config.num_minibatches, devices, mb)
+            return lax.scan(minibatch, state, order[:, device])
 
-        epoch_keys = jax.random.split(device_key(key, axis_name), config.epochs)
+        epoch_keys = jax.random.split(key, config.epochs)
         state, train_metrics = lax.scan(epoch, state, epoch_keys)
 
         def global_mean(x_B):

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models.gpt2 import KVCache, init_cache
@@ -77,8 +78,9 @@ def process_logits(logits_BxV: jax.Array, step: jax.Array, settings: SamplingCon
     return x
 
 
-def sample_categorical(key: jax.Array, logits_BxV: jax.Array, chunk: int = 128) -> jax.Array:
-    """One draw per row from softmax(logits) -> `[B]` int32, by inverting the CDF.
+def sample_categorical(keys_B: jax.Array, logits_BxV: jax.Array, chunk: int = 128) -> jax.Array:
+    """One draw per row from softmax(logits), row b with its own key `keys_B[b]` -> `[B]`
+    int32, by inverting the CDF.
 
     Exact like `jax.random.categorical`, but it needs one uniform per row instead of V Gumbel
     draws, which dominate a decode step on CPU at GPT-2's vocabulary (measured 8.8 ms vs 0.5 ms
@@ -90,7 +92,7 @@ def sample_categorical(key: jax.Array, logits_BxV: jax.Array, chunk: int = 128) 
     p_BxCxK = jnp.pad(p_BxV, ((0, 0), (0, (-v) % chunk))).reshape(b, -1, chunk)
     mass_BxC = jnp.sum(p_BxCxK, axis=-1)
     cdf_BxC = jnp.cumsum(mass_BxC, axis=-1)
-    u_B1 = jax.random.uniform(key, (b, 1)) * cdf_BxC[:, -1:]
+    u_B1 = jax.vmap(lambda k: jax.random.uniform(k, (1,)))(keys_B) * cdf_BxC[:, -1:]
 
     def first_above(cdf, weights):
         # The first index whose cdf exceeds u, clamped to the last index with mass so that
@@ -106,13 +108,13 @@ def sample_categorical(key: jax.Array, logits_BxV: jax.Array, chunk: int = 128) 
     return (c_B * chunk + j_B).astype(jnp.int32)
 
 
-def _pick(logits_BxV, key, step, settings):
+def _pick(logits_BxV, keys_B, step, settings):
     """-> (token `[B]`, its processed logprob `[B]`, its raw logprob `[B]` or None)."""
     processed_BxV = process_logits(logits_BxV, step, settings)
     if settings.greedy:
         token_B = jnp.argmax(processed_BxV, axis=-1)
     else:
-        token_B = sample_categorical(key, processed_BxV)
+        token_B = sample_categorical(keys_B, processed_BxV)
 
     def logprob_of(x_BxV):
         picked_B = jnp.take_along_axis(x_BxV, token_B[:, None], axis=-1)[:, 0]
@@ -132,8 +134,12 @@ def generate(
 ) -> GenerateOutput:
     """Sample `settings.max_new_tokens` tokens after each left-padded prompt.
 
-    `module` is a `GPT2LMHeadModel`; the KV cache is made here and donated to the compiled
-    call, which updates it in place. Same shapes and settings reuse the compiled program.
+    `module` is a `GPT2LMHeadModel`; the KV cache is made here (rows split like the prompts')
+    and donated to the compiled call, which updates it in place. Same shapes and settings
+    reuse the compiled program. Prompts given as global arrays with rows split over a mesh
+    (`parallel.put_rows`) are sampled where they are, each device its own rows. Row b draws
+    token t with `fold_in(fold_in(key, b), t)`: its sample depends on its place in the batch,
+    never on how the batch is split over devices or hosts.
     """
     b, p = prompt_ids_BxP.shape
     if prompt_mask_BxP.shape != (b, p):
@@ -144,7 +150,14 @@ def generate(
             f"prompt length {p} + max_new_tokens {settings.max_new_tokens} = {total} exceeds the model's "
             f"n_positions={module.config.n_positions}"
         )
-    cache = init_cache(module.config, b, total, module.dtype)
+    make_cache = functools.partial(init_cache, module.config, b, total, module.dtype)
+    sharding = getattr(prompt_ids_BxP, "sharding", None)
+    if isinstance(sharding, NamedSharding):  # on a mesh: each device holds its rows' cache
+        rows = jax.tree.map(lambda x: NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:1]) if x.ndim else
+                                                    PartitionSpec()), jax.eval_shape(make_cache))
+        cache = jax.jit(make_cache, out_shardings=rows)()
+    else:
+        cache = make_cache()
     out, _ = _generate(module, settings, params, cache, prompt_ids_BxP, prompt_mask_BxP, key)
     return out
 
@@ -159,18 +172,20 @@ def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_m
     prefill = module.apply({"params": params}, prompt_ids_BxP, prompt_mask_BxP, cache=cache,
                            head_slice=slice(-1, None))
 
+    row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(b))
+
     def record(carry, step, logits_BxV):
         """Pick token `step` from `logits_BxV` and write it into the buffers."""
-        tokens, mask, lps, raws, done, key, cache = carry
-        key, sub = jax.random.split(key)
-        token_B, lp_B, raw_B = _pick(logits_BxV, sub, step, settings)
+        tokens, mask, lps, raws, done, cache = carry
+        keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, step)
+        token_B, lp_B, raw_B = _pick(logits_BxV, keys_B, step, settings)
         token_B = jnp.where(done, settings.pad_token_id, token_B)
         tokens = tokens.at[:, step].set(token_B)
         mask = mask.at[:, step].set(~done)
         lps = lps.at[:, step].set(jnp.where(done, 0.0, lp_B))
         if raws is not None:
             raws = raws.at[:, step].set(jnp.where(done, 0.0, raw_B))
-        return tokens, mask, lps, raws, done | (token_B == eos), key, cache
+        return tokens, mask, lps, raws, done | (token_B == eos), cache
 
     zeros = jnp.zeros((b, n), jnp.float32)
     carry = (
@@ -179,7 +194,6 @@ def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_m
         zeros,
         zeros if settings.return_raw_logprobs else None,
         jnp.zeros((b,), bool),
-        key,
         prefill.cache,
     )
     carry = record(carry, 0, prefill.logits[:, -1])
@@ -189,14 +203,14 @@ def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_m
         return (step < n) & ~jnp.all(carry[4])
 
     def body(state):
-        step, (tokens, mask, lps, raws, done, key, cache) = state
+        step, (tokens, mask, lps, raws, done, cache) = state
         prev_B1 = lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
         alive_B1 = lax.dynamic_slice_in_dim(mask, step - 1, 1, axis=1).astype(jnp.int32)
         out = module.apply({"params": params}, prev_B1, alive_B1, cache=cache)
-        carry = (tokens, mask, lps, raws, done, key, out.cache)
+        carry = (tokens, mask, lps, raws, done, out.cache)
         return step + 1, record(carry, step, out.logits[:, 0])
 
-    _, (tokens, mask, lps, raws, _, _, cache) = lax.while_loop(cond, body, (jnp.int32(1), carry))
+    _, (tokens, mask, lps, raws, _, cache) = lax.while_loop(cond, body, (jnp.int32(1), carry))
     out = GenerateOutput(
         sequences=jnp.concatenate([prompt_ids_BxP.astype(jnp.int32), tokens], axis=1),
         attention_mask=jnp.concatenate([prompt_mask_BxP, mask.astype(jnp.int32)], axis=1),

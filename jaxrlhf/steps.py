@@ -1,9 +1,10 @@
 """Train state, optimizer and the update-function factories for SFT, reward and DPO / SLiC.
 
-Each factory returns a pure `step(state, batch, key) -> (state, metrics)` for one device;
-with `axis_name` set, run it under `parallel.pmap_step` and the gradients and metrics are
-summed over devices as global-mean shares (see `losses`), so one device and N devices give
-the same update on the same global batch. PPO's update lives in `ppo.py`.
+Each factory returns a pure `step(state, batch, key) -> (state, metrics)` written for one
+device: `parallel.data_parallel` compiles it for a mesh of any size (the stages' path). With
+`axis_name` set, run it under `parallel.pmap_step` instead: the gradients and metrics are
+summed over devices as global-mean shares (see `losses`). Either way N devices give the
+one-device update on the same global batch. PPO's update lives in `ppo.py`.
 
 Batches are dicts of arrays; each factory's docstring lists the keys it reads.
 """
@@ -18,7 +19,7 @@ from jax import lax
 
 from jaxrlhf import losses
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.parallel import psum
+from jaxrlhf.parallel import constrain_rows, psum
 
 Params = Any
 Metrics = dict[str, jax.Array]
@@ -95,15 +96,16 @@ def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | Non
     `loss_fn(params, batch) -> (loss share, metric shares)`: means over `count_fn(batch)`
     (the loss's denominator on this device's batch: its tokens, or `rows`), as shares of the
     mean over devices when `axis_name` is set. The batch is split into
-    `state.grad_accum_steps` = k microbatches `[k, B / k, ...]`, run one after another
-    (`lax.scan`); each microbatch's loss, gradient and metrics are scaled by its share of the
-    whole batch's count, so their sum (then over devices) is the whole batch's mean: k
-    microbatches give the update of one, however their token counts differ."""
+    `state.grad_accum_steps` = k microbatches `[k, B / k, ...]`, microbatch j holding rows
+    j, j + k, j + 2k, ... (so that on a mesh each device's rows split among all k), run one
+    after another (`lax.scan`); each microbatch's loss, gradient and metrics are scaled by its
+    share of the whole batch's count, so their sum (then over devices) is the whole batch's
+    mean: k microbatches give the update of one, however their token counts differ."""
     k = state.grad_accum_steps
     b = jax.tree.leaves(batch)[0].shape[0]
     if b % k:
         raise ConfigError(f"a batch of {b} rows does not split into grad_accum_steps={k} microbatches")
-    micro = jax.tree.map(lambda x: x.reshape(k, b // k, *x.shape[1:]), batch)
+    micro = constrain_rows(jax.tree.map(lambda x: x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1), batch), axis=1)
     counts_K = psum(jax.vmap(count_fn)(micro), axis_name)  # each microbatch's count on all devices
     weights_K = counts_K / jnp.maximum(jnp.sum(counts_K), 1.0)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)

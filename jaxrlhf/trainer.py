@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from jaxrlhf import outputs, parallel
 from jaxrlhf.errors import CheckpointError, JaxRLHFError, OutputError
@@ -29,13 +28,16 @@ class MetricLog:
 
     def __init__(self, out_dir: Path, tensorboard: bool = False, start: int = 0):
         """Records past step `start` (written after the checkpoint a run resumes from) are
-        dropped, so that metrics.jsonl tells one story."""
+        dropped, so that metrics.jsonl tells one story. Only process 0 writes."""
         self.path = out_dir / "metrics.jsonl"
+        self.writes = parallel.is_main()
+        self.writer = None
+        if not self.writes:
+            return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines(keepends=True)
                     if _record_step(line) <= start]
             outputs.replace_file(self.path, "".join(kept), overwrite=True)
-        self.writer = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -44,6 +46,8 @@ class MetricLog:
             self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float], echo: Callable[[str], None] = print) -> None:
+        if not self.writes:
+            return
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -98,7 +102,7 @@ class Checkpoints:
         # Checked first, because orbax reports a full or read-only disk from many threads at once.
         need = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
         try:
-            probe = directory / ".write-test"
+            probe = directory / f".write-test-{jax.process_index()}"
             probe.write_text("")
             probe.unlink()
             free = shutil.disk_usage(directory).free
@@ -117,8 +121,9 @@ class Checkpoints:
             raise OutputError(f"cannot write checkpoint {step} to {directory}: {_first_line(e)}; {last_good}") from e
 
     def restore(self, step: int, template: Any) -> tuple[Any, dict]:
+        """Checkpoint `step` in the layout of `template` (whatever mesh wrote it)."""
         args = self.ocp.args
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, template)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
         try:
             out = self.manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract),
                                                                  record=args.JsonRestore()))
@@ -142,14 +147,15 @@ def run_loop(
     tensorboard: bool = False,
     desc: str = "train",
     extra_metrics: Callable[[int], dict] = lambda step: {},
-    devices: int = 1,
 ) -> Any:
     """Run steps [start, steps) with checkpoints every `save_every` and at the end -> state.
 
     `out_dir` is a folder `stages.common.prepare_output` has checked for this run (it refuses
     checkpoints there without `resume`); with `resume`, the run continues from its latest
     checkpoint. NaN or inf in a logged loss stops the run with an error naming the step,
-    before anything is saved over the last good checkpoint."""
+    before anything is saved over the last good checkpoint. `state` is laid out on the run's
+    mesh (`parallel.put_state`); a checkpoint is restored into that layout, so a run may resume
+    on another mesh."""
     from tqdm.auto import tqdm
 
     checkpoints = Checkpoints(out_dir, keep_checkpoints)
@@ -159,19 +165,16 @@ def run_loop(
         state, _ = checkpoints.restore(latest, state)
         start = latest
         print(f"resuming {desc} from step {start} ({out_dir / 'checkpoints'})", file=sys.stderr)
-    if devices > 1:  # checkpoints hold one copy, so a run may resume on another device count
-        state = parallel.replicate(state, parallel.local_devices(devices))
-    single = parallel.unreplicate if devices > 1 else (lambda tree: tree)
     log = MetricLog(out_dir, tensorboard, start)
     bar = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr,
-               disable=None, mininterval=1.0)
+               disable=None if parallel.is_main() else True, mininterval=1.0)
     started = time.perf_counter()
     for step in range(start, steps):
         state, metrics = step_fn(state, step)
         done = step + 1
         # Every step's loss and gradient norm are checked (a scalar fetch), so a NaN never
         # reaches a checkpoint; the rest of the metrics are fetched only to be logged.
-        values = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in jax.device_get(metrics).items()}  # [0]: the first device's copy
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}  # replicated scalars
         bad = [k for k in ("loss", "grad_norm") if k in values and not math.isfinite(values[k])]
         if bad and not values.get("skipped"):
             raise JaxRLHFError(f"{desc}: non-finite {bad[0]}={values[bad[0]]} at step {done}; "
@@ -184,10 +187,10 @@ def run_loop(
             except OSError as e:
                 raise outputs.write_failed(log.path, e, checkpoints.last_good()) from None
         if done % save_every == 0 or done == steps:
-            checkpoints.save(done, single(state), {**record, "step": done})
+            checkpoints.save(done, state, {**record, "step": done})
         bar.update(1)
     bar.close()
-    return single(state)
+    return state
 
 
 @contextlib.contextmanager

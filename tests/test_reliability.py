@@ -40,14 +40,14 @@ def final_params(path):
     ("sft.yaml", ["train.steps=4", "train.batch_size=16"]),
     ("reward.yaml", ["train.steps=4", "train.batch_size=16"]),
     ("dpo.yaml", ["train.steps=3", "train.batch_size=8"]),
-    ("ppo.yaml", ["train.steps=2", "train.batch_size=16", "ppo.num_minibatches=1"]),
+    ("ppo.yaml", ["train.steps=2", "train.batch_size=16", "ppo.epochs=2", "ppo.num_minibatches=2"]),
 ])
 def test_stages_on_one_and_four_devices_end_with_the_same_params(tiny_run, tmp_path, name, extra):
     from jaxrlhf.stages import dpo, ppo, reward, sft
 
     module = {"sft.yaml": sft, "reward.yaml": reward, "dpo.yaml": dpo, "ppo.yaml": ppo}[name]
-    one = module.run(stage_config(module, name, tiny_run, tmp_path / "one", [*extra, "train.devices=1"]))
-    four = module.run(stage_config(module, name, tiny_run, tmp_path / "four", [*extra, "train.devices=4"]))
+    one = module.run(stage_config(module, name, tiny_run, tmp_path / "one", [*extra, "train.mesh.data=1"]))
+    four = module.run(stage_config(module, name, tiny_run, tmp_path / "four", [*extra, "train.mesh.data=4"]))
     for a, b in zip(final_params(one), final_params(four)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
 
@@ -72,7 +72,7 @@ def test_devices_must_exist_and_divide_the_batch(tiny_run, tmp_path):
     from jaxrlhf.stages import sft
 
     with pytest.raises(ConfigError, match=r"batch_size=10 does not divide over devices=4"):
-        stage_config(sft, "sft.yaml", tiny_run, tmp_path / "x", ["train.batch_size=10", "train.devices=4"])
+        stage_config(sft, "sft.yaml", tiny_run, tmp_path / "x", ["train.batch_size=10", "train.mesh.data=4"])
     with pytest.raises(ConfigError, match=r"devices=8 but this process sees 4 device\(s\)"):
         sft.run(stage_config(sft, "sft.yaml", tiny_run, tmp_path / "y", ["train.batch_size=16", "train.devices=8"]))
 

@@ -7,10 +7,9 @@ from typing import Any
 import jax
 
 from jaxrlhf import config as cfg
-from jaxrlhf import data, outputs
+from jaxrlhf import data, outputs, parallel
 from jaxrlhf.errors import ConfigError, JaxRLHFError, OutputError
 from jaxrlhf.models import from_config, load_config, load_pretrained, load_tokenizer, save_pretrained
-from jaxrlhf.parallel import local_devices
 from jaxrlhf.steps import make_optimizer
 from jaxrlhf.trainer import Checkpoints
 
@@ -85,12 +84,24 @@ def optimizer(train: cfg.TrainConfig, updates_per_step: int = 1):
     return tx, lambda s: float(schedule(s * updates_per_step - 1))  # optax counts updates from 0
 
 
+def make_mesh(train: cfg.TrainConfig, minibatches: int = 1):
+    """The run's mesh (`train.mesh`), after checking that every update's rows (the batch, or
+    each of PPO's `minibatches`) split over its devices and each device's share over
+    `train.grad_accum_steps` microbatches."""
+    mesh = parallel.make_mesh(train.mesh.data, train.mesh.fsdp)
+    what = "train.batch_size" if minibatches == 1 else \
+        f"train.batch_size / ppo.num_minibatches ({train.batch_size} / {minibatches})"
+    parallel.check_rows(train.batch_size // minibatches, mesh, what, train.grad_accum_steps)
+    return mesh
+
+
 # What a resumed run may change: how long it runs, what it logs and keeps, on how many devices
 # and in how many microbatches (either way the update of the whole batch), what it does on a
 # NaN, and where the folder is (it may have been moved). Anything else would make config.json
 # describe steps it did not train.
 RESUMABLE = ("train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.tensorboard",
-             "train.devices", "train.grad_accum_steps", "train.on_nonfinite", "train.output_dir")
+             "train.mesh.data", "train.mesh.fsdp", "train.grad_accum_steps", "train.on_nonfinite",
+             "train.output_dir")
 
 
 def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool, rows: int,
@@ -98,8 +109,8 @@ def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool
     """Check the run folder against this run, then record the config in it: the last step
     before training, after every input is known good. `rows` is the number of data rows (or
     prompts) batches are drawn from; `inputs` the local paths the run reads, which its outputs
-    must not overlap. Nothing is written unless every check passes."""
-    local_devices(train.devices)
+    must not overlap. Nothing is written unless every check passes. Every process checks;
+    process 0 writes."""
     data.check_batch(rows, train.batch_size)
     out = Path(train.output_dir)
     outputs.check_apart(out / "final", inputs, "train.output_dir's export")
@@ -117,12 +128,16 @@ def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool
                            "(or pass --resume to finish that run)")
     if resume and (latest is not None or (out / "final").exists()):  # saved is not None: checked above
         _check_same_run(out, saved, record)
+    # Every process has checked the folder before any writes to it.
+    parallel.sync("prepare_output: checked")
     # The working directory too: the config's relative paths are relative to it (export needs them).
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"output_dir {out} is not writable: {e.strerror or e}") from None
-    outputs.replace_file(out / "config.json", json.dumps(record, indent=2) + "\n", overwrite=True)
+    if parallel.is_main():
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"output_dir {out} is not writable: {e.strerror or e}") from None
+        outputs.replace_file(out / "config.json", json.dumps(record, indent=2) + "\n", overwrite=True)
+    parallel.sync("prepare_output: written")
     return out
 
 
@@ -163,8 +178,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def export(out: Path, module, params, tokenizer) -> Path:
-    """The run's final model in HF layout at `out/final`, replacing the one an earlier part of
-    the same run wrote (`prepare_output` has checked the folder is this run's)."""
+    """The run's final model (`params` as global arrays) in HF layout at `out/final`, replacing
+    the one an earlier part of the same run wrote (`prepare_output` has checked the folder is
+    this run's). Written by process 0."""
+    params = parallel.gather(params)
+    if not parallel.is_main():
+        return out / "final"
     try:
         path = save_pretrained(out / "final", module, params, tokenizer=tokenizer, overwrite=True,
                                source=str(out.resolve()))

@@ -3,14 +3,13 @@
 import dataclasses
 from typing import Literal
 
-import jax
 import numpy as np
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import load_pretrained
-from jaxrlhf.parallel import data_parallel, host_share
+from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state, row_shards
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_dpo_step, sequence_logps_jit
 from jaxrlhf.trainer import run_loop
@@ -54,52 +53,59 @@ def _pair_arrays(rows, tokenizer, max_length):
     return out
 
 
-def _reference_logps(module, params, arrays, batch_size=64):
-    """Summed sequence logprobs of every pair under the frozen reference, computed once up
-    front (the step length-averages them itself where the loss wants that)."""
+def _reference_logps(module, params, arrays, mesh, batch_size=64):
+    """Summed sequence logprobs of every pair under the frozen reference (`params` laid out on
+    `mesh`, each device scoring its rows), computed once up front (the step length-averages
+    them itself where the loss wants that)."""
+    batch_size = -(-batch_size // row_shards(mesh)) * row_shards(mesh)
     out = {}
     for side in ("chosen", "rejected"):
         parts = []
         n = len(arrays[f"{side}_ids"])
         for s in range(0, n, batch_size):
             idx = np.arange(s, s + batch_size) % n  # full batches: one compiled shape
-            batch = (arrays[f"{side}_{k}"][idx] for k in ("ids", "mask", "loss_mask"))
-            parts.append(np.asarray(sequence_logps_jit(module.apply, params, *batch)))
+            batch = put_rows(tuple(arrays[f"{side}_{k}"][idx] for k in ("ids", "mask", "loss_mask")), mesh)
+            parts.append(gather(sequence_logps_jit(module.apply, params, *batch)))
         out[f"ref_{side}_logps"] = np.concatenate(parts)[:n]
     return out
 
 
 def run(config: DPOConfig, resume: bool = False):
     train = config.train
-    module, params, model_config, tokenizer = common.load_policy(config.policy)
+    with on_host():  # the whole model is built on the host, then laid out on the mesh
+        module, params, model_config, tokenizer = common.load_policy(config.policy)
     common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
     rows = data.load_rows(config.data, ("prompt", "chosen", "rejected"))
     arrays = _pair_arrays(rows, tokenizer, config.max_length)
+    mesh = common.make_mesh(train)
     if config.loss_type != "slic":
         ref_params = params
         if config.reference is not None:
-            _, ref_params, ref_config = load_pretrained(config.reference, head="lm")
+            with on_host():
+                _, ref_params, ref_config = load_pretrained(config.reference, head="lm")
             if ref_config != model_config:
                 raise ConfigError(f"reference {config.reference} is not the policy's architecture "
                                   f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
-        arrays |= _reference_logps(module, ref_params, arrays)
+        arrays |= _reference_logps(module, put_state(ref_params, mesh), arrays, mesh)
     out = common.prepare_output("dpo", train, config, resume, len(rows),
                                 inputs=(config.policy, config.reference, config.data.path))
     tx, lr = common.optimizer(train)
-    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
-                              grad_accum_steps=train.grad_accum_steps)
+    with on_host():
+        state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
+                                  grad_accum_steps=train.grad_accum_steps)
+    state = put_state(state, mesh)
     step = data_parallel(lambda axis: make_dpo_step(
         config.loss_type, config.beta, label_smoothing=config.label_smoothing, slic_delta=config.slic_delta,
         slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer, axis_name=axis),
-        train.devices)
+        mesh, state)
 
     def step_fn(state, i):
-        batch = data.take(arrays, host_share(data.batch_indices(len(rows), train.batch_size, i, train.seed)))
+        batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))
         return step(state, batch, common.step_key(train.seed, i))
 
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": config.loss_type}, tensorboard=train.tensorboard, devices=train.devices, desc=config.loss_type,
+                     record={"stage": config.loss_type}, tensorboard=train.tensorboard, desc=config.loss_type,
                      extra_metrics=lambda s: {"learning_rate": lr(s),
                                               "epoch": s / max(len(rows) // train.batch_size, 1)})
-    return common.export(out, module, jax.device_get(state.params), tokenizer)
+    return common.export(out, module, state.params, tokenizer)

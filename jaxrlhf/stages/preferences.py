@@ -7,16 +7,15 @@ from pathlib import Path
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import data, outputs
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, check
+from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection, check
 from jaxrlhf.errors import JaxRLHFError, OutputError
+from jaxrlhf.parallel import check_rows, is_main, make_mesh, on_host, put_state, sync
 from jaxrlhf.rewards import make_scorer
-from jaxrlhf.sampling import generate
 from jaxrlhf.stages.common import load_policy
-from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sampling_config
+from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sample, sampling_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,9 +28,10 @@ class PreferencesConfig:
     # "all": every pair whose scores differ by more than min_margin; "best_worst": one per prompt
     pairing: Literal["all", "best_worst"] = "all"
     min_margin: float = 0.0
-    batch_size: int = 64  # prompts per generation call
+    batch_size: int = 64  # prompts per generation call (x samples_per_prompt rows, split over the mesh)
     seed: int = 0
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
         check(self.samples_per_prompt >= 2, f"samples_per_prompt={self.samples_per_prompt} must be at least 2")
@@ -69,20 +69,24 @@ def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False
     if path.exists() and not overwrite:
         raise OutputError(f"output {path} already exists; choose another path, pass --overwrite to replace it, "
                           "or --resume to keep it")
-    module, params, model_config, tokenizer = load_policy(config.policy)
-    scorer = make_scorer(config.reward)
+    k, pairs, generations = config.samples_per_prompt, [], 0
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    check_rows(config.batch_size * k, mesh, f"batch_size x samples_per_prompt ({config.batch_size} x {k})")
+    with on_host():  # the whole model is built on the host, then laid out on the mesh
+        module, params, model_config, tokenizer = load_policy(config.policy)
+    params = put_state(params, mesh)
+    scorer = make_scorer(config.reward, mesh)
     rows = data.load_rows(config.prompts, ("prompt",))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
     settings = sampling_config(config.sampling, tokenizer, model_config)
-    k, pairs, generations = config.samples_per_prompt, [], 0
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(rows), config.batch_size), desc="pairs", disable=None):
+    for start in tqdm(range(0, len(rows), config.batch_size), desc="pairs", disable=None if is_main() else True):
         idx = np.arange(start, min(start + config.batch_size, len(rows)))
         idx = np.concatenate([idx, np.full(config.batch_size - len(idx), idx[-1])])  # one compiled shape
         rep = np.repeat(idx, k)
         key = jax.random.fold_in(jax.random.key(config.seed), start)
-        out = generate(module, params, jnp.asarray(ids[rep]), jnp.asarray(mask[rep]), key, settings)
+        out = sample(module, params, ids[rep], mask[rep], key, settings, mesh)
         responses = decode_responses(tokenizer, out)
         scores = scorer([texts[j] for j in rep], responses)
         for n, j in enumerate(idx[: min(config.batch_size, len(rows) - start)]):
@@ -92,6 +96,8 @@ def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False
     if not pairs:
         raise JaxRLHFError("no preference pairs: every prompt's samples scored alike; lower min_margin or "
                            "sample with more diversity")
-    outputs.replace_file(path, "".join(json.dumps(p) + "\n" for p in pairs), overwrite=overwrite)
-    print(f"{generations} generations -> {len(pairs)} pairs in {path}")
+    if is_main():  # every process holds the same pairs
+        outputs.replace_file(path, "".join(json.dumps(p) + "\n" for p in pairs), overwrite=overwrite)
+        print(f"{generations} generations -> {len(pairs)} pairs in {path}")
+    sync("preferences: written")
     return path

@@ -4,12 +4,11 @@ scored texts or pairwise (Bradley-Terry) on chosen/rejected texts."""
 import dataclasses
 from typing import Any, Literal
 
-import jax
 import numpy as np
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
-from jaxrlhf.parallel import data_parallel, host_share
+from jaxrlhf.parallel import data_parallel, on_host, put_state
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_reward_step
 from jaxrlhf.trainer import run_loop
@@ -56,23 +55,27 @@ def _arrays(config: RewardConfig, tokenizer) -> tuple[dict, int]:
 
 
 def run(config: RewardConfig, resume: bool = False):
-    module, params, _, tokenizer = common.load_model(
-        config.model, config.model_config, config.tokenizer, config.train.seed, head="classification", num_labels=1)
-    arrays, n = _arrays(config, tokenizer)
-    out = common.prepare_output("reward", config.train, config, resume, n,
-                                inputs=(config.model, config.tokenizer, config.data.path))
     train = config.train
+    with on_host():  # the whole model is built on the host, then laid out on the mesh
+        module, params, _, tokenizer = common.load_model(
+            config.model, config.model_config, config.tokenizer, train.seed, head="classification", num_labels=1)
+    arrays, n = _arrays(config, tokenizer)
+    mesh = common.make_mesh(train)
+    out = common.prepare_output("reward", train, config, resume, n,
+                                inputs=(config.model, config.tokenizer, config.data.path))
     tx, lr = common.optimizer(train)
-    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
-                              grad_accum_steps=train.grad_accum_steps)
-    step = data_parallel(lambda axis: make_reward_step(config.kind, axis), train.devices)
+    with on_host():
+        state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
+                                  grad_accum_steps=train.grad_accum_steps)
+    state = put_state(state, mesh)
+    step = data_parallel(lambda axis: make_reward_step(config.kind, axis), mesh, state)
 
     def step_fn(state, i):
-        batch = data.take(arrays, host_share(data.batch_indices(n, train.batch_size, i, train.seed)))
+        batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))
         return step(state, batch, common.step_key(train.seed, i))
 
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": "reward"}, tensorboard=train.tensorboard, devices=train.devices, desc="reward",
+                     record={"stage": "reward"}, tensorboard=train.tensorboard, desc="reward",
                      extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(n // train.batch_size, 1)})
-    return common.export(out, module, jax.device_get(state.params), tokenizer)
+    return common.export(out, module, state.params, tokenizer)

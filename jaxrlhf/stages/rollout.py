@@ -3,10 +3,10 @@ shared by PPO, preference-pair making and evaluation."""
 
 import numpy as np
 
-from jaxrlhf import data
+from jaxrlhf import data, parallel
 from jaxrlhf.config import SamplingSection
 from jaxrlhf.stages.common import check_context
-from jaxrlhf.sampling import SamplingConfig
+from jaxrlhf.sampling import GenerateOutput, SamplingConfig, generate
 
 
 def sampling_config(section: SamplingSection, tokenizer, model_config) -> SamplingConfig:
@@ -34,3 +34,11 @@ def decode_responses(tokenizer, out) -> list[str]:
     p = out.sequences.shape[1] - out.response_mask.shape[1]
     seqs, masks = np.asarray(out.sequences[:, p:]), np.asarray(out.response_mask)
     return [tokenizer.decode(s[m == 1], skip_special_tokens=True) for s, m in zip(seqs, masks)]
+
+
+def sample(module, params, ids_BxP, mask_BxP, key, settings: SamplingConfig, mesh) -> GenerateOutput:
+    """Sample responses for host prompt arrays (the whole batch, on every process), each
+    device sampling its own rows; `params` laid out on `mesh` -> the rollout as numpy arrays,
+    whole, on every process."""
+    ids, mask = parallel.put_rows((ids_BxP, mask_BxP), mesh)
+    return parallel.gather(generate(module, params, ids, mask, parallel.put_replicated(key, mesh), settings))

@@ -3,11 +3,10 @@
 import dataclasses
 from typing import Any
 
-import jax
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
-from jaxrlhf.parallel import data_parallel, host_share
+from jaxrlhf.parallel import data_parallel, on_host, put_state
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_sft_step
 from jaxrlhf.trainer import run_loop
@@ -35,28 +34,32 @@ def plan(config: SFTConfig) -> str:
 
 
 def run(config: SFTConfig, resume: bool = False):
-    module, params, model_config, tokenizer = common.load_model(
-        config.model, config.model_config, config.tokenizer, config.train.seed, head="lm")
+    train = config.train
+    with on_host():  # the whole model is built on the host, then laid out on the mesh
+        module, params, model_config, tokenizer = common.load_model(
+            config.model, config.model_config, config.tokenizer, train.seed, head="lm")
     common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
     rows = data.load_rows(config.data, ("prompt", "response"))
     arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                        config.max_length, config.completion_only)
     data.warn_cut(arrays.pop("cut"), f"responses cut to fit max_length={config.max_length} (each keeps its EOS)")
-    out = common.prepare_output("sft", config.train, config, resume, len(rows),
+    mesh = common.make_mesh(train)
+    out = common.prepare_output("sft", train, config, resume, len(rows),
                                 inputs=(config.model, config.tokenizer, config.data.path))
-    train = config.train
     tx, lr = common.optimizer(train)
-    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
-                              grad_accum_steps=train.grad_accum_steps)
-    step = data_parallel(make_sft_step, train.devices)
+    with on_host():
+        state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
+                                  grad_accum_steps=train.grad_accum_steps)
+    state = put_state(state, mesh)
+    step = data_parallel(make_sft_step, mesh, state)
 
     def step_fn(state, i):
-        batch = data.take(arrays, host_share(data.batch_indices(len(rows), train.batch_size, i, train.seed)))
+        batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))
         return step(state, batch, common.step_key(train.seed, i))
 
     per_epoch = len(rows) // train.batch_size
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": "sft"}, tensorboard=train.tensorboard, devices=train.devices, desc="sft",
+                     record={"stage": "sft"}, tensorboard=train.tensorboard, desc="sft",
                      extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(per_epoch, 1)})
-    return common.export(out, module, jax.device_get(state.params), tokenizer)
+    return common.export(out, module, state.params, tokenizer)

@@ -34,8 +34,8 @@ def record_step_batches(monkeypatch, stage, run_step: bool = True) -> list[dict]
     runs, or with `run_step=False` is skipped (the state stays as it was, no metrics)."""
     real, batches = stage.data_parallel, []
 
-    def recording(make_step, devices):
-        compiled = real(make_step, devices) if run_step else None
+    def recording(make_step, mesh, state):
+        compiled = real(make_step, mesh, state) if run_step else None
 
         def step(state, batch, key):
             batches.append(jax.tree.map(np.asarray, batch))

@@ -294,13 +294,25 @@ def test_dpo_with_precomputed_reference_logps_equals_the_in_step_reference():
 
 
 def test_batches_must_split_into_microbatches_on_every_device():
-    from jaxrlhf.config import TrainConfig
+    """Checked when a stage builds its mesh (`stages.common.make_mesh`): every update's rows
+    (the batch, or each PPO minibatch) split over the devices, and each device's share over
+    train.grad_accum_steps microbatches."""
+    from jaxrlhf.config import MeshConfig, TrainConfig
     from jaxrlhf.errors import ConfigError
-    from jaxrlhf.stages.ppo import PPOStageConfig
+    from jaxrlhf.stages.common import make_mesh
 
-    with pytest.raises(ConfigError, match=r"batch_size=12 does not split into grad_accum_steps=4 microbatches on "
-                                          r"each of devices=2 \(it must be a multiple of 8\)"):
-        TrainConfig(batch_size=12, devices=2, grad_accum_steps=4)
-    with pytest.raises(ConfigError, match=r"grad_accum_steps=4 must divide the 2 rows of each minibatch"):
-        PPOStageConfig(policy="p", reward=None, prompts=None, ppo=PPOConfig(num_minibatches=4),
-                       train=TrainConfig(batch_size=16, devices=2, grad_accum_steps=4))
+    two = MeshConfig(data=2)
+    with pytest.raises(ConfigError, match=r"train.batch_size = 12 rows do not split over 2 device\(s\) in 4 "
+                                          r"microbatches each \(mesh data=2 x fsdp=1\); it must be a multiple of 8"):
+        make_mesh(TrainConfig(batch_size=12, mesh=two, grad_accum_steps=4))
+    with pytest.raises(ConfigError, match=r"train.batch_size / ppo.num_minibatches \(16 / 4\) = 4 rows do not split "
+                                          r"over 2 device\(s\) in 4 microbatches each .*multiple of 8"):
+        make_mesh(TrainConfig(batch_size=16, mesh=two, grad_accum_steps=4), minibatches=4)
+    # fsdp replicas take rows too: 2 x 2 devices, 2 microbatches each.
+    with pytest.raises(ConfigError, match=r"= 4 rows do not split over 4 device\(s\) in 2 microbatches each "
+                                          r"\(mesh data=2 x fsdp=2\)"):
+        make_mesh(TrainConfig(batch_size=4, mesh=MeshConfig(data=2, fsdp=2), grad_accum_steps=2))
+    assert make_mesh(TrainConfig(batch_size=16, mesh=two, grad_accum_steps=4), minibatches=2).shape == {
+        "data": 2, "fsdp": 1}
+    assert make_mesh(TrainConfig(batch_size=8, mesh=MeshConfig(fsdp=2), grad_accum_steps=2)).shape == {
+        "data": 2, "fsdp": 2}

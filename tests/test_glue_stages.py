@@ -48,15 +48,16 @@ def record_step_batches(monkeypatch, stage, run_step: bool = True) -> list[dict]
 
 
 def record_generations(monkeypatch, stage) -> list:
-    """Every output of `stage`'s calls to `generate`, as NumPy, in order."""
-    real, outputs = stage.generate, []
+    """Every output of `stage`'s calls to `sample` (`generate` on the mesh, gathered), as
+    NumPy, in order."""
+    real, outputs = stage.sample, []
 
     def recording(*args):
         out = real(*args)
         outputs.append(jax.tree.map(np.asarray, out))
         return out
 
-    monkeypatch.setattr(stage, "generate", recording)
+    monkeypatch.setattr(stage, "sample", recording)
     return outputs
 
 

@@ -98,8 +98,8 @@ def interrupt_at_call(monkeypatch, stage_module, call: int) -> None:
     call, as a user stopping a run between two checkpoints would."""
     real = stage_module.data_parallel
 
-    def stopping(make_step, devices):
-        compiled, calls = real(make_step, devices), []
+    def stopping(make_step, mesh, state):
+        compiled, calls = real(make_step, mesh, state), []
 
         def run(state, batch, key):
             calls.append(1)

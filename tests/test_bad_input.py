@@ -32,6 +32,12 @@ def reward_args(tiny_run, out, *extra):
             f"train.output_dir={out}", *extra]
 
 
+def preferences_args(tiny_run, out, *extra):
+    return ["--config", str(TINY / "preferences.yaml"), f"policy={tiny_run / 'sft' / 'final'}",
+            f"reward.model={tiny_run / 'reward' / 'final'}", f"prompts.path={tiny_run / 'data' / 'prompts.jsonl'}",
+            "prompts.max_rows=8", "sampling.max_new_tokens=4", f"output={out}", *extra]
+
+
 def evaluate_args(tiny_run, out, *extra, policies=("sft",)):
     """An evaluation of `policies` (stage names in the tiny run, or paths) against the SFT policy."""
     sft = tiny_run / "sft" / "final"
@@ -117,10 +123,23 @@ CASES = [
      r"learning_rate=-1.0 must be > 0"),
     ("not a choice", "sft", lambda r, t, o: sft_args(r, o, "train.schedule=exponential"),
      r"train.schedule='exponential' is not allowed; choose one of \['constant', 'linear', 'cosine'\]"),
-    ("batch not divisible by the devices", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=6", "train.devices=4"),
-     r"batch_size=6 does not divide over devices=4"),
-    ("more devices than there are", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=16", "train.devices=16"),
-     r"devices=16 but this process sees 4 device\(s\)"),
+    # The mesh (train.mesh, 4 fake devices here) and how every update's rows split over it.
+    ("batch not divisible by the devices", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=6", "train.mesh.data=4"),
+     r"train.batch_size = 6 rows do not split over 4 device\(s\) \(mesh data=4 x fsdp=1\); it must be a multiple of 4"),
+    ("PPO minibatch of no rows on a device", "ppo", lambda r, t, o: ppo_args(r, o, "ppo.num_minibatches=8", "train.mesh.data=2"),
+     r"train.batch_size / ppo.num_minibatches \(8 / 8\) = 1 rows do not split over 2 device\(s\) .*multiple of 2"),
+    ("microbatches not dividing each device's rows", "sft", lambda r, t, o: sft_args(
+        r, o, "train.batch_size=8", "train.mesh.data=4", "train.grad_accum_steps=4"),
+     r"train.batch_size = 8 rows do not split over 4 device\(s\) in 4 microbatches each .*multiple of 16"),
+    ("more devices than there are", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=16", "train.mesh.data=8"),
+     r"mesh data=8 x fsdp=1 = 8 device\(s\), but this run has 4 \(1 process\(es\) x 4\); use at most that many"),
+    ("fsdp not dividing the devices", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=12", "train.mesh.fsdp=3"),
+     r"mesh fsdp=3 does not divide the 4 device\(s\) of this run"),
+    ("preference samples not dividing the devices", "preferences", lambda r, t, o: preferences_args(
+        r, o, "batch_size=3", "samples_per_prompt=2"),
+     r"batch_size x samples_per_prompt \(3 x 2\) = 6 rows do not split over 4 device\(s\)"),
+    ("--coordinator without --multihost", "sft", lambda r, t, o: [*sft_args(r, o), "--coordinator", "localhost:1234"],
+     r"--coordinator is for multi-process runs; add --multihost"),
     ("corrupted safetensors", "ppo", lambda r, t, o: ppo_args(r, o, f"policy={corrupt_copy(r / 'sft' / 'final', t / 'bad')}"),
      r"bad/model.safetensors is not a readable safetensors file"),
     ("missing checkpoint directory", "ppo", lambda r, t, o: ppo_args(r, o, f"policy={t / 'missing'}"),

@@ -34,8 +34,8 @@ def record_step_batches(monkeypatch, stage, run_step: bool = True) -> list[dict]
     runs, or with `run_step=False` is skipped (the state stays as it was, no metrics)."""
     real, batches = stage.data_parallel, []
 
-    def recording(make_step, devices):
-        compiled = real(make_step, devices) if run_step else None
+    def recording(make_step, mesh, state):
+        compiled = real(make_step, mesh, state) if run_step else None
 
         def step(state, batch, key):
             batches.append(jax.tree.map(np.asarray, batch))
@@ -48,15 +48,16 @@ def record_step_batches(monkeypatch, stage, run_step: bool = True) -> list[dict]
 
 
 def record_generations(monkeypatch, stage) -> list:
-    """Every output of `stage`'s calls to `generate`, as NumPy, in order."""
-    real, outputs = stage.generate, []
+    """Every output of `stage`'s calls to `sample` (`generate` on the mesh, gathered), as
+    NumPy, in order."""
+    real, outputs = stage.sample, []
 
     def recording(*args):
         out = real(*args)
         outputs.append(jax.tree.map(np.asarray, out))
         return out
 
-    monkeypatch.setattr(stage, "generate", recording)
+    monkeypatch.setattr(stage, "sample", recording)
     return outputs
 
 

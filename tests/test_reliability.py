@@ -56,13 +56,18 @@ def test_stages_in_two_microbatches_end_with_the_one_batch_params(tiny_run, tmp_
 
 
 def test_devices_must_exist_and_divide_the_batch(tiny_run, tmp_path):
+    """Refused by the stage when it builds its mesh, before it writes anything."""
     from jaxrlhf.errors import ConfigError
     from jaxrlhf.stages import sft
 
-    with pytest.raises(ConfigError, match=r"batch_size=10 does not divide over devices=4"):
-        stage_config(sft, "sft.yaml", tiny_run, tmp_path / "x", ["train.batch_size=10", "train.mesh.data=4"])
-    with pytest.raises(ConfigError, match=r"devices=8 but this process sees 4 device\(s\)"):
-        sft.run(stage_config(sft, "sft.yaml", tiny_run, tmp_path / "y", ["train.batch_size=16", "train.devices=8"]))
+    with pytest.raises(ConfigError, match=r"train.batch_size = 10 rows do not split over 4 device\(s\) "
+                                          r"\(mesh data=4 x fsdp=1\); it must be a multiple of 4"):
+        sft.run(stage_config(sft, "sft.yaml", tiny_run, tmp_path / "x", ["train.batch_size=10", "train.mesh.data=4"]))
+    with pytest.raises(ConfigError, match=r"mesh data=8 x fsdp=1 = 8 device\(s\), but this run has 4"):
+        sft.run(stage_config(sft, "sft.yaml", tiny_run, tmp_path / "y", ["train.batch_size=16", "train.mesh.data=8"]))
+    with pytest.raises(ConfigError, match=r"mesh fsdp=3 does not divide the 4 device\(s\) of this run"):
+        sft.run(stage_config(sft, "sft.yaml", tiny_run, tmp_path / "z", ["train.batch_size=12", "train.mesh.fsdp=3"]))
+    assert not any((tmp_path / d).exists() for d in "xyz")
 
 
 def metrics(path):

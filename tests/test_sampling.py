@@ -180,8 +180,8 @@ def test_inverse_cdf_sampler_draws_only_tokens_with_mass(only):
     from jaxrlhf.sampling import sample_categorical
 
     logits = jnp.full((64, 300), -jnp.inf).at[:, only].set(0.0)  # one token left, anywhere in its chunk
-    assert (np.asarray(sample_categorical(jax.random.key(only), logits)) == only).all()
+    assert (np.asarray(sample_categorical(jax.random.split(jax.random.key(only), 64), logits)) == only).all()
     two = jnp.full((20000, 300), -jnp.inf).at[:, 5].set(0.0).at[:, 260].set(jnp.log(3.0))
-    draws = np.asarray(sample_categorical(jax.random.key(1), two))
+    draws = np.asarray(sample_categorical(jax.random.split(jax.random.key(1), 20000), two))
     assert set(np.unique(draws)) == {5, 260}
     assert abs((draws == 260).mean() - 0.75) < 0.015  # 5 standard errors

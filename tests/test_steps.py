@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from jaxrlhf.models import from_config
+from jaxrlhf import parallel
 from jaxrlhf.parallel import AXIS, jit_step, pmap_step, replicate, shard, unreplicate
 from jaxrlhf.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.sampling import SamplingConfig, generate
@@ -69,8 +70,8 @@ def reward_model(seed=0):
     return from_config(BERT, jax.random.key(seed), head="classification")
 
 
-def build(kind, tx, axis_name=None):
-    """-> (step, state) for one update function on fresh tiny models."""
+def build(kind, tx, axis_name=None, ppo_minibatches=1):
+    """-> (step, state, batch) for one update function on fresh tiny models."""
     if kind == "sft":
         module, params, _ = policy()
         return make_sft_step(axis_name), TrainState.create(module, params, tx), sft_batch()
@@ -86,7 +87,7 @@ def build(kind, tx, axis_name=None):
     if kind == "ppo":
         module, params, _ = policy(value_head=True)
         state = TrainState.create(module, params, tx, ref_params=copy(params), kl_coef=jnp.float32(0.1))
-        config = PPOConfig(epochs=4, num_minibatches=1, kl_target=1.0)
+        config = PPOConfig(epochs=4, num_minibatches=ppo_minibatches, kl_target=1.0)
         return make_ppo_update(config, axis_name=axis_name), state, rollout_batch()
     raise ValueError(kind)
 
@@ -111,6 +112,43 @@ def test_four_devices_give_the_one_device_update(kind):
         np.testing.assert_allclose(four_metrics[name], one_metrics[name], rtol=1e-4, atol=1e-5, err_msg=name)
     if kind == "ppo":
         np.testing.assert_allclose(four_state.kl_coef, one_state.kl_coef, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind,minibatches", [("sft", 1), ("pairwise", 1), ("sigmoid", 1), ("ppo", 2)])
+def test_pmap_step_and_the_mesh_path_give_the_one_device_update(kind, minibatches):
+    """`pmap_step` (kept for pmap-style users) and the stages' mesh path (`data_parallel`:
+    the one-device step jitted over global arrays, on 4 replicas or 2 x 2 with FSDP) give the
+    one-device update. PPO in 2 minibatches: both paths take them from one global permutation."""
+    tx = optax.sgd(0.5)
+
+    def make(axis_name):
+        return build(kind, tx, axis_name, minibatches)
+
+    step, state, batch = make(None)
+    results = {"one device": jit_step(step)(state, batch, jax.random.key(0))}
+    pstep, pstate, _ = make(AXIS)
+    four_state, four_metrics = pmap_step(pstep)(replicate(pstate), shard(batch, 4), jax.random.key(0))
+    results["pmap_step"] = unreplicate(four_state), unreplicate(four_metrics)
+    for data, fsdp in ((4, 1), (2, 2)):
+        mesh = parallel.make_mesh(data, fsdp)
+        mesh_state = parallel.put_state(make(None)[1], mesh)
+        if fsdp > 1:
+            assert any(len(x.sharding.device_set) == 4 and x.addressable_shards[0].data.shape != x.shape
+                       for x in jax.tree.leaves(mesh_state.params)), "FSDP must split some params"
+        update = parallel.data_parallel(lambda axis: make(axis)[0], mesh, mesh_state)
+        results[f"mesh {data}x{fsdp}"] = update(mesh_state, batch, jax.random.key(0))
+    one_state, one_metrics = results.pop("one device")
+    moved = optax.global_norm(jax.tree.map(jnp.subtract, one_state.params, make(None)[1].params))
+    assert moved > 1e-4, "the step must change the params for the comparison to mean anything"
+    for path, (state, metrics) in results.items():
+        for a, b in zip(jax.tree.leaves(one_state.params), jax.tree.leaves(state.params), strict=True):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5, err_msg=path)
+        for name in one_metrics:
+            np.testing.assert_allclose(np.asarray(metrics[name]), np.asarray(one_metrics[name]), rtol=1e-4,
+                                       atol=1e-5, err_msg=f"{path}: {name}")
+        if kind == "ppo":
+            np.testing.assert_allclose(np.asarray(state.kl_coef), np.asarray(one_state.kl_coef), rtol=1e-6,
+                                       err_msg=path)
 
 
 def run(kind, steps, lr=3e-3):
@@ -294,13 +332,25 @@ def test_dpo_with_precomputed_reference_logps_equals_the_in_step_reference():
 
 
 def test_batches_must_split_into_microbatches_on_every_device():
-    from jaxrlhf.config import TrainConfig
+    """Checked when a stage builds its mesh (`stages.common.make_mesh`): every update's rows
+    (the batch, or each PPO minibatch) split over the devices, and each device's share over
+    train.grad_accum_steps microbatches."""
+    from jaxrlhf.config import MeshConfig, TrainConfig
     from jaxrlhf.errors import ConfigError
-    from jaxrlhf.stages.ppo import PPOStageConfig
+    from jaxrlhf.stages.common import make_mesh
 
-    with pytest.raises(ConfigError, match=r"batch_size=12 does not split into grad_accum_steps=4 microbatches on "
-                                          r"each of devices=2 \(it must be a multiple of 8\)"):
-        TrainConfig(batch_size=12, devices=2, grad_accum_steps=4)
-    with pytest.raises(ConfigError, match=r"grad_accum_steps=4 must divide the 2 rows of each minibatch"):
-        PPOStageConfig(policy="p", reward=None, prompts=None, ppo=PPOConfig(num_minibatches=4),
-                       train=TrainConfig(batch_size=16, devices=2, grad_accum_steps=4))
+    two = MeshConfig(data=2)
+    with pytest.raises(ConfigError, match=r"train.batch_size = 12 rows do not split over 2 device\(s\) in 4 "
+                                          r"microbatches each \(mesh data=2 x fsdp=1\); it must be a multiple of 8"):
+        make_mesh(TrainConfig(batch_size=12, mesh=two, grad_accum_steps=4))
+    with pytest.raises(ConfigError, match=r"train.batch_size / ppo.num_minibatches \(16 / 4\) = 4 rows do not split "
+                                          r"over 2 device\(s\) in 4 microbatches each .*multiple of 8"):
+        make_mesh(TrainConfig(batch_size=16, mesh=two, grad_accum_steps=4), minibatches=4)
+    # fsdp replicas take rows too: 2 x 2 devices, 2 microbatches each.
+    with pytest.raises(ConfigError, match=r"= 4 rows do not split over 4 device\(s\) in 2 microbatches each "
+                                          r"\(mesh data=2 x fsdp=2\)"):
+        make_mesh(TrainConfig(batch_size=4, mesh=MeshConfig(data=2, fsdp=2), grad_accum_steps=2))
+    assert make_mesh(TrainConfig(batch_size=16, mesh=two, grad_accum_steps=4), minibatches=2).shape == {
+        "data": 2, "fsdp": 1}
+    assert make_mesh(TrainConfig(batch_size=8, mesh=MeshConfig(fsdp=2), grad_accum_steps=2)).shape == {
+        "data": 2, "fsdp": 2}

@@ -44,7 +44,7 @@ def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
     n = data * fsdp
     if n > len(devices) or (processes > 1 and n != len(devices)):
         raise ConfigError(f"mesh data={data} x fsdp={fsdp} = {n} device(s), but this run has {len(devices)} "
-                          f"({processes} process(es) x {jax.local_device_count()}); "
+                          f"({jax.local_device_count()} in each of {processes} process(es)); "
                           + ("a multi-process run's mesh must use every device" if processes > 1 else
                              "use at most that many"))
     return Mesh(np.asarray(devices[:n]).reshape(data, fsdp), (DATA, FSDP))
@@ -61,7 +61,7 @@ def check_rows(rows: int, mesh: Mesh, what: str, microbatches: int = 1) -> None:
     parts = row_shards(mesh) * microbatches
     if rows % parts:
         per_device = f" in {microbatches} microbatches each" if microbatches > 1 else ""
-        raise ConfigError(f"{what} = {rows} rows do not split over {row_shards(mesh)} device(s){per_device} "
+        raise ConfigError(f"{what} = {rows} row(s) do not split over {row_shards(mesh)} device(s){per_device} "
                           f"(mesh data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]}); it must be a multiple of "
                           f"{parts}")
 

@@ -60,7 +60,7 @@ def test_devices_must_exist_and_divide_the_batch(tiny_run, tmp_path):
     from jaxrlhf.errors import ConfigError
     from jaxrlhf.stages import sft
 
-    with pytest.raises(ConfigError, match=r"train.batch_size = 10 rows do not split over 4 device\(s\) "
+    with pytest.raises(ConfigError, match=r"train.batch_size = 10 row\(s\) do not split over 4 device\(s\) "
                                           r"\(mesh data=4 x fsdp=1\); it must be a multiple of 4"):
         sft.run(stage_config(sft, "sft.yaml", tiny_run, tmp_path / "x", ["train.batch_size=10", "train.mesh.data=4"]))
     with pytest.raises(ConfigError, match=r"mesh data=8 x fsdp=1 = 8 device\(s\), but this run has 4"):

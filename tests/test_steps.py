@@ -340,14 +340,14 @@ def test_batches_must_split_into_microbatches_on_every_device():
     from jaxrlhf.stages.common import make_mesh
 
     two = MeshConfig(data=2)
-    with pytest.raises(ConfigError, match=r"train.batch_size = 12 rows do not split over 2 device\(s\) in 4 "
+    with pytest.raises(ConfigError, match=r"train.batch_size = 12 row\(s\) do not split over 2 device\(s\) in 4 "
                                           r"microbatches each \(mesh data=2 x fsdp=1\); it must be a multiple of 8"):
         make_mesh(TrainConfig(batch_size=12, mesh=two, grad_accum_steps=4))
-    with pytest.raises(ConfigError, match=r"train.batch_size / ppo.num_minibatches \(16 / 4\) = 4 rows do not split "
+    with pytest.raises(ConfigError, match=r"train.batch_size / ppo.num_minibatches \(16 / 4\) = 4 row\(s\) do not split "
                                           r"over 2 device\(s\) in 4 microbatches each .*multiple of 8"):
         make_mesh(TrainConfig(batch_size=16, mesh=two, grad_accum_steps=4), minibatches=4)
     # fsdp replicas take rows too: 2 x 2 devices, 2 microbatches each.
-    with pytest.raises(ConfigError, match=r"= 4 rows do not split over 4 device\(s\) in 2 microbatches each "
+    with pytest.raises(ConfigError, match=r"= 4 row\(s\) do not split over 4 device\(s\) in 2 microbatches each "
                                           r"\(mesh data=2 x fsdp=2\)"):
         make_mesh(TrainConfig(batch_size=4, mesh=MeshConfig(data=2, fsdp=2), grad_accum_steps=2))
     assert make_mesh(TrainConfig(batch_size=16, mesh=two, grad_accum_steps=4), minibatches=2).shape == {

@@ -12,7 +12,6 @@ from jaxrlhf.errors import JaxRLHFError
 from jaxrlhf.parallel import initialize_multihost
 
 
-
 def add_multihost_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "multi-process runs", "Run the same command in every process, each with its own --process-id; all "

@@ -11,7 +11,7 @@ import numpy as np
 
 from jaxrlhf import data, outputs
 from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection, check
-from jaxrlhf.parallel import check_rows, gather, is_main, make_mesh, on_host, put_rows, put_state, sync
+from jaxrlhf.parallel import check_rows, gather, make_mesh, on_host, on_main, put_rows, put_state
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.stages.common import check_policy, load_policy
 from jaxrlhf.steps import sequence_logps_jit
@@ -110,12 +110,14 @@ def run(config: EvaluateConfig, resume: bool = False, overwrite: bool = False) -
             "_scores": {s: v.tolist() for s, v in scores.items()},
         }
     table = _table(results)
-    if is_main():  # every process holds the same results
+
+    def write():  # every process holds the same results
         outputs.replace_folder(out_dir, "evaluation", lambda d: _write(d, config, texts, results, samples, table),
                                overwrite=overwrite)
         print("\n".join(table))
         print(f"results, samples and plot in {out_dir}")
-    sync("evaluate: written")
+
+    on_main(write, out_dir)
     return out_dir
 
 

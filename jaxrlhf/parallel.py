@@ -21,7 +21,7 @@ from jax import lax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxrlhf.errors import ConfigError
+from jaxrlhf.errors import ConfigError, OutputError
 
 AXIS = "batch"  # pmap_step's axis name
 DATA, FSDP = "data", "fsdp"
@@ -50,18 +50,13 @@ def make_mesh(data: int | None = None, fsdp: int = 1) -> Mesh:
     return Mesh(np.asarray(devices[:n]).reshape(data, fsdp), (DATA, FSDP))
 
 
-def row_shards(mesh: Mesh) -> int:
-    """Into how many parts a batch's rows are split (every device gets its own)."""
-    return mesh.size
-
-
 def check_rows(rows: int, mesh: Mesh, what: str, microbatches: int = 1) -> None:
     """`rows` must split evenly over the mesh's devices, and each device's share over
     `microbatches`; `what` names where the number comes from, for the error."""
-    parts = row_shards(mesh) * microbatches
+    parts = mesh.size * microbatches  # every device gets its own rows
     if rows % parts:
         per_device = f" in {microbatches} microbatches each" if microbatches > 1 else ""
-        raise ConfigError(f"{what} = {rows} row(s) do not split over {row_shards(mesh)} device(s){per_device} "
+        raise ConfigError(f"{what} = {rows} row(s) do not split over {mesh.size} device(s){per_device} "
                           f"(mesh data={mesh.shape[DATA]} x fsdp={mesh.shape[FSDP]}); it must be a multiple of "
                           f"{parts}")
 
@@ -124,21 +119,23 @@ def put_state(state: Any, mesh: Mesh) -> Any:
 
 
 def constrain_rows(tree: Any, axis: int = 0) -> Any:
-    """Inside a step compiled for a mesh (`data_parallel`): keep axis `axis` of every array
-    split over the devices, so a gathered or reshaped batch stays data parallel; a no-op with
-    no mesh (plain jit, pmap)."""
+    """Inside a step compiled by `data_parallel`: keep axis `axis` of every array split over
+    the devices, so a gathered or reshaped batch stays data parallel. A no-op anywhere else
+    (plain jit, pmap, a user's own mesh): only a context mesh with our two axes, both left to
+    the compiler, is ours."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or DATA not in mesh.axis_names:
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    if any(types.get(name) != jax.sharding.AxisType.Auto for name in ROWS):
         return tree
     return jax.tree.map(lambda x: lax.with_sharding_constraint(x, P(*[None] * axis, ROWS)), tree)
 
 
-def data_parallel(make_step: Callable[[str | None], Callable], mesh: Mesh, state: Any) -> Callable:
-    """The compiled `step(state, batch, key)` of a step factory on `mesh`: the one-device step
-    (`make_step(None)`) under `jax.jit`, the state kept in `state`'s layout (`put_state`) and
-    donated, the host batch (the whole global batch, numpy) split over the devices."""
+def data_parallel(step: Callable, mesh: Mesh, state: Any) -> Callable:
+    """A one-device `step(state, batch, key)` (an update factory's, `axis_name=None`) compiled
+    for `mesh` under `jax.jit`: the state kept in `state`'s layout (`put_state`) and donated,
+    the host batch (the whole global batch, numpy) split over the devices."""
     layout = jax.tree.map(lambda x: x.sharding, state)
-    compiled = jax.jit(make_step(None), in_shardings=(layout, rows_sharding(mesh), replicated(mesh)),
+    compiled = jax.jit(step, in_shardings=(layout, rows_sharding(mesh), replicated(mesh)),
                        out_shardings=(layout, replicated(mesh)), donate_argnums=(0,))
 
     def step(state, batch, key):
@@ -150,7 +147,8 @@ def data_parallel(make_step: Callable[[str | None], Callable], mesh: Mesh, state
 
 
 def gather(tree: Any) -> Any:
-    """Global arrays -> numpy arrays holding the whole value, on every process."""
+    """Global arrays -> numpy arrays holding the whole value, on every process. (Not for
+    process-local arrays: across processes they would be concatenated.)"""
     if jax.process_count() == 1:
         return jax.device_get(tree)
     return multihost_utils.process_allgather(tree, tiled=True)
@@ -161,10 +159,26 @@ def is_main() -> bool:
     return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-    """Wait until every process gets here (a no-op with one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+def all_ok(ok: bool) -> bool:
+    """Whether `ok` holds on every process (a barrier: every process must call it)."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.int32(ok)).all())
+
+
+def on_main(write: Callable[[], Any], what: str) -> Any:
+    """`write()` on process 0 only, then every process learns whether it worked: a failed write
+    stops every process with an error (the others get one pointing at process 0's) instead of
+    leaving them waiting for it in the next collective. -> `write()`'s result on process 0."""
+    result, error = None, None
+    if is_main():
+        try:
+            result = write()
+        except Exception as e:  # re-raised below, after the others have heard of it
+            error = e
+    if not all_ok(error is None):
+        raise error or OutputError(f"process 0 could not write {what} (its error is in its own output)")
+    return result
 
 
 def on_host():

@@ -93,7 +93,8 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
         n_rollouts = b * (1 if axis_name is None else lax.axis_size(axis_name))
         check_kl_horizon(config, n_rollouts)  # shapes are static: these run once, at trace time
         if b % config.num_minibatches:
-            raise ConfigError(f"{b} rollouts (per device) do not split into num_minibatches={config.num_minibatches}")
+            raise ConfigError(f"{b} rollouts{' per device' if axis_name else ''} do not split into "
+                              f"num_minibatches={config.num_minibatches}")
         logits, old_logprobs, old_values = lax.stop_gradient(response_outputs(state.params, state.apply_fn, seq, attn, n))
         entropy_per_token = psum(losses.masked_mean(losses.entropy(logits, config.temperature), resp,
                                                     axis_name=axis_name), axis_name)
@@ -110,7 +111,7 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
         advantages, returns = losses.gae(rewards, old_values, resp, config.gamma, config.lam)
         advantages = losses.masked_whiten(advantages, resp, axis_name=axis_name)
 
-        mb = b // config.num_minibatches  # this device's rows of each minibatch
+        mb = b // config.num_minibatches  # rows of each minibatch in `seq` (under pmap: this device's)
         scored = {"seq": seq, "attn": attn, "resp": resp, "old_logprobs": old_logprobs, "old_values": old_values,
                   "advantages": advantages, "returns": returns}
 

@@ -27,11 +27,12 @@ def _texts(source: RewardSource, prompts, responses) -> list[str]:
     return list(responses) if source.text == "response" else [p + r for p, r in zip(prompts, responses)]
 
 
-def model_scorer(source: RewardSource, mesh=None) -> Scorer:
+def model_scorer(source: RewardSource, mesh) -> Scorer:
     """Score with a classification checkpoint: column `label` (name or index) of its logits.
-    On a `mesh`, each device scores its share of every chunk of `source.batch_size` texts
-    (rounded up to a multiple of the devices)."""
-    module, params, config = load_pretrained(source.model, head="classification")
+    Each device of `mesh` scores its share of every chunk of `source.batch_size` texts (rounded
+    up to a multiple of the devices)."""
+    with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
+        module, params, config = load_pretrained(source.model, head="classification")
     tokenizer = load_tokenizer(source.model, config)
     labels = list(config.id2label)
     label = 0 if source.label is None else source.label
@@ -42,15 +43,8 @@ def model_scorer(source: RewardSource, mesh=None) -> Scorer:
     if not 0 <= label < len(labels):
         raise ConfigError(f"reward label index {label} is out of range for {len(labels)} labels")
     forward = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask)[:, label])
-    chunk_size = source.batch_size
-    if mesh is not None:
-        params = parallel.put_state(params, mesh)
-        chunk_size = -(-chunk_size // parallel.row_shards(mesh)) * parallel.row_shards(mesh)
-
-    def scores_of(ids, mask):
-        if mesh is None:
-            return np.asarray(forward(params, ids, mask))
-        return parallel.gather(forward(params, *parallel.put_rows((ids, mask), mesh)))
+    params = parallel.put_state(params, mesh)
+    chunk_size = -(-source.batch_size // mesh.size) * mesh.size  # whole rows on every device
 
     # prompt + response too long for the scorer keeps its end: the response the score is about.
     keep = "start" if source.text == "response" else "end"
@@ -64,7 +58,8 @@ def model_scorer(source: RewardSource, mesh=None) -> Scorer:
             chunk = texts[start: start + chunk_size]
             pad = chunk_size - len(chunk)  # one compiled shape for every chunk
             enc = encode_texts(tokenizer, chunk + [""] * pad, source.max_length, keep=keep)
-            out.append(scores_of(enc["input_ids"], enc["attention_mask"])[: len(chunk)])
+            ids, mask = parallel.put_rows((enc["input_ids"], enc["attention_mask"]), mesh)
+            out.append(parallel.gather(forward(params, ids, mask))[: len(chunk)])
             cut.append(enc["cut"][: len(chunk)])
         if not warned and np.concatenate(cut).any():  # once per scorer: it runs every PPO step
             warned = True
@@ -130,7 +125,7 @@ def penalise_missing_eos(scores_B: np.ndarray, rollout, eos_token_id: int, penal
     return np.where(ended_B, scores_B, scores_B - penalty).astype(np.float32)
 
 
-def make_scorer(source: RewardSource, mesh=None) -> Scorer:
-    """The scorer of a reward source; a model scorer runs on `mesh` when given (a function
-    runs in every process on all rows, so every process holds every score)."""
+def make_scorer(source: RewardSource, mesh) -> Scorer:
+    """The scorer of a reward source; a model scorer runs on `mesh` (a function runs in every
+    process on all rows, so every process holds every score)."""
     return model_scorer(source, mesh) if source.model is not None else function_scorer(source)

@@ -28,12 +28,9 @@ class MetricLog:
 
     def __init__(self, out_dir: Path, tensorboard: bool = False, start: int = 0):
         """Records past step `start` (written after the checkpoint a run resumes from) are
-        dropped, so that metrics.jsonl tells one story. Only process 0 writes."""
+        dropped, so that metrics.jsonl tells one story."""
         self.path = out_dir / "metrics.jsonl"
-        self.writes = parallel.is_main()
         self.writer = None
-        if not self.writes:
-            return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines(keepends=True)
                     if _record_step(line) <= start]
@@ -46,8 +43,6 @@ class MetricLog:
             self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float], echo: Callable[[str], None] = print) -> None:
-        if not self.writes:
-            return
         record = {"step": step, **{k: float(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -99,18 +94,24 @@ class Checkpoints:
         folder, the cause and the last good checkpoint (which a failed save leaves as it was)."""
         directory = Path(self.manager.directory)
         last_good = self.last_good()
-        # Checked first, because orbax reports a full or read-only disk from many threads at once.
+        # Checked first, because orbax reports a full or read-only disk from many threads at once;
+        # by every process, and all stop if one cannot write (or they would wait for it in orbax).
         need = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+        failure = None
         try:
             probe = directory / f".write-test-{jax.process_index()}"
             probe.write_text("")
             probe.unlink()
             free = shutil.disk_usage(directory).free
         except OSError as e:
-            raise outputs.write_failed(directory, e, last_good) from None
-        if free < need:
-            raise OutputError(f"cannot write checkpoint {step} to {directory}: not enough space ({free / 2**20:.1f} "
-                              f"MiB free, {need / 2**20:.1f} MiB needed); {last_good}")
+            failure = outputs.write_failed(directory, e, last_good)
+        else:
+            if free < need:
+                failure = OutputError(f"cannot write checkpoint {step} to {directory}: not enough space "
+                                      f"({free / 2**20:.1f} MiB free, {need / 2**20:.1f} MiB needed); {last_good}")
+        if not parallel.all_ok(failure is None):
+            raise failure or OutputError(f"cannot write checkpoint {step} to {directory}: another process "
+                                         f"cannot (its error is in its own output); {last_good}")
         args = self.ocp.args
         try:
             with _interrupt_after():
@@ -131,6 +132,16 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint {step} in {self.manager.directory} does not fit this model "
                                   f"and optimizer ({type(e).__name__}: {e})") from e
         return out["state"], out["record"]
+
+    def restore_params(self, step: int) -> Any:
+        """The params of checkpoint `step` on this host's CPU, whatever mesh (devices, processes)
+        wrote it: read into the layout its own metadata describes, placed on one device."""
+        saved = self.ocp.StandardCheckpointer().metadata(Path(self.manager.directory) / str(step) / "state")
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host),
+                              saved.item_metadata.tree)
+        args = self.ocp.args
+        return self.manager.restore(step, args=args.Composite(state=args.StandardRestore(target)))["state"]["params"]
 
 
 def run_loop(
@@ -165,7 +176,8 @@ def run_loop(
         state, _ = checkpoints.restore(latest, state)
         start = latest
         print(f"resuming {desc} from step {start} ({out_dir / 'checkpoints'})", file=sys.stderr)
-    log = MetricLog(out_dir, tensorboard, start)
+    # Process 0 keeps the metrics (the others hold None and never write).
+    log = parallel.on_main(lambda: MetricLog(out_dir, tensorboard, start), out_dir / "metrics.jsonl")
     bar = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr,
                disable=None if parallel.is_main() else True, mininterval=1.0)
     started = time.perf_counter()
@@ -182,10 +194,14 @@ def run_loop(
         if done % log_every == 0 or done == steps:
             values |= extra_metrics(done)
             values["steps_per_second"] = (done - start) / (time.perf_counter() - started)
-            try:
-                log.write(done, values, echo=bar.write)
-            except OSError as e:
-                raise outputs.write_failed(log.path, e, checkpoints.last_good()) from None
+
+            def write():
+                try:
+                    log.write(done, values, echo=bar.write)
+                except OSError as e:
+                    raise outputs.write_failed(log.path, e, checkpoints.last_good()) from None
+
+            parallel.on_main(write, out_dir / "metrics.jsonl")
         if done % save_every == 0 or done == steps:
             checkpoints.save(done, state, {**record, "step": done})
         bar.update(1)

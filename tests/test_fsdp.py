@@ -3,6 +3,7 @@ devices, trains the replicated layout's params, and holds a fraction of its byte
 
 import jax
 import numpy as np
+import pytest
 
 from jaxrlhf import parallel
 from tests.test_reliability import final_params, stage_config
@@ -65,3 +66,37 @@ def test_fsdp_splits_large_leaves_and_keeps_small_ones_whole():
     laid_out = parallel.put_state(state, mesh)
     shard_shapes = {k: x.addressable_shards[0].data.shape for k, x in laid_out.items()}
     assert shard_shapes == {"big": (8, n // 16), "odd": (n + 1,), "small": (n // 2,), "scalar": ()}
+
+
+def test_a_run_resumes_on_another_mesh_and_exports_on_one_device(tiny_run, tmp_path, monkeypatch):
+    """Checkpoints hold global arrays in the layout of the mesh that wrote them: a run stopped on
+    4 data-parallel devices resumes on an fsdp=4 mesh with the uninterrupted run's params, and
+    `scripts/export.py` in a one-device process exports its fsdp checkpoint unchanged."""
+    import subprocess
+
+    from safetensors.numpy import load_file
+
+    from jaxrlhf.stages import sft
+    from tests.conftest import ROOT, interrupt_at_call
+    from tests.test_crash_and_multihost import ENV, script
+
+    def config(out, *mesh):
+        return stage_config(sft, "sft.yaml", tiny_run, out, ["train.steps=6", "train.batch_size=16",
+                                                             "train.save_every=3", "train.log_every=3", *mesh])
+
+    straight = sft.run(config(tmp_path / "straight", "train.mesh.data=4"))
+    interrupt_at_call(monkeypatch, sft, 5)  # after the step-3 checkpoint, before the step-6 one
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(config(tmp_path / "moved", "train.mesh.data=4"))
+    monkeypatch.undo()
+    resumed = sft.run(config(tmp_path / "moved", "train.mesh.data=1", "train.mesh.fsdp=4"), resume=True)
+    for a, b in zip(final_params(straight), final_params(resumed), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+    # The step-6 checkpoint was written by the fsdp=4 mesh; export it where there is one device.
+    result = subprocess.run(script("export", [str(tmp_path / "moved"), str(tmp_path / "exported")]), env=ENV,
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    want, got = load_file(resumed / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)

@@ -254,12 +254,15 @@ def test_preference_pairs_are_every_differently_scored_pair_of_each_prompts_own_
 def test_reward_model_scorer_reads_the_text_its_source_names(text, tiny_run, tmp_path):
     """With non-empty prompts (where the two modes differ), a reward model scorer gives the
     model applied directly to the response alone, or to prompt + response, tokenised here."""
+    from jaxrlhf.parallel import make_mesh
     from jaxrlhf.rewards import make_scorer
 
     rm = altered_copy(tiny_run / "reward" / "final", tmp_path / "rm", seed=8)
     prompts = PROMPTS[:4]
     responses = [" Of course! I will walk the dog.", " Ugh. Go away.", " Fine.", " Thank you, happy to help."]
-    scores = make_scorer(RewardSource(model=str(rm), text=text, max_length=40, batch_size=4))(prompts, responses)
+    # As the stages score: the texts split over all 4 devices.
+    scores = make_scorer(RewardSource(model=str(rm), text=text, max_length=40, batch_size=4), make_mesh())(
+        prompts, responses)
     module, params, config = load_pretrained(rm)
     read = responses if text == "response" else [p + r for p, r in zip(prompts, responses)]
     enc = load_tokenizer(rm, config)(read, padding=True, return_tensors="np")

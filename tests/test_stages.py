@@ -119,6 +119,7 @@ def test_reward_model_scores_text_from_another_tokenizer(tiny_run):
     and re-encodes, and gives what the reward model gives on that text directly."""
     from jaxrlhf.data import encode_texts
     from jaxrlhf.models import load_pretrained, load_tokenizer
+    from jaxrlhf.parallel import make_mesh
     from jaxrlhf.rewards import make_scorer
 
     rm = tiny_run / "reward" / "final"
@@ -126,27 +127,28 @@ def test_reward_model_scores_text_from_another_tokenizer(tiny_run):
     texts = [" Of course! I will walk the dog today.", " Ugh. Go away."]
     responses = [policy_tok.decode(policy_tok(t)["input_ids"]) for t in texts]  # a round trip through BPE
     assert responses == texts
-    scores = make_scorer(RewardSource(model=str(rm), max_length=40, batch_size=4))(["", ""], responses)
+    scores = make_scorer(RewardSource(model=str(rm), max_length=40, batch_size=4), make_mesh())(["", ""], responses)
     module, params, config = load_pretrained(rm)
     enc = encode_texts(load_tokenizer(rm, config), texts, 40)
     want = np.asarray(module.apply({"params": params}, enc["input_ids"], enc["attention_mask"]))[:, 0]
     np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match=r"reward label 'POSITIVE' is not one of .*\['LABEL_0'\]"):
-        make_scorer(RewardSource(model=str(rm), label="POSITIVE"))
+        make_scorer(RewardSource(model=str(rm), label="POSITIVE"), make_mesh())
 
 
 def test_function_rewards_are_checked():
+    from jaxrlhf.parallel import make_mesh
     from jaxrlhf.rewards import make_scorer
 
-    ok = make_scorer(RewardSource(function="jaxrlhf.politeness:score_responses"))
+    ok = make_scorer(RewardSource(function="jaxrlhf.politeness:score_responses"), make_mesh())
     assert ok(["", ""], [" Thank you!", " Go away."]).tolist() == pytest.approx([np.tanh(0.6), np.tanh(-0.7)])
     with pytest.raises(ConfigError, match="cannot be imported"):
-        make_scorer(RewardSource(function="jaxrlhf.politeness:nope"))
-    bad = make_scorer(RewardSource(function="tests.test_stages:wrong_length"))
+        make_scorer(RewardSource(function="jaxrlhf.politeness:nope"), make_mesh())
+    bad = make_scorer(RewardSource(function="tests.test_stages:wrong_length"), make_mesh())
     with pytest.raises(JaxRLHFError, match="returned 1 scores for 2 responses"):
         bad(["", ""], ["a", "b"])
     with pytest.raises(JaxRLHFError, match="raised ZeroDivisionError"):
-        make_scorer(RewardSource(function="tests.test_stages:raises"))(["a"], ["b"])
+        make_scorer(RewardSource(function="tests.test_stages:raises"), make_mesh())(["a"], ["b"])
 
 
 def wrong_length(prompts, responses):

@@ -135,7 +135,7 @@ def test_pmap_step_and_the_mesh_path_give_the_one_device_update(kind, minibatche
         if fsdp > 1:
             assert any(len(x.sharding.device_set) == 4 and x.addressable_shards[0].data.shape != x.shape
                        for x in jax.tree.leaves(mesh_state.params)), "FSDP must split some params"
-        update = parallel.data_parallel(lambda axis: make(axis)[0], mesh, mesh_state)
+        update = parallel.data_parallel(make(None)[0], mesh, mesh_state)
         results[f"mesh {data}x{fsdp}"] = update(mesh_state, batch, jax.random.key(0))
     one_state, one_metrics = results.pop("one device")
     moved = optax.global_norm(jax.tree.map(jnp.subtract, one_state.params, make(None)[1].params))
@@ -332,25 +332,37 @@ def test_dpo_with_precomputed_reference_logps_equals_the_in_step_reference():
 
 
 def test_batches_must_split_into_microbatches_on_every_device():
-    """Checked when a stage builds its mesh (`stages.common.make_mesh`): every update's rows
+    """Checked when a stage builds its mesh (`stages.common.train_mesh`): every update's rows
     (the batch, or each PPO minibatch) split over the devices, and each device's share over
     train.grad_accum_steps microbatches."""
     from jaxrlhf.config import MeshConfig, TrainConfig
     from jaxrlhf.errors import ConfigError
-    from jaxrlhf.stages.common import make_mesh
+    from jaxrlhf.stages.common import train_mesh
 
     two = MeshConfig(data=2)
     with pytest.raises(ConfigError, match=r"train.batch_size = 12 row\(s\) do not split over 2 device\(s\) in 4 "
                                           r"microbatches each \(mesh data=2 x fsdp=1\); it must be a multiple of 8"):
-        make_mesh(TrainConfig(batch_size=12, mesh=two, grad_accum_steps=4))
+        train_mesh(TrainConfig(batch_size=12, mesh=two, grad_accum_steps=4))
     with pytest.raises(ConfigError, match=r"train.batch_size / ppo.num_minibatches \(16 / 4\) = 4 row\(s\) do not split "
                                           r"over 2 device\(s\) in 4 microbatches each .*multiple of 8"):
-        make_mesh(TrainConfig(batch_size=16, mesh=two, grad_accum_steps=4), minibatches=4)
+        train_mesh(TrainConfig(batch_size=16, mesh=two, grad_accum_steps=4), minibatches=4)
     # fsdp replicas take rows too: 2 x 2 devices, 2 microbatches each.
     with pytest.raises(ConfigError, match=r"= 4 row\(s\) do not split over 4 device\(s\) in 2 microbatches each "
                                           r"\(mesh data=2 x fsdp=2\)"):
-        make_mesh(TrainConfig(batch_size=4, mesh=MeshConfig(data=2, fsdp=2), grad_accum_steps=2))
-    assert make_mesh(TrainConfig(batch_size=16, mesh=two, grad_accum_steps=4), minibatches=2).shape == {
+        train_mesh(TrainConfig(batch_size=4, mesh=MeshConfig(data=2, fsdp=2), grad_accum_steps=2))
+    assert train_mesh(TrainConfig(batch_size=16, mesh=two, grad_accum_steps=4), minibatches=2).shape == {
         "data": 2, "fsdp": 1}
-    assert make_mesh(TrainConfig(batch_size=8, mesh=MeshConfig(fsdp=2), grad_accum_steps=2)).shape == {
+    assert train_mesh(TrainConfig(batch_size=8, mesh=MeshConfig(fsdp=2), grad_accum_steps=2)).shape == {
         "data": 2, "fsdp": 2}
+
+
+def test_pmap_users_may_name_their_axis_data():
+    """The stages' mesh axis is called "data" too; under pmap no mesh of ours is in force, so an
+    update pmapped over an axis of that name runs as any other (the one-device update)."""
+    tx = optax.sgd(0.5)
+    step, state, batch = build("sft", tx, axis_name="data")
+    got, _ = pmap_step(step, axis_name="data")(replicate(state), shard(batch, 4), jax.random.key(0))
+    one_step, one_state, _ = build("sft", tx)
+    want, _ = jit_step(one_step)(one_state, batch, jax.random.key(0))
+    for a, b in zip(jax.tree.leaves(want.params), jax.tree.leaves(unreplicate(got).params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)

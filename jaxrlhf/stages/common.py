@@ -84,7 +84,7 @@ def optimizer(train: cfg.TrainConfig, updates_per_step: int = 1):
     return tx, lambda s: float(schedule(s * updates_per_step - 1))  # optax counts updates from 0
 
 
-def make_mesh(train: cfg.TrainConfig, minibatches: int = 1):
+def train_mesh(train: cfg.TrainConfig, minibatches: int = 1):
     """The run's mesh (`train.mesh`), after checking that every update's rows (the batch, or
     each of PPO's `minibatches`) split over its devices and each device's share over
     `train.grad_accum_steps` microbatches."""
@@ -128,16 +128,17 @@ def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool
                            "(or pass --resume to finish that run)")
     if resume and (latest is not None or (out / "final").exists()):  # saved is not None: checked above
         _check_same_run(out, saved, record)
-    # Every process has checked the folder before any writes to it.
-    parallel.sync("prepare_output: checked")
-    # The working directory too: the config's relative paths are relative to it (export needs them).
-    if parallel.is_main():
+
+    def write():
+        # The working directory too: the config's relative paths are relative to it (export needs them).
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"output_dir {out} is not writable: {e.strerror or e}") from None
         outputs.replace_file(out / "config.json", json.dumps(record, indent=2) + "\n", overwrite=True)
-    parallel.sync("prepare_output: written")
+
+    # Every process has checked the folder before process 0 writes to it (on_main waits for all).
+    parallel.on_main(write, out / "config.json")
     return out
 
 
@@ -182,16 +183,19 @@ def export(out: Path, module, params, tokenizer) -> Path:
     the one an earlier part of the same run wrote (`prepare_output` has checked the folder is
     this run's). Written by process 0."""
     params = parallel.gather(params)
-    if not parallel.is_main():
-        return out / "final"
-    try:
-        path = save_pretrained(out / "final", module, params, tokenizer=tokenizer, overwrite=True,
-                               source=str(out.resolve()))
-    except OutputError as e:
-        raise OutputError(f"{e}; the checkpoints in {out / 'checkpoints'} are complete: export one with "
-                          "scripts/export.py") from None
-    print(f"exported {type(module).__name__} in Hugging Face layout to {path}")
-    return path
+
+    def write():
+        try:
+            path = save_pretrained(out / "final", module, params, tokenizer=tokenizer, overwrite=True,
+                                   source=str(out.resolve()))
+        except OutputError as e:
+            raise OutputError(f"{e}; the checkpoints in {out / 'checkpoints'} are complete: export one with "
+                              "scripts/export.py") from None
+        print(f"exported {type(module).__name__} in Hugging Face layout to {path}")
+
+    # Every process returns once the export is on disk: the next stage of a pipeline reads it.
+    parallel.on_main(write, out / "final")
+    return out / "final"
 
 
 def step_key(seed: int, step: int) -> jax.Array:

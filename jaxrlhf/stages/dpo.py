@@ -9,7 +9,7 @@ from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import load_pretrained
-from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state, row_shards
+from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_dpo_step, sequence_logps_jit
 from jaxrlhf.trainer import run_loop
@@ -57,7 +57,7 @@ def _reference_logps(module, params, arrays, mesh, batch_size=64):
     """Summed sequence logprobs of every pair under the frozen reference (`params` laid out on
     `mesh`, each device scoring its rows), computed once up front (the step length-averages
     them itself where the loss wants that)."""
-    batch_size = -(-batch_size // row_shards(mesh)) * row_shards(mesh)
+    batch_size = -(-batch_size // mesh.size) * mesh.size  # whole rows on every device
     out = {}
     for side in ("chosen", "rejected"):
         parts = []
@@ -77,7 +77,7 @@ def run(config: DPOConfig, resume: bool = False):
     common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
     rows = data.load_rows(config.data, ("prompt", "chosen", "rejected"))
     arrays = _pair_arrays(rows, tokenizer, config.max_length)
-    mesh = common.make_mesh(train)
+    mesh = common.train_mesh(train)
     if config.loss_type != "slic":
         ref_params = params
         if config.reference is not None:
@@ -94,10 +94,9 @@ def run(config: DPOConfig, resume: bool = False):
         state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
                                   grad_accum_steps=train.grad_accum_steps)
     state = put_state(state, mesh)
-    step = data_parallel(lambda axis: make_dpo_step(
+    step = data_parallel(make_dpo_step(
         config.loss_type, config.beta, label_smoothing=config.label_smoothing, slic_delta=config.slic_delta,
-        slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer, axis_name=axis),
-        mesh, state)
+        slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer), mesh, state)
 
     def step_fn(state, i):
         batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))

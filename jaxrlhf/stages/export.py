@@ -37,8 +37,7 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, overwrite: boo
     if step not in checkpoints.manager.all_steps():
         raise CheckpointError(f"{run_dir / 'checkpoints'} has no checkpoint {step}; "
                               f"it has {list(checkpoints.manager.all_steps())}")
-    args = checkpoints.ocp.args
-    params = checkpoints.manager.restore(step, args=args.Composite(state=args.StandardRestore()))["state"]["params"]
+    params = checkpoints.restore_params(step)
     if "policy" in config:  # PPO / DPO runs: a GPT-2 LM (PPO's value head is left out)
         module, like, _, tokenizer = load_policy(local(config["policy"]))
         params = {k: v for k, v in params.items() if k != "v_head"}

@@ -61,7 +61,7 @@ def run(config: PPOStageConfig, resume: bool = False):
     with on_host():  # the whole model is built on the host, then laid out on the mesh
         module, params, model_config, tokenizer = common.load_policy(config.policy, value_head=True,
                                                                      rng=jax.random.key(train.seed))
-    mesh = common.make_mesh(train, config.ppo.num_minibatches)
+    mesh = common.train_mesh(train, config.ppo.num_minibatches)
     scorer = make_scorer(config.reward, mesh)
     rows = data.load_rows(config.prompts, ("prompt",))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
@@ -74,7 +74,7 @@ def run(config: PPOStageConfig, resume: bool = False):
                                   kl_coef=jnp.float32(config.ppo.kl_coef),
                                   skip_nonfinite=train.on_nonfinite == "skip", grad_accum_steps=train.grad_accum_steps)
     state = put_state(state, mesh)
-    update = data_parallel(lambda axis: make_ppo_update(config.ppo, axis_name=axis), mesh, state)
+    update = data_parallel(make_ppo_update(config.ppo), mesh, state)
 
     def step_fn(state, i):
         idx = data.batch_indices(len(rows), train.batch_size, i, train.seed)

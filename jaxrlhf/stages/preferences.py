@@ -12,7 +12,7 @@ import numpy as np
 from jaxrlhf import data, outputs
 from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection, check
 from jaxrlhf.errors import JaxRLHFError, OutputError
-from jaxrlhf.parallel import check_rows, is_main, make_mesh, on_host, put_state, sync
+from jaxrlhf.parallel import check_rows, is_main, make_mesh, on_host, on_main, put_state
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.stages.common import load_policy
 from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sample, sampling_config
@@ -96,8 +96,10 @@ def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False
     if not pairs:
         raise JaxRLHFError("no preference pairs: every prompt's samples scored alike; lower min_margin or "
                            "sample with more diversity")
-    if is_main():  # every process holds the same pairs
+
+    def write():  # every process holds the same pairs
         outputs.replace_file(path, "".join(json.dumps(p) + "\n" for p in pairs), overwrite=overwrite)
         print(f"{generations} generations -> {len(pairs)} pairs in {path}")
-    sync("preferences: written")
+
+    on_main(write, path)
     return path

@@ -60,7 +60,7 @@ def run(config: RewardConfig, resume: bool = False):
         module, params, _, tokenizer = common.load_model(
             config.model, config.model_config, config.tokenizer, train.seed, head="classification", num_labels=1)
     arrays, n = _arrays(config, tokenizer)
-    mesh = common.make_mesh(train)
+    mesh = common.train_mesh(train)
     out = common.prepare_output("reward", train, config, resume, n,
                                 inputs=(config.model, config.tokenizer, config.data.path))
     tx, lr = common.optimizer(train)
@@ -68,7 +68,7 @@ def run(config: RewardConfig, resume: bool = False):
         state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
                                   grad_accum_steps=train.grad_accum_steps)
     state = put_state(state, mesh)
-    step = data_parallel(lambda axis: make_reward_step(config.kind, axis), mesh, state)
+    step = data_parallel(make_reward_step(config.kind), mesh, state)
 
     def step_fn(state, i):
         batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))

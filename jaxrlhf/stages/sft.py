@@ -43,7 +43,7 @@ def run(config: SFTConfig, resume: bool = False):
     arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
                                        config.max_length, config.completion_only)
     data.warn_cut(arrays.pop("cut"), f"responses cut to fit max_length={config.max_length} (each keeps its EOS)")
-    mesh = common.make_mesh(train)
+    mesh = common.train_mesh(train)
     out = common.prepare_output("sft", train, config, resume, len(rows),
                                 inputs=(config.model, config.tokenizer, config.data.path))
     tx, lr = common.optimizer(train)
@@ -51,7 +51,7 @@ def run(config: SFTConfig, resume: bool = False):
         state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
                                   grad_accum_steps=train.grad_accum_steps)
     state = put_state(state, mesh)
-    step = data_parallel(make_sft_step, mesh, state)
+    step = data_parallel(make_sft_step(), mesh, state)
 
     def step_fn(state, i):
         batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))

@@ -18,6 +18,8 @@ import random
 import re
 from pathlib import Path
 
+from jaxrlhf.parallel import on_main
+
 POLITE = {
     "please": 0.5, "thank you": 0.6, "thanks": 0.5, "happy to": 0.5, "of course": 0.4, "glad": 0.4,
     "certainly": 0.4, "sorry": 0.3, "wonderful": 0.3, "pleasure": 0.4, "no problem": 0.3,
@@ -177,11 +179,17 @@ def run(config: PolitenessDataConfig, resume: bool = False) -> Path:
     reward = make_corpus(config.reward_rows, config.seed + 1, fragments=0.4)
     prompts = make_corpus(config.prompt_rows, config.seed + 2)
     held_out = make_corpus(config.eval_rows, config.seed + 3)
-    write_jsonl(sft, out / "sft.jsonl")
-    write_jsonl([{"text": r["response"], "label": r["score"]} for r in reward], out / "reward.jsonl")
-    write_jsonl([{"prompt": r["prompt"]} for r in prompts], out / "prompts.jsonl")
-    write_jsonl([{"prompt": r["prompt"]} for r in held_out], out / "eval_prompts.jsonl")
-    train_tokenizers([r["prompt"] + r["response"] for r in sft + reward], out / "tokenizers")
-    scores = [r["score"] for r in sft]
-    print(f"wrote the politeness data to {out} (SFT replies: mean ground-truth score {sum(scores) / len(scores):+.3f})")
+
+    def write():
+        write_jsonl(sft, out / "sft.jsonl")
+        write_jsonl([{"text": r["response"], "label": r["score"]} for r in reward], out / "reward.jsonl")
+        write_jsonl([{"prompt": r["prompt"]} for r in prompts], out / "prompts.jsonl")
+        write_jsonl([{"prompt": r["prompt"]} for r in held_out], out / "eval_prompts.jsonl")
+        train_tokenizers([r["prompt"] + r["response"] for r in sft + reward], out / "tokenizers")
+        scores = [r["score"] for r in sft]
+        print(f"wrote the politeness data to {out} (SFT replies: mean ground-truth score "
+              f"{sum(scores) / len(scores):+.3f})")
+
+    # In a multi-process run, process 0 writes and the others wait: the next stage reads the files.
+    on_main(write, out)
     return out

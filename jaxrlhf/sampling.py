@@ -150,16 +150,24 @@ def generate(
             f"prompt length {p} + max_new_tokens {settings.max_new_tokens} = {total} exceeds the model's "
             f"n_positions={module.config.n_positions}"
         )
-    make_cache = functools.partial(init_cache, module.config, b, total, module.dtype)
     sharding = getattr(prompt_ids_BxP, "sharding", None)
     if isinstance(sharding, NamedSharding):  # on a mesh: each device holds its rows' cache
-        rows = jax.tree.map(lambda x: NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:1]) if x.ndim else
-                                                    PartitionSpec()), jax.eval_shape(make_cache))
-        cache = jax.jit(make_cache, out_shardings=rows)()
+        cache = _rows_cache(module.config, b, total, module.dtype, sharding)()
     else:
-        cache = make_cache()
+        cache = init_cache(module.config, b, total, module.dtype)
     out, _ = _generate(module, settings, params, cache, prompt_ids_BxP, prompt_mask_BxP, key)
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _rows_cache(config, batch: int, max_len: int, dtype, rows: NamedSharding):
+    """A compiled maker of an empty KV cache whose rows split as `rows` says (the prompts'
+    sharding), built once per shape and layout: a new `jax.jit` each call would recompile."""
+    make = functools.partial(init_cache, config, batch, max_len, dtype)
+    row_spec = PartitionSpec(*rows.spec[:1])
+    layout = jax.tree.map(lambda x: NamedSharding(rows.mesh, row_spec if x.ndim else PartitionSpec()),
+                          jax.eval_shape(make))
+    return jax.jit(make, out_shardings=layout)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))

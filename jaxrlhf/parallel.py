@@ -61,6 +61,12 @@ def check_rows(rows: int, mesh: Mesh, what: str, microbatches: int = 1) -> None:
                           f"{parts}")
 
 
+def whole_rows(rows: int, mesh: Mesh) -> int:
+    """`rows` rounded up to a multiple of the mesh's devices: the size of a padded chunk that
+    gives every device whole rows (for work the caller pads, e.g. scoring in chunks)."""
+    return -(-rows // mesh.size) * mesh.size
+
+
 def rows_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
     """Rows (axis 0) split over every device; replicated for a scalar."""
     return NamedSharding(mesh, P(ROWS) if ndim else P())
@@ -138,12 +144,12 @@ def data_parallel(step: Callable, mesh: Mesh, state: Any) -> Callable:
     compiled = jax.jit(step, in_shardings=(layout, rows_sharding(mesh), replicated(mesh)),
                        out_shardings=(layout, replicated(mesh)), donate_argnums=(0,))
 
-    def step(state, batch, key):
+    def run(state, batch, key):
         batch = put_rows(batch, mesh)
         with jax.set_mesh(mesh):
             return compiled(state, batch, put_replicated(key, mesh))
 
-    return step
+    return run
 
 
 def gather(tree: Any) -> Any:

@@ -44,7 +44,7 @@ def model_scorer(source: RewardSource, mesh) -> Scorer:
         raise ConfigError(f"reward label index {label} is out of range for {len(labels)} labels")
     forward = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask)[:, label])
     params = parallel.put_state(params, mesh)
-    chunk_size = -(-source.batch_size // mesh.size) * mesh.size  # whole rows on every device
+    chunk_size = parallel.whole_rows(source.batch_size, mesh)
 
     # prompt + response too long for the scorer keeps its end: the response the score is about.
     keep = "start" if source.text == "response" else "end"

@@ -9,7 +9,7 @@ from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import load_pretrained
-from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state
+from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state, whole_rows
 from jaxrlhf.stages import common
 from jaxrlhf.steps import TrainState, make_dpo_step, sequence_logps_jit
 from jaxrlhf.trainer import run_loop
@@ -57,7 +57,7 @@ def _reference_logps(module, params, arrays, mesh, batch_size=64):
     """Summed sequence logprobs of every pair under the frozen reference (`params` laid out on
     `mesh`, each device scoring its rows), computed once up front (the step length-averages
     them itself where the loss wants that)."""
-    batch_size = -(-batch_size // mesh.size) * mesh.size  # whole rows on every device
+    batch_size = whole_rows(batch_size, mesh)
     out = {}
     for side in ("chosen", "rejected"):
         parts = []

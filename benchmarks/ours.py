@@ -13,9 +13,9 @@ import numpy as np
 from benchmarks import workloads as wl
 from jaxrlhf.models import GPT2Model, from_config, load_pretrained, save_pretrained
 from jaxrlhf.parallel import jit_step
-from jaxrlhf.ppo import PPOConfig, make_ppo_update
+from jaxrlhf.updates.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.sampling import SamplingConfig, generate
-from jaxrlhf.steps import TrainState, make_dpo_step, make_optimizer, make_reward_step, make_sft_step
+from jaxrlhf.updates import TrainState, make_dpo_step, make_optimizer, make_reward_step, make_sft_step
 
 
 def prepare(w: wl.Workload, workdir: Path) -> None:

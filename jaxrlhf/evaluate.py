@@ -14,7 +14,7 @@ from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection
 from jaxrlhf.parallel import check_rows, gather, make_mesh, on_host, on_main, put_rows, put_state
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.stages.common import check_policy, load_policy
-from jaxrlhf.steps import sequence_logps_jit
+from jaxrlhf.updates.common import sequence_logps_jit
 from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sample, sampling_config
 
 

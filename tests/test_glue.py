@@ -16,8 +16,8 @@ import pytest
 
 from jaxrlhf.config import DataConfig, RewardSource, TrainConfig
 from jaxrlhf.parallel import jit_step
-from jaxrlhf.ppo import PPOConfig, make_ppo_update
-from jaxrlhf.steps import TrainState, make_dpo_step, make_reward_step
+from jaxrlhf.updates.ppo import PPOConfig, make_ppo_update
+from jaxrlhf.updates import TrainState, make_dpo_step, make_reward_step
 from tests.test_steps import B, pair_batch, policy, reward_model, rollout_batch
 
 
@@ -148,7 +148,7 @@ def test_adaptive_kl_refuses_a_horizon_that_could_make_the_coefficient_nonpositi
     n / horizon >= 5: such a horizon is a config error (in the update and in the stage's
     config, before any work); one just above the limit keeps the coefficient positive."""
     from jaxrlhf.errors import ConfigError
-    from jaxrlhf.ppo import update_kl_coef
+    from jaxrlhf.updates.ppo import update_kl_coef
     from jaxrlhf.stages.ppo import PPOStageConfig
 
     module, params, _ = policy(value_head=True)

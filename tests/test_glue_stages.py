@@ -12,7 +12,7 @@ from jaxrlhf import config as cfg
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig
 from jaxrlhf.models import load_pretrained, load_tokenizer, save_pretrained
 from jaxrlhf.politeness import TASKS, write_jsonl
-from jaxrlhf.ppo import PPOConfig
+from jaxrlhf.updates.ppo import PPOConfig
 from tests.conftest import SHRINK, TINY
 from tests.test_glue import next_token_logps, noisy, response_logps, rm_scores
 

@@ -10,7 +10,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from jaxrlhf import losses
-from jaxrlhf.ppo import PPOConfig, update_kl_coef
+from jaxrlhf.updates.ppo import PPOConfig, update_kl_coef
 
 # Derandomised and without shrinking: CI reruns are identical and a failure reports fast.
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,

@@ -9,9 +9,9 @@ import pytest
 from jaxrlhf.models import from_config
 from jaxrlhf import parallel
 from jaxrlhf.parallel import AXIS, jit_step, pmap_step, replicate, shard, unreplicate
-from jaxrlhf.ppo import PPOConfig, make_ppo_update
+from jaxrlhf.updates.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.sampling import SamplingConfig, generate
-from jaxrlhf.steps import TrainState, make_dpo_step, make_optimizer, make_reward_step, make_sft_step
+from jaxrlhf.updates import TrainState, make_dpo_step, make_optimizer, make_reward_step, make_sft_step
 
 VOCAB, B, T = 32, 8, 12
 GPT2 = dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32,

@@ -10,7 +10,7 @@ from jaxrlhf import config as cfg
 from jaxrlhf import data, outputs, parallel
 from jaxrlhf.errors import ConfigError, JaxRLHFError, OutputError
 from jaxrlhf.models import from_config, load_config, load_pretrained, load_tokenizer, save_pretrained
-from jaxrlhf.steps import make_optimizer
+from jaxrlhf.updates.common import make_optimizer
 from jaxrlhf.trainer import Checkpoints
 
 

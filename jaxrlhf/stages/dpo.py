@@ -11,7 +11,8 @@ from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state, whole_rows
 from jaxrlhf.stages import common
-from jaxrlhf.steps import TrainState, make_dpo_step, sequence_logps_jit
+from jaxrlhf.updates.common import TrainState, sequence_logps_jit
+from jaxrlhf.updates.dpo import make_dpo_step
 from jaxrlhf.trainer import run_loop
 
 

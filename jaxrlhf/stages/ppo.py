@@ -9,11 +9,11 @@ import jax.numpy as jnp
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check
 from jaxrlhf.parallel import data_parallel, on_host, put_state
-from jaxrlhf.ppo import PPOConfig, check_kl_horizon, make_ppo_update
+from jaxrlhf.updates.ppo import PPOConfig, check_kl_horizon, make_ppo_update
 from jaxrlhf.rewards import make_scorer, penalise_missing_eos
 from jaxrlhf.stages import common
 from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sample, sampling_config
-from jaxrlhf.steps import TrainState
+from jaxrlhf.updates.common import TrainState
 from jaxrlhf.trainer import run_loop
 
 

@@ -8,7 +8,8 @@ from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check
 from jaxrlhf.parallel import data_parallel, on_host, put_state
 from jaxrlhf.stages import common
-from jaxrlhf.steps import TrainState, make_sft_step
+from jaxrlhf.updates.common import TrainState
+from jaxrlhf.updates.sft import make_sft_step
 from jaxrlhf.trainer import run_loop
 
 

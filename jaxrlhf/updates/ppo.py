@@ -17,7 +17,7 @@ from jax import lax
 from jaxrlhf import losses
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.parallel import constrain_rows, psum
-from jaxrlhf.steps import TrainState, apply_loss
+from jaxrlhf.updates.common import TrainState, apply_loss
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,143 @@
+"""What every compiled update shares: the train state, the optimizer, one optimizer update
+from a loss (`apply_loss`, with gradient accumulation and the NaN guard), and a causal LM's
+summed sequence logprobs."""
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax import lax
+
+from jaxrlhf import losses
+from jaxrlhf.errors import ConfigError
+from jaxrlhf.parallel import constrain_rows, psum
+
+Params = Any
+Metrics = dict[str, jax.Array]
+
+
+class TrainState(struct.PyTreeNode):
+    """Trained params and optimizer state, plus the frozen params a stage scores with.
+
+    Frozen params travel in the state (not in a closure) so they stay arguments of the
+    compiled step instead of being baked into it as constants."""
+
+    apply_fn: Callable = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+    step: jax.Array
+    params: Params
+    opt_state: Any
+    ref_params: Params | None = None  # the frozen reference policy (DPO, PPO)
+    reward_params: Params | None = None  # a reward model scored inside the PPO update
+    kl_coef: jax.Array | None = None  # PPO's KL penalty coefficient
+    # On a NaN/inf loss or gradient: False applies the update anyway (the loop then stops the
+    # run); True leaves params and optimizer state as they were and reports skipped=1.
+    skip_nonfinite: bool = struct.field(pytree_node=False, default=False)
+    # Microbatches per update: each batch's rows are split into this many, run one after another
+    # inside the one compiled update (only one microbatch's activations are held at a time).
+    grad_accum_steps: int = struct.field(pytree_node=False, default=1)
+
+    @classmethod
+    def create(cls, module, params, tx, **frozen) -> "TrainState":
+        return cls(apply_fn=module.apply, tx=tx, step=jnp.zeros((), jnp.int32), params=params,
+                   opt_state=tx.init(params), **frozen)
+
+
+def make_optimizer(
+    learning_rate: float,
+    *,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    max_grad_norm: float | None = 1.0,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with global-norm clipping and a warm-up then constant / linear / cosine schedule
+    -> (optimizer, schedule). `warmup_steps` and `total_steps` count optimizer updates: the
+    schedule is evaluated at the optimizer's own update count."""
+    decays = {"constant": None, "linear": "linear", "cosine": "cosine"}
+    if schedule not in decays:
+        raise ConfigError(f"schedule={schedule!r} is not one of {sorted(decays)}")
+    if schedule != "constant" and not total_steps:
+        raise ConfigError(f"schedule={schedule!r} needs total_steps")
+    warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps) if warmup_steps else None
+    decay_steps = max((total_steps or 0) - warmup_steps, 1)
+    after = {
+        "constant": optax.constant_schedule(learning_rate),
+        "linear": optax.linear_schedule(learning_rate, 0.0, decay_steps),
+        "cosine": optax.cosine_decay_schedule(learning_rate, decay_steps),
+    }[schedule]
+    lr = optax.join_schedules([warmup, after], [warmup_steps]) if warmup else after
+    parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+    tx = optax.chain(*parts, optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return tx, lr
+
+
+def rows(batch) -> jax.Array:
+    """The number of rows of a batch: the count a per-row mean divides by (see `apply_loss`)."""
+    return jnp.float32(jax.tree.leaves(batch)[0].shape[0])
+
+
+def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | None) -> tuple[TrainState, Metrics]:
+    """One optimizer update on the whole `batch` (arrays with rows on axis 0).
+
+    `loss_fn(params, batch) -> (loss share, metric shares)`: means over `count_fn(batch)`
+    (the loss's denominator on this device's batch: its tokens, or `rows`), as shares of the
+    mean over devices when `axis_name` is set. The batch is split into
+    `state.grad_accum_steps` = k microbatches `[k, B / k, ...]`, microbatch j holding rows
+    j, j + k, j + 2k, ... (so that on a mesh each device's rows split among all k), run one
+    after another (`lax.scan`); each microbatch's loss, gradient and metrics are scaled by its
+    share of the whole batch's count, so their sum (then over devices) is the whole batch's
+    mean: k microbatches give the update of one, however their token counts differ."""
+    k = state.grad_accum_steps
+    b = jax.tree.leaves(batch)[0].shape[0]
+    if b % k:
+        raise ConfigError(f"a batch of {b} rows does not split into grad_accum_steps={k} microbatches")
+    micro = constrain_rows(jax.tree.map(lambda x: x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1), batch), axis=1)
+    counts_K = psum(jax.vmap(count_fn)(micro), axis_name)  # each microbatch's count on all devices
+    weights_K = counts_K / jnp.maximum(jnp.sum(counts_K), 1.0)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(total, xs):
+        microbatch, weight = xs
+        return jax.tree.map(lambda t, x: t + weight * x, total, grad_fn(state.params, microbatch)), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                         jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro)))
+    ((loss, metrics), grads), _ = lax.scan(accumulate, zeros, (micro, weights_K))
+    grads, loss, metrics = psum((grads, loss, metrics), axis_name)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
+    if state.skip_nonfinite:
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        kept = state.replace(step=state.step + 1)
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
+    return new, metrics
+
+
+def mean(x_B: jax.Array, axis_name: str | None) -> jax.Array:
+    return losses.masked_mean(x_B, jnp.ones_like(x_B), axis_name=axis_name)
+
+
+def scored_mask(mask_BxT, loss_mask_BxT) -> jax.Array:
+    """Which next tokens a causal LM's logits score: `[B, T - 1]`, 1 on real `loss_mask` tokens."""
+    return loss_mask_BxT[:, 1:] * mask_BxT[:, 1:]
+
+
+def sequence_logps(apply_fn, params, ids_BxT, mask_BxT, loss_mask_BxT, temperature: float = 1.0) -> jax.Array:
+    """Summed logprobs of the `loss_mask` tokens of each row under a causal LM, its logits
+    divided by `temperature` -> `[B]`; position t's logits score token t + 1."""
+    logits = apply_fn({"params": params}, ids_BxT, mask_BxT, head_slice=slice(0, -1)).logits / temperature
+    return losses.sequence_logprobs(logits, ids_BxT[:, 1:], scored_mask(mask_BxT, loss_mask_BxT))
+
+
+# Compiled once per model and shape; params stay an argument, never a baked-in constant.
+sequence_logps_jit = jax.jit(sequence_logps, static_argnames=("apply_fn",))

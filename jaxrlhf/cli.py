@@ -1,9 +1,11 @@
 """The command line every stage script shares: `--config FILE`, `key=value` overrides,
-`--dry-run` (validate and print the plan), `--resume`, and errors as one clear line."""
+`--dry-run` (every check the run makes before it writes, then the plan), `--resume`, and
+errors as one clear line."""
 
 import argparse
 import importlib
 import inspect
+import json
 import sys
 from pathlib import Path
 
@@ -32,7 +34,8 @@ def join_processes(args) -> None:
     if args.multihost:
         initialize_multihost(args.coordinator, args.num_processes, args.process_id)
 
-# stage name -> module holding its config class, `plan(config)` and `run(config, resume)`
+# stage name -> module holding its config class, `plan(config)`, `preflight(config, resume)` (every
+# check `run` makes before it writes; run calls it) and `run(config, resume)`
 STAGES = {
     "data": ("jaxrlhf.politeness", "PolitenessDataConfig"),
     "sft": ("jaxrlhf.stages.sft", "SFTConfig"),
@@ -53,14 +56,27 @@ def stage(name: str):
     return module, getattr(module, cls_name)
 
 
+def describe_columns(module) -> list[str]:
+    """The data columns a stage reads (its module's COLUMNS: form -> an example row), for --help."""
+    columns = getattr(module, "COLUMNS", None)
+    if not columns:
+        return []
+    lines = ["data columns (map yours onto these with data.columns / prompts.columns, e.g. "
+             "data.columns={prompt: question}); an example row of each form:"]
+    return lines + [f"  {form}: {json.dumps(row)}" for form, row in columns.items()]
+
+
 def stage_main(name: str, argv=None) -> int:
     module, config_cls = stage(name)
     parser = argparse.ArgumentParser(
         prog=f"{name}.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(module.__doc__ or "").strip(),
-        epilog="config keys (set in the YAML file or as key=value):\n" + "\n".join(cfg.describe(config_cls)))
+        epilog="\n".join([*describe_columns(module), "", "config keys (set in the YAML file or as key=value):",
+                          *cfg.describe(config_cls)]).lstrip("\n"))
     parser.add_argument("--config", type=Path, help="YAML config file")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config, print the plan, run nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run every check the run makes before it writes (data, columns, models, tokenizers, "
+                             "context, reward source, output folder), print the plan, write nothing")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     add_multihost_flags(parser)
@@ -75,8 +91,12 @@ def stage_main(name: str, argv=None) -> int:
         config = cfg.locate_reward_functions(cfg.load(config_cls, args.config, args.overrides),
                                              args.config.parent if args.config else None)
         print(module.plan(config))
-        if not args.dry_run:
-            module.run(config, resume=args.resume, **({"overwrite": args.overwrite} if writes_whole else {}))
+        options = {"overwrite": args.overwrite} if writes_whole else {}
+        if args.dry_run:
+            module.preflight(config, resume=args.resume, **options)
+            print("dry run: every check passed; nothing written")
+        else:
+            module.run(config, resume=args.resume, **options)
     except JaxRLHFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -107,7 +127,9 @@ def pipeline_main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="pipeline.py", description="Run every stage of a pipeline file in order (default: the offline tiny one).")
     parser.add_argument("--config", type=Path, default=Path("configs/tiny/pipeline.yaml"))
-    parser.add_argument("--dry-run", action="store_true", help="validate every stage config and print the plan")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate every stage config, run every check of the stages whose inputs exist "
+                             "(those that read an earlier stage's output are checked when they run), print the plan")
     parser.add_argument("--resume", action="store_true", help="skip finished stages, resume the interrupted one")
     add_multihost_flags(parser)
     args = parser.parse_args(argv)
@@ -117,6 +139,7 @@ def pipeline_main(argv=None) -> int:
         for i, (name, module, config) in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {module.plan(config)}")
         if args.dry_run:
+            dry_run(stages, args.resume)
             return 0
         for i, (name, module, config) in enumerate(stages, 1):
             train = getattr(config, "train", None)
@@ -129,3 +152,41 @@ def pipeline_main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def dry_run(stages, resume: bool) -> None:
+    """`preflight` every stage of a pipeline whose inputs exist now; a stage that reads what an
+    earlier stage writes can only be checked once that exists, when the pipeline runs it."""
+    written: list[tuple[str, Path]] = []
+    for i, (name, module, config) in enumerate(stages, 1):
+        waits = [stage for stage, path in written if _reads_below(config, path)]
+        if waits:
+            print(f"[{i}/{len(stages)}] {name}: reads the output of {waits[0]}; checked when it runs")
+        else:
+            module.preflight(config, resume=resume)
+            print(f"[{i}/{len(stages)}] {name}: every check passed")
+        written += [(name, path) for path in _writes(config)]
+    print("dry run: nothing written")
+
+
+def _writes(config) -> list[Path]:
+    """Where a stage writes: its run folder, pairs file or output folder."""
+    train = getattr(config, "train", None)
+    paths = [train.output_dir] if train is not None else []
+    paths += [getattr(config, key) for key in ("output", "output_dir") if isinstance(getattr(config, key, None), str)]
+    return [Path(p).resolve() for p in paths]
+
+
+def _reads_below(config, folder: Path) -> bool:
+    """Whether any path-like string in `config` (besides where it writes) lies in `folder`."""
+    mine = set(_writes(config))
+    values = [v for v in _strings(cfg.to_dict(config)) if v]
+    return any(Path(v).resolve() not in mine and Path(v).resolve().is_relative_to(folder) for v in values)
+
+
+def _strings(tree) -> list[str]:
+    if isinstance(tree, dict):
+        return [s for v in tree.values() for s in _strings(v)]
+    if isinstance(tree, list):
+        return [s for v in tree for s in _strings(v)]
+    return [tree] if isinstance(tree, str) else []

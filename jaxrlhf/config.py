@@ -185,6 +185,13 @@ def check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def pad_token_key():
+    """The `pad_token` key of every config that loads a tokenizer (see `data.set_pad_token`)."""
+    return dataclasses.field(default=None, metadata={"help": (
+        "the token batches are padded with; null: the tokenizer's own, else its EOS (as TRL pads GPT-2, "
+        "whose stock tokenizer has none)")})
+
+
 # --- Sections shared by several stages ----------------------------------------------------------
 
 
@@ -286,6 +293,7 @@ class RewardSource:
     text: Literal["response", "prompt+response"] = "response"
     max_length: int = 128
     batch_size: int = 64
+    pad_token: str | None = pad_token_key()
 
     def __post_init__(self):
         check((self.model is None) != (self.function is None),

@@ -22,29 +22,60 @@ def load_rows(data: DataConfig, text: tuple[str, ...], numbers: tuple[str, ...] 
     """Rows with our column names, from a local file or a hub dataset: the `text` columns
     hold strings and the `numbers` columns finite numbers in every row used, else an error
     naming the file, the row (counted from 1 in file order; a CSV header is no row) and the column."""
+    return _rows(data, _open(data), text, numbers)
+
+
+def load_rows_of_a_form(data: DataConfig, forms: dict[str, tuple[str, ...]]) -> tuple[str, list[dict[str, Any]]]:
+    """(form, rows) for the first of `forms` (name -> its text columns, in order of preference)
+    whose columns the data holds all of and which holds no column of an earlier form (a file
+    with `text` and `prompt` is neither prompt/response nor plain text), read as `load_rows`
+    reads them. None fits: an error naming the columns the nearest form misses."""
+    dataset = _open(data)
+    have = set(dataset.column_names)
+    theirs = {name: [data.columns.get(c, c) for c in cols] for name, cols in forms.items()}
+    earlier: set[str] = set()
+    for name, cols in theirs.items():
+        if set(cols) <= have and not (earlier - set(cols)) & have:
+            return name, _rows(data, dataset, forms[name])
+        earlier |= set(cols)
+    nearest = max(theirs, key=lambda n: len(set(theirs[n]) & have))  # the first, on a tie
+    absent = [c for c in theirs[nearest] if c not in have]
+    if not absent:  # all there, but mixed with an earlier form's columns
+        absent = [c for c in earlier - set(theirs[nearest]) if c in have]
+        raise ConfigError(f"{data.path}: it has {dataset.column_names}: both {'+'.join(theirs[nearest])} "
+                          f"({nearest}) and {absent}; keep one form's columns (or map them with data.columns)")
+    wanted = " or ".join(f"{'+'.join(c)} ({n})" for n, c in theirs.items())
+    raise ConfigError(f"{data.path}: column(s) {absent} not found; it has {dataset.column_names} (it needs "
+                      f"{wanted}; map ours to yours with data.columns)")
+
+
+def _open(data: DataConfig):
+    """The dataset `data` names: a local file (checked first, see `_check_file`) or a hub dataset."""
     import datasets
     from datasets.exceptions import DatasetGenerationError
 
     path = Path(data.path).expanduser()
     local = path.suffix in _FORMATS or path.exists() or data.path.startswith((".", "/", "~"))
-    if local:
-        _check_file(path)
-        quiet = not datasets.are_progress_bars_disabled()  # a local file parses in moments: no bars
-        if quiet:
-            datasets.disable_progress_bars()
+    if not local:
         try:
-            dataset = datasets.load_dataset(_FORMATS.get(path.suffix, "json"), data_files=str(path), split="train")
-        except Exception as e:  # datasets wraps the parser's error, which says what is wrong
-            cause = (e.__cause__ or e.__context__ or e) if isinstance(e, DatasetGenerationError) else e
-            raise ConfigError(f"cannot read data file {path}: {type(cause).__name__}: {cause}") from e
-        finally:
-            if quiet:
-                datasets.enable_progress_bars()
-    else:
-        try:
-            dataset = datasets.load_dataset(data.path, split=data.split)
+            return datasets.load_dataset(data.path, split=data.split)
         except Exception as e:
             raise ConfigError(f"cannot load dataset {data.path!r} (split {data.split!r}): {e}") from e
+    _check_file(path)
+    quiet = not datasets.are_progress_bars_disabled()  # a local file parses in moments: no bars
+    if quiet:
+        datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(_FORMATS.get(path.suffix, "json"), data_files=str(path), split="train")
+    except Exception as e:  # datasets wraps the parser's error, which says what is wrong
+        cause = (e.__cause__ or e.__context__ or e) if isinstance(e, DatasetGenerationError) else e
+        raise ConfigError(f"cannot read data file {path}: {type(cause).__name__}: {cause}") from e
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _rows(data: DataConfig, dataset, text: tuple[str, ...], numbers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     columns = {ours: data.columns.get(ours, ours) for ours in (*text, *numbers)}
     absent = [theirs for theirs in columns.values() if theirs not in dataset.column_names]
     if absent:
@@ -99,6 +130,24 @@ def _check_file(path: Path) -> None:
             raise ConfigError(f"{path}:{number}: malformed JSON line ({e.msg})") from None
         if not isinstance(row, dict):
             raise ConfigError(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}")
+
+
+def set_pad_token(tokenizer, pad_token: str | None, where) -> None:
+    """Give `tokenizer` (of `where`) the token batches are padded with: `pad_token` when set
+    (a token of its vocabulary: a new one would have no row in the model's embedding), else
+    its own pad token, else its EOS, as TRL pads GPT-2 (the stock tokenizer has no pad token).
+    Which id pads never matters to the math: every mask comes from lengths and the sampler's
+    done flags, never from comparing ids with pad."""
+    if pad_token is not None:
+        if pad_token not in tokenizer.get_vocab():
+            raise ConfigError(f"pad_token={pad_token!r} is not a token of the tokenizer of {where}; name one of "
+                              f"its tokens (e.g. its EOS {tokenizer.eos_token!r}), or null for its own")
+        tokenizer.pad_token = pad_token
+    elif tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token_id is None:
+        raise ConfigError(f"the tokenizer of {where} has no pad token and no EOS to pad with; set pad_token to "
+                          "one of its tokens")
 
 
 def _ids(tokenizer, texts: list[str]) -> list[list[int]]:

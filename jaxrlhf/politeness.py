@@ -171,6 +171,11 @@ def plan(config: PolitenessDataConfig) -> str:
             f"{config.prompt_rows} + {config.eval_rows} prompts, tokenizers -> {config.output_dir}")
 
 
+def preflight(config: PolitenessDataConfig, resume: bool = False) -> None:
+    """Nothing to check before writing: the data is generated from the config alone."""
+    del config, resume
+
+
 def run(config: PolitenessDataConfig, resume: bool = False) -> Path:
     """Write sft.jsonl, reward.jsonl, prompts.jsonl, eval_prompts.jsonl and the tokenizers."""
     del resume  # cheap and deterministic: always rebuilt whole

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxrlhf import parallel
 from jaxrlhf.config import RewardSource
-from jaxrlhf.data import encode_texts, warn_cut
+from jaxrlhf.data import encode_texts, set_pad_token, warn_cut
 from jaxrlhf.errors import ConfigError, JaxRLHFError
 from jaxrlhf.models import load_pretrained, load_tokenizer
 
@@ -34,6 +34,7 @@ def model_scorer(source: RewardSource, mesh) -> Scorer:
     with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
         module, params, config = load_pretrained(source.model, head="classification")
     tokenizer = load_tokenizer(source.model, config)
+    set_pad_token(tokenizer, source.pad_token, source.model)
     labels = list(config.id2label)
     label = 0 if source.label is None else source.label
     if isinstance(label, str):
@@ -42,7 +43,7 @@ def model_scorer(source: RewardSource, mesh) -> Scorer:
         label = labels.index(label)
     if not 0 <= label < len(labels):
         raise ConfigError(f"reward label index {label} is out of range for {len(labels)} labels")
-    forward = jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask)[:, label])
+    forward = classifier_forward(module, label)
     params = parallel.put_state(params, mesh)
     chunk_size = parallel.whole_rows(source.batch_size, mesh)
 
@@ -68,6 +69,25 @@ def model_scorer(source: RewardSource, mesh) -> Scorer:
         return np.concatenate(out).astype(np.float32)
 
     return score
+
+
+def classifier_forward(module, label: int = 0):
+    """The compiled score of a classification model: (params, ids `[B, T]`, mask `[B, T]`) ->
+    its logit `label` `[B]`, on whatever mesh the arguments are laid out on."""
+    return jax.jit(lambda p, ids, mask: module.apply({"params": p}, ids, mask)[:, label])
+
+
+def score_rows(forward, params, ids_BxT: np.ndarray, mask_BxT: np.ndarray, mesh, batch_size: int) -> np.ndarray:
+    """`forward` (see `classifier_forward`) over host arrays of encoded rows, in chunks of
+    `batch_size` rows (rounded up to whole rows per device; the last chunk filled with earlier
+    rows, so one compiled shape), each device scoring its share -> float32 `[B]`."""
+    n, chunk = len(ids_BxT), parallel.whole_rows(batch_size, mesh)
+    out = []
+    for start in range(0, n, chunk):
+        idx = np.arange(start, start + chunk) % n
+        ids, mask = parallel.put_rows((ids_BxT[idx], mask_BxT[idx]), mesh)
+        out.append(parallel.gather(forward(params, ids, mask)))
+    return np.concatenate(out)[:n].astype(np.float32)
 
 
 def function_scorer(source: RewardSource) -> Scorer:

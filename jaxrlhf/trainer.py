@@ -158,6 +158,7 @@ def run_loop(
     tensorboard: bool = False,
     desc: str = "train",
     extra_metrics: Callable[[int], dict] = lambda step: {},
+    evaluate: Callable[[Any], dict] = lambda state: {},
 ) -> Any:
     """Run steps [start, steps) with checkpoints every `save_every` and at the end -> state.
 
@@ -166,7 +167,8 @@ def run_loop(
     checkpoint. NaN or inf in a logged loss stops the run with an error naming the step,
     before anything is saved over the last good checkpoint. `state` is laid out on the run's
     mesh (`parallel.put_state`); a checkpoint is restored into that layout, so a run may resume
-    on another mesh."""
+    on another mesh. `evaluate(state)` (held-out metrics) runs where the metrics are logged:
+    every `log_every` steps and at the end."""
     from tqdm.auto import tqdm
 
     checkpoints = Checkpoints(out_dir, keep_checkpoints)
@@ -192,7 +194,7 @@ def run_loop(
             raise JaxRLHFError(f"{desc}: non-finite {bad[0]}={values[bad[0]]} at step {done}; "
                                f"{checkpoints.last_good()} (train.on_nonfinite=skip skips such updates instead)")
         if done % log_every == 0 or done == steps:
-            values |= extra_metrics(done)
+            values |= extra_metrics(done) | evaluate(state)
             values["steps_per_second"] = (done - start) / (time.perf_counter() - started)
 
             def write():

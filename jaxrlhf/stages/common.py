@@ -15,10 +15,11 @@ from jaxrlhf.trainer import Checkpoints
 
 
 def load_model(path: str | None, model_config: dict | None, tokenizer_path: str | None, seed: int, head: str,
-               num_labels: int | None = None):
+               num_labels: int | None = None, pad_token: str | None = None):
     """A pretrained checkpoint (`path`), or a fresh model from `model_config` (a config.json
     dict) with the tokenizer at `tokenizer_path` -> (module, params, config, tokenizer).
-    `num_labels` sets a classification head's width (a new head where the checkpoint differs)."""
+    `num_labels` sets a classification head's width (a new head where the checkpoint differs);
+    `pad_token` is the config's key (see `data.set_pad_token`)."""
     if (path is None) == (model_config is None):
         raise ConfigError("give exactly one of model (a checkpoint path or hub name) or model_config (a fresh model)")
     if path is not None:
@@ -29,41 +30,38 @@ def load_model(path: str | None, model_config: dict | None, tokenizer_path: str 
         model_config = dict(model_config) | ({} if num_labels is None else {"num_labels": num_labels})
         module, params, config = from_config(model_config, jax.random.key(seed), where="model_config", head=head)
     tokenizer = load_tokenizer(tokenizer_path or path, config)
-    check_special_tokens(tokenizer, tokenizer_path or path, eos=head == "lm")
+    check_special_tokens(tokenizer, tokenizer_path or path, eos=head == "lm", pad_token=pad_token)
     return module, params, config, tokenizer
 
 
-def load_policy(path: str, **kwargs):
+def load_policy(path: str, pad_token: str | None = None, **kwargs):
     """A GPT-2 policy checkpoint and its tokenizer -> (module, params, config, tokenizer);
-    `kwargs` go to `load_pretrained` (e.g. `value_head=True`)."""
+    `pad_token` is the config's key (see `data.set_pad_token`); `kwargs` go to
+    `load_pretrained` (e.g. `value_head=True`)."""
     module, params, config = load_pretrained(path, head="lm", **kwargs)
-    return module, params, config, policy_tokenizer(path, config)
+    return module, params, config, policy_tokenizer(path, config, pad_token)
 
 
-def policy_tokenizer(path: str, model_config):
+def policy_tokenizer(path: str, model_config, pad_token: str | None = None):
     """A policy's tokenizer, checked against its model: it must end replies (EOS) and pad batches."""
     tokenizer = load_tokenizer(path, model_config)
-    check_special_tokens(tokenizer, path, eos=True)
+    check_special_tokens(tokenizer, path, eos=True, pad_token=pad_token)
     return tokenizer
 
 
-def check_policy(path: str) -> None:
+def check_policy(path: str, pad_token: str | None = None) -> None:
     """Everything `load_policy` checks but the weights themselves, read later (cheaply, so a
     stage can check all its policies before it starts on the first)."""
-    policy_tokenizer(path, load_config(path, head="lm"))
+    policy_tokenizer(path, load_config(path, head="lm"), pad_token)
 
 
-def check_special_tokens(tokenizer, where, eos: bool) -> None:
-    """Batches are padded with the pad token, and a policy's replies end with EOS. A policy
-    tokenizer without a pad token (stock GPT-2 has none) pads with EOS, as TRL does: every
-    mask comes from lengths and the sampler's done flags, never from comparing ids with pad."""
+def check_special_tokens(tokenizer, where, eos: bool, pad_token: str | None = None) -> None:
+    """Batches are padded with the pad token (`pad_token`, else the tokenizer's own, else its
+    EOS: `data.set_pad_token`), and a policy's replies end with EOS (`eos`)."""
     if eos and tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {where} has no EOS token, so replies could never end; "
                           "is it the policy's own tokenizer?")
-    if eos and tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.pad_token_id is None:
-        raise ConfigError(f"the tokenizer of {where} has no pad token; save it with one")
+    data.set_pad_token(tokenizer, pad_token, where)
 
 
 def check_context(tokens: int, what: str, model_config) -> None:
@@ -106,11 +104,17 @@ RESUMABLE = ("train.steps", "train.log_every", "train.save_every", "train.keep_c
 
 def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool, rows: int,
                    inputs=()) -> Path:
-    """Check the run folder against this run, then record the config in it: the last step
-    before training, after every input is known good. `rows` is the number of data rows (or
-    prompts) batches are drawn from; `inputs` the local paths the run reads, which its outputs
-    must not overlap. Nothing is written unless every check passes. Every process checks;
+    """Check the run folder against this run (`check_output`), then record the config in it:
+    the last step before training, after every input is known good. Every process checks;
     process 0 writes."""
+    return record_config(check_output(stage, train, config, resume, rows, inputs))
+
+
+def check_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool, rows: int,
+                 inputs=()) -> tuple[Path, dict]:
+    """Check the run folder against this run, writing nothing -> (folder, the record for its
+    config.json). `rows` is the number of data rows (or prompts) batches are drawn from;
+    `inputs` the local paths the run reads, which its outputs must not overlap."""
     data.check_batch(rows, train.batch_size)
     out = Path(train.output_dir)
     outputs.check_apart(out / "final", inputs, "train.output_dir's export")
@@ -128,6 +132,12 @@ def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool
                            "(or pass --resume to finish that run)")
     if resume and (latest is not None or (out / "final").exists()):  # saved is not None: checked above
         _check_same_run(out, saved, record)
+    return out, record
+
+
+def record_config(checked: tuple[Path, dict]) -> Path:
+    """Write the record `check_output` returned into the run folder's config.json."""
+    out, record = checked
 
     def write():
         # The working directory too: the config's relative paths are relative to it (export needs them).

@@ -6,7 +6,7 @@ from typing import Literal
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, TrainConfig, check
+from jaxrlhf.config import DataConfig, TrainConfig, check, pad_token_key
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state, whole_rows
@@ -29,6 +29,7 @@ class DPOConfig:
     # Zhao et al.'s regulariser: the chosen response's sequence NLL ("sequence"), or per token ("token_mean").
     slic_regularizer: Literal["sequence", "token_mean"] = "sequence"
     max_length: int = 64
+    pad_token: str | None = pad_token_key()
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -36,10 +37,19 @@ class DPOConfig:
         check(0 <= self.label_smoothing < 0.5, f"label_smoothing={self.label_smoothing} must be in [0, 0.5)")
 
 
+# The pairs' columns, with an example row (make_preferences.py writes them).
+COLUMNS = {"pairs": {"prompt": "Request: Can you fix my bike?\nReply:", "chosen": " Of course, happy to help!",
+                     "rejected": " Ugh, figure it out yourself."}}
+
+
 def plan(config: DPOConfig) -> str:
-    return (f"{config.loss_type} preference optimisation: {config.policy} (reference "
-            f"{config.reference or config.policy}) on pairs {config.data.path}, beta {config.beta}, "
-            f"{config.train.steps} steps of batch {config.train.batch_size} -> {config.train.output_dir}/final")
+    if config.loss_type == "slic":  # SLiC-HF has no reference and no beta
+        method = (f"slic preference optimisation: {config.policy} on pairs {config.data.path}, delta "
+                  f"{config.slic_delta}, regulariser {config.slic_regularizer} x {config.slic_reg_weight}")
+    else:
+        method = (f"{config.loss_type} preference optimisation: {config.policy} (reference "
+                  f"{config.reference or config.policy}) on pairs {config.data.path}, beta {config.beta}")
+    return f"{method}, {config.train.steps} steps of batch {config.train.batch_size} -> {config.train.output_dir}/final"
 
 
 def _pair_arrays(rows, tokenizer, max_length):
@@ -71,25 +81,38 @@ def _reference_logps(module, params, arrays, mesh, batch_size=64):
     return out
 
 
-def run(config: DPOConfig, resume: bool = False):
+def preflight(config: DPOConfig, resume: bool = False) -> dict:
+    """Every check the run makes before it writes (the policy and its tokenizer, the context,
+    the pairs and their columns, the mesh, the reference and its architecture, the run folder),
+    writing nothing -> what the run needs. `--dry-run` runs exactly this."""
     train = config.train
     with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = common.load_policy(config.policy)
+        module, params, model_config, tokenizer = common.load_policy(config.policy, pad_token=config.pad_token)
     common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
-    rows = data.load_rows(config.data, ("prompt", "chosen", "rejected"))
+    rows = data.load_rows(config.data, tuple(COLUMNS["pairs"]))
     arrays = _pair_arrays(rows, tokenizer, config.max_length)
     mesh = common.train_mesh(train)
-    if config.loss_type != "slic":
-        ref_params = params
-        if config.reference is not None:
-            with on_host():
-                _, ref_params, ref_config = load_pretrained(config.reference, head="lm")
-            if ref_config != model_config:
-                raise ConfigError(f"reference {config.reference} is not the policy's architecture "
-                                  f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
-        arrays |= _reference_logps(module, put_state(ref_params, mesh), arrays, mesh)
-    out = common.prepare_output("dpo", train, config, resume, len(rows),
-                                inputs=(config.policy, config.reference, config.data.path))
+    ref_params = None if config.loss_type == "slic" else params
+    if config.reference is not None and config.loss_type != "slic":
+        with on_host():
+            _, ref_params, ref_config = load_pretrained(config.reference, head="lm")
+        if ref_config != model_config:
+            raise ConfigError(f"reference {config.reference} is not the policy's architecture "
+                              f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
+    output = common.check_output("dpo", train, config, resume, len(rows),
+                                 inputs=(config.policy, config.reference, config.data.path))
+    return {"module": module, "params": params, "ref_params": ref_params, "tokenizer": tokenizer, "arrays": arrays,
+            "rows": len(rows), "mesh": mesh, "output": output}
+
+
+def run(config: DPOConfig, resume: bool = False):
+    train = config.train
+    ready = preflight(config, resume)
+    module, params, tokenizer, arrays, n, mesh = (
+        ready[k] for k in ("module", "params", "tokenizer", "arrays", "rows", "mesh"))
+    if ready["ref_params"] is not None:
+        arrays |= _reference_logps(module, put_state(ready["ref_params"], mesh), arrays, mesh)
+    out = common.record_config(ready["output"])
     tx, lr = common.optimizer(train)
     with on_host():
         state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
@@ -100,12 +123,12 @@ def run(config: DPOConfig, resume: bool = False):
         slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer), mesh, state)
 
     def step_fn(state, i):
-        batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))
+        batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))
         return step(state, batch, common.step_key(train.seed, i))
 
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
                      record={"stage": config.loss_type}, tensorboard=train.tensorboard, desc=config.loss_type,
                      extra_metrics=lambda s: {"learning_rate": lr(s),
-                                              "epoch": s / max(len(rows) // train.batch_size, 1)})
+                                              "epoch": s / max(n // train.batch_size, 1)})
     return common.export(out, module, state.params, tokenizer)

@@ -7,14 +7,17 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check, pad_token_key
 from jaxrlhf.parallel import data_parallel, on_host, put_state
 from jaxrlhf.updates.ppo import PPOConfig, check_kl_horizon, make_ppo_update
 from jaxrlhf.rewards import make_scorer, penalise_missing_eos
 from jaxrlhf.stages import common
-from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sample, sampling_config
+from jaxrlhf.stages.rollout import PROMPT_COLUMNS, decode_responses, encode_prompt_rows, sample, sampling_config
 from jaxrlhf.updates.common import TrainState
 from jaxrlhf.trainer import run_loop
+
+
+COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +31,7 @@ class PPOStageConfig:
     # TRL's missing_eos_penalty: subtracted from the score of a rollout that never emitted EOS
     # (a reply cut at max_new_tokens), so rambling does not pay. Off when null.
     missing_eos_penalty: float | None = None
+    pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
 
     def __post_init__(self):
         check(self.ppo.temperature == self.sampling.temperature,
@@ -56,18 +60,32 @@ def plan(config: PPOStageConfig) -> str:
             f"-> {config.train.output_dir}/final")
 
 
-def run(config: PPOStageConfig, resume: bool = False):
+def preflight(config: PPOStageConfig, resume: bool = False) -> dict:
+    """Every check the run makes before it writes (the policy and its tokenizer, the mesh, the
+    reward source loads, the prompts and their column, the context budget, the run folder),
+    writing nothing -> what the run needs. `--dry-run` runs exactly this."""
     train = config.train
     with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = common.load_policy(config.policy, value_head=True,
-                                                                     rng=jax.random.key(train.seed))
+        module, params, model_config, tokenizer = common.load_policy(
+            config.policy, pad_token=config.pad_token, value_head=True, rng=jax.random.key(train.seed))
     mesh = common.train_mesh(train, config.ppo.num_minibatches)
     scorer = make_scorer(config.reward, mesh)
-    rows = data.load_rows(config.prompts, ("prompt",))
+    rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
     settings = sampling_config(config.sampling, tokenizer, model_config)
-    out = common.prepare_output("ppo", train, config, resume, len(rows),
-                                inputs=(config.policy, config.reward.model, config.prompts.path))
+    output = common.check_output("ppo", train, config, resume, len(rows),
+                                 inputs=(config.policy, config.reward.model, config.prompts.path))
+    return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer, "rows": rows,
+            "prompts": (ids, mask, texts), "settings": settings, "output": output}
+
+
+def run(config: PPOStageConfig, resume: bool = False):
+    train = config.train
+    ready = preflight(config, resume)
+    module, params, tokenizer, mesh, scorer, rows, settings = (
+        ready[k] for k in ("module", "params", "tokenizer", "mesh", "scorer", "rows", "settings"))
+    ids, mask, texts = ready["prompts"]
+    out = common.record_config(ready["output"])
     tx, lr = common.optimizer(train, config.ppo.updates_per_step)
     with on_host():
         state = TrainState.create(module, params, tx, ref_params=params,

@@ -10,12 +10,14 @@ import jax
 import numpy as np
 
 from jaxrlhf import data, outputs
-from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection, check
+from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection, check, pad_token_key
 from jaxrlhf.errors import JaxRLHFError, OutputError
 from jaxrlhf.parallel import check_rows, is_main, make_mesh, on_host, on_main, put_state
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.stages.common import load_policy
-from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sample, sampling_config
+from jaxrlhf.stages.rollout import PROMPT_COLUMNS, decode_responses, encode_prompt_rows, sample, sampling_config
+
+COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,7 @@ class PreferencesConfig:
     seed: int = 0
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
 
     def __post_init__(self):
         check(self.samples_per_prompt >= 2, f"samples_per_prompt={self.samples_per_prompt} must be at least 2")
@@ -57,39 +60,55 @@ def make_pairs(prompt: str, responses: list[str], scores, pairing: str, min_marg
             for a, b in candidates if scores[a] - scores[b] > min_margin and responses[a] != responses[b]]
 
 
+def preflight(config: PreferencesConfig, resume: bool = False, overwrite: bool = False) -> dict | None:
+    """Every check the run makes before it writes (the output path, the mesh, the policy and
+    its tokenizer, the reward source loads, the prompts and their column, the context budget),
+    writing nothing -> what the run needs, or None when `resume` keeps the pairs file there.
+    `--dry-run` runs exactly this."""
+    path = Path(config.output)
+    outputs.check_apart(path, (config.policy, config.reward.model, config.prompts.path), "output")
+    if path.is_file() and resume:
+        print(f"{path} already holds this stage's pairs (written whole); kept")
+        return None
+    if path.exists() and not overwrite:
+        raise OutputError(f"output {path} already exists; choose another path, pass --overwrite to replace it, "
+                          "or --resume to keep it")
+    k = config.samples_per_prompt
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
+    check_rows(config.batch_size * k, mesh, f"batch_size x samples_per_prompt ({config.batch_size} x {k})")
+    with on_host():  # the whole model is built on the host, then laid out on the mesh
+        module, params, model_config, tokenizer = load_policy(config.policy, pad_token=config.pad_token)
+    scorer = make_scorer(config.reward, mesh)
+    rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
+    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
+    settings = sampling_config(config.sampling, tokenizer, model_config)
+    return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer,
+            "prompts": (ids, mask, texts), "settings": settings}
+
+
 def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Sample, score and pair, then write the pairs file whole. It is written once, complete,
     so with `resume` an existing file is the finished stage and is kept; otherwise an existing
     file is replaced only with `overwrite`."""
     path = Path(config.output)
-    outputs.check_apart(path, (config.policy, config.reward.model, config.prompts.path), "output")
-    if path.is_file() and resume:
-        print(f"{path} already holds this stage's pairs (written whole); kept")
+    ready = preflight(config, resume, overwrite)
+    if ready is None:
         return path
-    if path.exists() and not overwrite:
-        raise OutputError(f"output {path} already exists; choose another path, pass --overwrite to replace it, "
-                          "or --resume to keep it")
+    module, tokenizer, mesh, scorer, settings = (ready[k] for k in ("module", "tokenizer", "mesh", "scorer", "settings"))
+    ids, mask, texts = ready["prompts"]
+    params = put_state(ready["params"], mesh)
     k, pairs, generations = config.samples_per_prompt, [], 0
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
-    check_rows(config.batch_size * k, mesh, f"batch_size x samples_per_prompt ({config.batch_size} x {k})")
-    with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = load_policy(config.policy)
-    params = put_state(params, mesh)
-    scorer = make_scorer(config.reward, mesh)
-    rows = data.load_rows(config.prompts, ("prompt",))
-    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
-    settings = sampling_config(config.sampling, tokenizer, model_config)
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(rows), config.batch_size), desc="pairs", disable=None if is_main() else True):
-        idx = np.arange(start, min(start + config.batch_size, len(rows)))
+    for start in tqdm(range(0, len(texts), config.batch_size), desc="pairs", disable=None if is_main() else True):
+        idx = np.arange(start, min(start + config.batch_size, len(texts)))
         idx = np.concatenate([idx, np.full(config.batch_size - len(idx), idx[-1])])  # one compiled shape
         rep = np.repeat(idx, k)
         key = jax.random.fold_in(jax.random.key(config.seed), start)
         out = sample(module, params, ids[rep], mask[rep], key, settings, mesh)
         responses = decode_responses(tokenizer, out)
         scores = scorer([texts[j] for j in rep], responses)
-        for n, j in enumerate(idx[: min(config.batch_size, len(rows) - start)]):
+        for n, j in enumerate(idx[: min(config.batch_size, len(texts) - start)]):
             sl = slice(n * k, (n + 1) * k)
             pairs += make_pairs(texts[j], responses[sl], scores[sl], config.pairing, config.min_margin)
             generations += k

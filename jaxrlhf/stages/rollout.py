@@ -8,6 +8,9 @@ from jaxrlhf.config import SamplingSection
 from jaxrlhf.stages.common import check_context
 from jaxrlhf.sampling import GenerateOutput, SamplingConfig, generate
 
+# The column every stage that samples from prompts reads, with an example row.
+PROMPT_COLUMNS = {"prompts": {"prompt": "Request: Can you fix my bike?\nReply:"}}
+
 
 def sampling_config(section: SamplingSection, tokenizer, model_config) -> SamplingConfig:
     """The sampler settings, after checking that prompt + response fit the model's context."""

@@ -1,16 +1,25 @@
-"""Supervised fine-tuning: next-token loss on the response of each prompt/response pair."""
+"""Supervised fine-tuning: next-token loss on the response of each prompt/response pair, or on
+every token of plain text."""
 
 import dataclasses
 from typing import Any
 
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, TrainConfig, check
+from jaxrlhf.config import DataConfig, TrainConfig, check, pad_token_key
 from jaxrlhf.parallel import data_parallel, on_host, put_state
 from jaxrlhf.stages import common
 from jaxrlhf.updates.common import TrainState
 from jaxrlhf.updates.sft import make_sft_step
 from jaxrlhf.trainer import run_loop
+
+# The data forms SFT reads, in order of preference, each with an example row: rows with prompt
+# and response learn the response (completion_only); rows with a text column and neither of
+# those are plain text, learned on every token.
+COLUMNS = {
+    "prompt/response": {"prompt": "Request: Can you fix my bike?\nReply:", "response": " Of course! I will fix it today."},
+    "plain text": {"text": "Thank you so much for your help, I really appreciate it."},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,8 +28,9 @@ class SFTConfig:
     model: str | None = None  # checkpoint path or hub name
     model_config: dict[str, Any] | None = None  # or a fresh GPT-2 from this config.json dict
     tokenizer: str | None = None  # defaults to the model's own
+    pad_token: str | None = pad_token_key()
     max_length: int = 64
-    completion_only: bool = True  # loss on the response only; False: on prompt and response
+    completion_only: bool = True  # prompt/response rows: loss on the response only; False: on prompt and response
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -29,36 +39,56 @@ class SFTConfig:
 
 def plan(config: SFTConfig) -> str:
     source = config.model or f"a fresh GPT-2 {config.model_config}"
-    return (f"SFT: {source} on {config.data.path} (prompt/response, loss on "
-            f"{'the response' if config.completion_only else 'all tokens'}), {config.train.steps} steps of "
-            f"batch {config.train.batch_size}, max_length {config.max_length} -> {config.train.output_dir}/final")
+    return (f"SFT: {source} on {config.data.path} (prompt/response rows: loss on "
+            f"{'the response' if config.completion_only else 'all tokens'}; text rows: on all tokens), "
+            f"{config.train.steps} steps of batch {config.train.batch_size}, max_length {config.max_length} "
+            f"-> {config.train.output_dir}/final")
+
+
+def preflight(config: SFTConfig, resume: bool = False) -> dict:
+    """Every check the run makes before it writes (model and tokenizer and their fit, the
+    context, the data and its columns, the mesh, the run folder), writing nothing -> what the
+    run needs. `--dry-run` runs exactly this."""
+    train = config.train
+    with on_host():  # the whole model is built on the host, then laid out on the mesh
+        module, params, model_config, tokenizer = common.load_model(
+            config.model, config.model_config, config.tokenizer, train.seed, head="lm", pad_token=config.pad_token)
+    common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
+    form, rows = data.load_rows_of_a_form(config.data, {name: tuple(row) for name, row in COLUMNS.items()})
+    if form == "plain text":
+        print(f"{config.data.path}: {len(rows)} rows of plain text (column text): loss on every token")
+        arrays = data.encode_pairs_of_text(tokenizer, [""] * len(rows), [r["text"] for r in rows],
+                                           config.max_length, completion_only=False)
+        what = "texts"
+    else:
+        arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
+                                           config.max_length, config.completion_only)
+        what = "responses"
+    data.warn_cut(arrays.pop("cut"), f"{what} cut to fit max_length={config.max_length} (each keeps its EOS)")
+    mesh = common.train_mesh(train)
+    output = common.check_output("sft", train, config, resume, len(rows),
+                                 inputs=(config.model, config.tokenizer, config.data.path))
+    return {"module": module, "params": params, "tokenizer": tokenizer, "arrays": arrays, "rows": len(rows),
+            "mesh": mesh, "output": output}
 
 
 def run(config: SFTConfig, resume: bool = False):
     train = config.train
-    with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = common.load_model(
-            config.model, config.model_config, config.tokenizer, train.seed, head="lm")
-    common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
-    rows = data.load_rows(config.data, ("prompt", "response"))
-    arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                       config.max_length, config.completion_only)
-    data.warn_cut(arrays.pop("cut"), f"responses cut to fit max_length={config.max_length} (each keeps its EOS)")
-    mesh = common.train_mesh(train)
-    out = common.prepare_output("sft", train, config, resume, len(rows),
-                                inputs=(config.model, config.tokenizer, config.data.path))
+    ready = preflight(config, resume)
+    module, tokenizer, arrays, n, mesh = (ready[k] for k in ("module", "tokenizer", "arrays", "rows", "mesh"))
+    out = common.record_config(ready["output"])
     tx, lr = common.optimizer(train)
     with on_host():
-        state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
+        state = TrainState.create(module, ready["params"], tx, skip_nonfinite=train.on_nonfinite == "skip",
                                   grad_accum_steps=train.grad_accum_steps)
     state = put_state(state, mesh)
     step = data_parallel(make_sft_step(), mesh, state)
 
     def step_fn(state, i):
-        batch = data.take(arrays, data.batch_indices(len(rows), train.batch_size, i, train.seed))
+        batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))
         return step(state, batch, common.step_key(train.seed, i))
 
-    per_epoch = len(rows) // train.batch_size
+    per_epoch = n // train.batch_size
     state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                      save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
                      record={"stage": "sft"}, tensorboard=train.tensorboard, desc="sft",

@@ -66,7 +66,9 @@ def describe_columns(module) -> list[str]:
     return lines + [f"  {form}: {json.dumps(row)}" for form, row in columns.items()]
 
 
-def stage_main(name: str, argv=None) -> int:
+def parse_stage_args(name: str, argv=None):
+    """A stage script's command line -> (module, argparse namespace); `--help` lists the
+    stage's data columns (with an example row each) and every config key."""
     module, config_cls = stage(name)
     parser = argparse.ArgumentParser(
         prog=f"{name}.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -81,17 +83,25 @@ def stage_main(name: str, argv=None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     add_multihost_flags(parser)
     # Stages that write one output whole (pairs, evaluations) may replace what is there when told.
-    writes_whole = "overwrite" in inspect.signature(module.run).parameters
-    if writes_whole:
+    if "overwrite" in inspect.signature(module.run).parameters:
         parser.add_argument("--overwrite", action="store_true",
                             help="replace whatever is at the output path (refused by default)")
-    args = parser.parse_args(argv)
+    return module, parser.parse_args(argv)
+
+
+def stage_config(name: str, args):
+    """The validated config a stage's parsed command line describes."""
+    return cfg.locate_reward_functions(cfg.load(stage(name)[1], args.config, args.overrides),
+                                       args.config.parent if args.config else None)
+
+
+def stage_main(name: str, argv=None) -> int:
+    module, args = parse_stage_args(name, argv)
     try:
         join_processes(args)
-        config = cfg.locate_reward_functions(cfg.load(config_cls, args.config, args.overrides),
-                                             args.config.parent if args.config else None)
+        config = stage_config(name, args)
         print(module.plan(config))
-        options = {"overwrite": args.overwrite} if writes_whole else {}
+        options = {"overwrite": args.overwrite} if hasattr(args, "overwrite") else {}
         if args.dry_run:
             module.preflight(config, resume=args.resume, **options)
             print("dry run: every check passed; nothing written")

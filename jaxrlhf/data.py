@@ -132,22 +132,23 @@ def _check_file(path: Path) -> None:
             raise ConfigError(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}")
 
 
-def set_pad_token(tokenizer, pad_token: str | None, where) -> None:
-    """Give `tokenizer` (of `where`) the token batches are padded with: `pad_token` when set
+def set_pad_token(tokenizer, pad_token: str | None, where, key: str = "pad_token") -> None:
+    """Give `tokenizer` (of `where`) the token batches are padded with: `pad_token` (the
+    config's `key`, named in errors) when set
     (a token of its vocabulary: a new one would have no row in the model's embedding), else
     its own pad token, else its EOS, as TRL pads GPT-2 (the stock tokenizer has no pad token).
     Which id pads never matters to the math: every mask comes from lengths and the sampler's
     done flags, never from comparing ids with pad."""
     if pad_token is not None:
         if pad_token not in tokenizer.get_vocab():
-            raise ConfigError(f"pad_token={pad_token!r} is not a token of the tokenizer of {where}; name one of "
+            raise ConfigError(f"{key}={pad_token!r} is not a token of the tokenizer of {where}; name one of "
                               f"its tokens (e.g. its EOS {tokenizer.eos_token!r}), or null for its own")
         tokenizer.pad_token = pad_token
     elif tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.pad_token_id is None:
-        raise ConfigError(f"the tokenizer of {where} has no pad token and no EOS to pad with; set pad_token to "
-                          "one of its tokens")
+        raise ConfigError(f"the tokenizer of {where} has no pad token and no EOS to pad with; set {key} to one "
+                          "of its tokens")
 
 
 def _ids(tokenizer, texts: list[str]) -> list[list[int]]:

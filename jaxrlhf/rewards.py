@@ -34,7 +34,7 @@ def model_scorer(source: RewardSource, mesh) -> Scorer:
     with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
         module, params, config = load_pretrained(source.model, head="classification")
     tokenizer = load_tokenizer(source.model, config)
-    set_pad_token(tokenizer, source.pad_token, source.model)
+    set_pad_token(tokenizer, source.pad_token, source.model, key="the reward source's pad_token")
     labels = list(config.id2label)
     label = 0 if source.label is None else source.label
     if isinstance(label, str):

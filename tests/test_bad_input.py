@@ -86,6 +86,17 @@ def policy_with_bert_tokenizer(tiny_run, where):
     return where
 
 
+def reward_model_without_pad(tiny_run, where):
+    """The tiny reward model with its tokenizer saved without a pad token (nor an EOS)."""
+    shutil.copytree(tiny_run / "reward" / "final", where)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (where / name).is_file():
+            saved = json.loads((where / name).read_text())
+            saved.pop("pad_token", None)
+            (where / name).write_text(json.dumps(saved))
+    return where
+
+
 def corrupt_copy(src, dst):
     shutil.copytree(src, dst)
     (dst / "model.safetensors").write_bytes(b"\x00not safetensors at all")
@@ -205,6 +216,12 @@ CASES = [
      r"the tokenizer of .*mixed has no EOS token, so replies could never end"),
     ("evaluation's last policy missing", "evaluate", lambda r, t, o: evaluate_args(r, o, policies=("sft", str(t / "gone"))),
      r"checkpoint directory .*gone does not exist"),
+    ("pad_token that is not a token", "sft", lambda r, t, o: sft_args(r, o, "pad_token=<nope>"),
+     r"pad_token='<nope>' is not a token of the tokenizer of .*gpt2; name one of its tokens"),
+    ("reward model tokenizer without a pad token", "ppo", lambda r, t, o: ppo_args(r, o, f"reward.model={reward_model_without_pad(r, t / 'rm')}"),
+     r"the tokenizer of .*rm has no pad token and no EOS to pad with; set the reward source's pad_token to one"),
+    ("eval_rows leaving no rows to train on", "reward", lambda r, t, o: reward_args(r, o, "eval_rows=400"),
+     r"eval_rows=400 leaves no training rows of the 400 in .*reward.jsonl"),
     ("evaluation into the folder of a policy", "evaluate", lambda r, t, o: evaluate_args(r, o, f"output_dir={r / 'sft'}"),
      r"output_dir .*sft overlaps .*sft/final, which this run reads from"),
 ]

@@ -1,6 +1,7 @@
 """What every stage does the same way: models in, optimizer, the run folder, the export."""
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,10 @@ def check_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool, 
                            "(or pass --resume to finish that run)")
     if resume and (latest is not None or (out / "final").exists()):  # saved is not None: checked above
         _check_same_run(out, saved, record)
+    nearest = next(p for p in (out, *out.absolute().parents) if p.exists())  # what mkdir would write into
+    if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+        raise OutputError(f"output_dir {out} is not writable: {nearest} is "
+                          f"{'a file' if not nearest.is_dir() else 'a folder this user cannot write to'}")
     return out, record
 
 

@@ -59,7 +59,6 @@ def test_a_users_plain_text_and_csv_run_the_whole_pipeline_through_the_script_dr
     `--dry-run` checks every stage whose inputs exist (SFT and the reward model, in full) and
     writes nothing; then the run goes through every stage, SFT on plain text padding with EOS."""
     mine = users_files(tiny_run, tmp_path)
-    before = files_under(tmp_path)
     extra = {"sft.yaml": ["data.path=runs/tiny/data/utterances.jsonl"],
              "reward.yaml": ["data.path=runs/tiny/data/scored.csv", "eval_rows=80"]}
     stages = [dict(entry, config=str(TINY / entry["config"]),
@@ -67,6 +66,7 @@ def test_a_users_plain_text_and_csv_run_the_whole_pipeline_through_the_script_dr
               for entry in yaml.safe_load((TINY / "pipeline.yaml").read_text())["stages"] if entry["stage"] != "data"]
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump({"stages": stages}))
     monkeypatch.chdir(tmp_path)
+    before = files_under(tmp_path)
 
     assert cli.pipeline_main(["--config", "pipeline.yaml", "--dry-run"]) == 0, capsys.readouterr().err
     said = capsys.readouterr().out
@@ -278,27 +278,28 @@ def test_help_and_readme_show_each_stages_columns_with_an_example_row(stage, cap
 
 # --- Evaluation that shows a collapsed policy ---------------------------------------------------
 
-PHRASE = " banana banana banana"
+PLANTED = " Okay. banana banana banana"  # every reply the fine-tuned policy learns
 
 
 def test_evaluation_names_a_planted_phrase_its_share_and_the_references_and_keeps_every_reply(tiny_run, tmp_path,
                                                                                              capsys):
-    """A policy fine-tuned to end every reply with one phrase: the collapse indicator names an
+    """A policy fine-tuned to give every prompt one reply: the collapse indicator names an
     n-gram of the phrase, with the share of replies (in replies.jsonl, counted here from the
     text) that carry it, against the SFT reference's share; replies.jsonl holds every reply
     with its prompt, policy, tokens and every scorer's score, as results.json and samples.md."""
     rows = jsonl(tiny_run / "data" / "sft.jsonl")[:64]
-    write_jsonl([{"prompt": r["prompt"], "response": " Okay." + PHRASE} for r in rows], tmp_path / "collapsed.jsonl")
+    write_jsonl([{"prompt": r["prompt"], "response": PLANTED} for r in rows], tmp_path / "collapsed.jsonl")
     hacked = tmp_path / "hacked"
     assert cli.stage_main("sft", ["--config", str(TINY / "sft.yaml"), "model_config=null",
                                   f"model={tiny_run / 'sft' / 'final'}", "tokenizer=null",
-                                  f"data.path={tmp_path / 'collapsed.jsonl'}", "train.steps=30",
+                                  f"data.path={tmp_path / 'collapsed.jsonl'}", "train.steps=80",
                                   "train.batch_size=16", "train.warmup_steps=0", "train.schedule=constant",
-                                  "train.learning_rate=3e-3", "train.log_every=30", "train.save_every=30",
+                                  "train.learning_rate=3e-3", "train.log_every=80", "train.save_every=80",
                                   f"train.output_dir={hacked}"]) == 0
     args = evaluate_args(tiny_run, tmp_path / "eval", policies=("sft", str(hacked / "final")))
     config = json.loads(Path(args[1]).read_text())
     config["scorers"]["reward_model"] = {"model": str(tiny_run / "reward" / "final"), "max_length": 40}
+    config["sampling"]["greedy"] = True  # each policy's most likely reply: the planted one, for the fine-tuned
     Path(args[1]).write_text(json.dumps(config))
     assert cli.stage_main("evaluate", args) == 0
     out = tmp_path / "eval"
@@ -318,13 +319,12 @@ def test_evaluation_names_a_planted_phrase_its_share_and_the_references_and_keep
         np.testing.assert_allclose(np.mean([r["tokens"] for r in mine]), results[name]["response_tokens"])
 
     gram = results["final"]["_collapse_ngram"]
-    assert gram and gram.strip() and gram in PHRASE, gram
+    assert gram and gram.strip() and gram in PLANTED, gram
     share = np.mean([gram in r["reply"] for r in replies if r["policy"] == "final"])
     reference_share = np.mean([gram in r["reply"] for r in replies if r["policy"] == "sft"])
     assert share >= 0.9 and reference_share <= 0.1, (share, reference_share)
     np.testing.assert_allclose(results["final"]["collapse_share"], share)
     np.testing.assert_allclose(results["final"]["collapse_reference_share"], reference_share)
-    assert results["final"]["distinct_2_tokens"] < results["sft"]["distinct_2_tokens"]
     table = (out / "results.md").read_text()
     assert f"`{gram!r}`" in table and "collapse_share" in table and "judge/per_token" in table
     samples = (out / "samples.md").read_text()

@@ -35,6 +35,7 @@ def join_processes(args) -> None:
 # stage name -> module holding its config class, `plan(config)` and `run(config, resume)`
 STAGES = {
     "data": ("jaxrlhf.politeness", "PolitenessDataConfig"),
+    "gguf": ("jaxrlhf.stages.gguf", "GGUFConfig"),
     "sft": ("jaxrlhf.stages.sft", "SFTConfig"),
     "reward": ("jaxrlhf.stages.reward", "RewardConfig"),
     "ppo": ("jaxrlhf.stages.ppo", "PPOStageConfig"),

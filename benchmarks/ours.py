@@ -62,7 +62,7 @@ def setup(w: wl.Workload, workdir: Path):
         module, params, _ = load_pretrained(model_dir, head="lm")
         ids = jnp.asarray(wl.prompts(w))
         mask = jnp.ones_like(ids)
-        settings = SamplingConfig(max_new_tokens=w.response, pad_token_id=wl.EOS)
+        settings = SamplingConfig(max_new_tokens=w.response, pad_token_id=w.eos)
         keys = _keys()
         return lambda: generate(module, params, ids, mask, next(keys), settings).sequences.block_until_ready()
     if w.name == "dpo":

@@ -17,6 +17,7 @@ from benchmarks import workloads as wl
 
 NO_DROPOUT = {
     "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "llama": dict(attention_dropout=0.0),
     "bert": dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
 }
 
@@ -40,20 +41,21 @@ def setup(w: wl.Workload, workdir: Path):
     torch.manual_seed(0)
     model_dir = workdir / "model"
     if w.name == "sft":
-        model = transformers.GPT2LMHeadModel.from_pretrained(model_dir, **NO_DROPOUT["gpt2"]).train()
+        model_type = w.model_config()["model_type"]
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, **NO_DROPOUT[model_type]).train()
         b = wl.sft_batch(w)
         ids = torch.tensor(b["input_ids"])
         labels = ids.masked_fill(torch.tensor(b["loss_mask"]) == 0, -100)
         return _train_step(model, _adamw(model), {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     if w.name == "generation":
-        model = transformers.GPT2LMHeadModel.from_pretrained(model_dir).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
         ids = torch.tensor(wl.prompts(w))
 
         def run():
             with torch.inference_mode():
                 model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
                                temperature=1.0, max_new_tokens=w.response, min_new_tokens=w.response,
-                               pad_token_id=wl.EOS)
+                               pad_token_id=w.eos)
 
         return run
     if w.name == "dpo":

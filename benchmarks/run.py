@@ -142,8 +142,8 @@ HEADER = ["workload", "model", "jaxrlhf ms", "reference ms", "speed-up", "jaxrlh
           "jaxrlhf compile s", "reference warm-up s", "jaxrlhf peak MB", "reference peak MB",
           "jaxrlhf % of matmul peak", "reference % of matmul peak"]
 REFERENCES = {
-    "sft": "transformers GPT2LMHeadModel + torch fused AdamW",
-    "generation": "transformers GPT2LMHeadModel.generate",
+    "sft": "transformers GPT2LMHeadModel / LlamaForCausalLM + torch fused AdamW",
+    "generation": "transformers GPT2LMHeadModel / LlamaForCausalLM .generate",
     "dpo": "TRL DPOTrainer",
     "ppo": f"TRL {TRL_PPO_VERSION} trl.experimental.ppo.PPOTrainer",
     "reward": "transformers BertForSequenceClassification (regression) + torch fused AdamW",
@@ -213,11 +213,13 @@ def main(argv=None) -> list[list[str]]:
     parser.add_argument("--quick", action="store_true", help="tiny model only, 2 repeats; prints, writes nothing")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved steps per side (default 5, quick 2)")
     parser.add_argument("--only", default="", help="comma-separated workloads (sft,generation,dpo,ppo,reward)")
+    parser.add_argument("--models", default="", help="comma-separated model sizes (tiny,gpt2-small,smollm2-135m,minilm)")
     parser.add_argument("--write", type=Path, default=None,
                         help=f"results file to update (default {RESULTS.relative_to(ROOT)} unless --quick)")
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
-    chosen = [w for w in wl.workloads(args.quick) if not args.only or w.name in args.only.split(",")]
+    chosen = [w for w in wl.workloads(args.quick) if (not args.only or w.name in args.only.split(","))
+              and (not args.models or w.size in args.models.split(","))]
     unknown = set(filter(None, args.only.split(","))) - set(REFERENCES)
     if unknown:
         parser.error(f"--only: unknown workload(s) {sorted(unknown)}; choose from {sorted(REFERENCES)}")

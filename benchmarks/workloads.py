@@ -11,6 +11,12 @@ GPT2_SIZES = {
     "tiny": dict(n_layer=2, n_head=4, n_embd=128),
     "gpt2-small": dict(n_layer=12, n_head=12, n_embd=768),
 }
+# SmolLM2-135M's shape (a Llama: grouped-query attention, tied embeddings), random-init.
+LLAMA_SIZES = {
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         tie_word_embeddings=True, rope_parameters={"rope_type": "default", "rope_theta": 100000.0}),
+}
 # all-MiniLM-L6-v2's shape, random-init.
 MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
               intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2)
@@ -19,7 +25,7 @@ MINILM = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attent
 @dataclasses.dataclass(frozen=True)
 class Workload:
     name: str  # sft, generation, dpo, ppo, reward
-    size: str  # a GPT2_SIZES key, or "minilm"
+    size: str  # a GPT2_SIZES or LLAMA_SIZES key, or "minilm"
     batch: int
     prompt: int  # prompt tokens (SFT: tokens without loss)
     response: int  # response / new tokens (reward: all tokens)
@@ -31,7 +37,18 @@ class Workload:
     def model_config(self) -> dict:
         if self.size == "minilm":
             return {"model_type": "bert", "num_labels": 1, **MINILM}
+        if self.size in LLAMA_SIZES:
+            return {"model_type": "llama", **LLAMA_SIZES[self.size]}
         return {"model_type": "gpt2", "vocab_size": GPT2_VOCAB, **GPT2_SIZES[self.size]}
+
+    @property
+    def vocab(self) -> int:
+        return self.model_config()["vocab_size"]
+
+    @property
+    def eos(self) -> int:
+        """The last id: EOS and pad (GPT-2's <|endoftext|>; for the others just an id never sampled as input)."""
+        return self.vocab - 1
 
     def tokens(self) -> int:
         """Tokens one step processes, the tokens/s numerator: new tokens for generation and
@@ -52,6 +69,9 @@ def workloads(quick: bool) -> list[Workload]:
             Workload("dpo", size, batch=8, prompt=32, response=96),  # 8 pairs of 128 tokens
             Workload("ppo", size, batch=16, prompt=16, response=48),  # 16 rollouts of 48 tokens
         ]
+    if not quick:  # the pretrained policy's shape: the SFT step and generation
+        out += [Workload("sft", "smollm2-135m", batch=8, prompt=32, response=96),
+                Workload("generation", "smollm2-135m", batch=16, prompt=8, response=48)]
     return out + [Workload("reward", "minilm", batch=32, prompt=0, response=64)]
 
 
@@ -68,7 +88,7 @@ def _ids(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
 
 def sft_batch(w: Workload) -> dict[str, np.ndarray]:
     """`input_ids` `[B, P + R]` and `loss_mask` (1 on the R response tokens)."""
-    ids = _ids(np.random.default_rng(1), (w.batch, w.prompt + w.response), GPT2_VOCAB)
+    ids = _ids(np.random.default_rng(1), (w.batch, w.prompt + w.response), w.vocab)
     loss_mask = np.zeros_like(ids)
     loss_mask[:, w.prompt:] = 1
     return {"input_ids": ids, "loss_mask": loss_mask}
@@ -76,7 +96,7 @@ def sft_batch(w: Workload) -> dict[str, np.ndarray]:
 
 def prompts(w: Workload) -> np.ndarray:
     """Prompt ids `[B, P]` (generation, PPO)."""
-    return _ids(np.random.default_rng(2), (w.batch, w.prompt), GPT2_VOCAB)
+    return _ids(np.random.default_rng(2), (w.batch, w.prompt), w.vocab)
 
 
 def preference_pairs(w: Workload) -> dict[str, np.ndarray]:
@@ -113,6 +133,12 @@ def _forward_flops(w: Workload, tokens: int, context: int, lm_head: bool = True)
         d, layers, ffn = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"]
         per_token = layers * (2 * 4 * d * d + 2 * 2 * d * ffn + 2 * 2 * context * d)
         return tokens * per_token
+    if cfg["model_type"] == "llama":
+        d, layers, ffn, v = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["intermediate_size"], cfg["vocab_size"]
+        q = d  # heads x head dim; keys and values have num_key_value_heads / num_attention_heads of it
+        kv = q * cfg["num_key_value_heads"] // cfg["num_attention_heads"]
+        per_token = layers * (2 * d * (2 * q + 2 * kv) + 2 * 3 * d * ffn + 2 * 2 * context * q)
+        return tokens * (per_token + (2 * d * v if lm_head else 0))
     d, layers = cfg["n_embd"], cfg["n_layer"]
     per_token = layers * (2 * 12 * d * d + 2 * 2 * context * d) + (2 * d * GPT2_VOCAB if lm_head else 0)
     return tokens * per_token

@@ -38,6 +38,7 @@ def join_processes(args) -> None:
 # check `run` makes before it writes; run calls it) and `run(config, resume)`
 STAGES = {
     "data": ("jaxrlhf.politeness", "PolitenessDataConfig"),
+    "gguf": ("jaxrlhf.stages.gguf", "GGUFConfig"),
     "sft": ("jaxrlhf.stages.sft", "SFTConfig"),
     "reward": ("jaxrlhf.stages.reward", "RewardConfig"),
     "ppo": ("jaxrlhf.stages.ppo", "PPOStageConfig"),

@@ -1,4 +1,4 @@
-"""Jitted generation for GPT-2 with a KV cache: one compiled call does prefill and decoding.
+"""Jitted generation for a causal LM (GPT-2, Llama) with a KV cache: one compiled call does prefill and decoding.
 
 Prompts come left-padded (`[B, P]` ids and a 0/1 mask), so every row's next token goes in the
 same column. The decode loop is a `lax.while_loop` that writes into a fixed `[B, N]` buffer and
@@ -17,7 +17,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.models.gpt2 import KVCache, init_cache
+from jaxrlhf.models.layers import KVCache, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,7 +134,7 @@ def generate(
 ) -> GenerateOutput:
     """Sample `settings.max_new_tokens` tokens after each left-padded prompt.
 
-    `module` is a `GPT2LMHeadModel`; the KV cache is made here (rows split like the prompts')
+    `module` is a `GPT2LMHeadModel` or `LlamaForCausalLM`; the KV cache is made here (rows split like the prompts')
     and donated to the compiled call, which updates it in place. Same shapes and settings
     reuse the compiled program. Prompts given as global arrays with rows split over a mesh
     (`parallel.put_rows`) are sampled where they are, each device its own rows. Row b draws
@@ -145,10 +145,10 @@ def generate(
     if prompt_mask_BxP.shape != (b, p):
         raise ConfigError(f"prompt mask has shape {prompt_mask_BxP.shape}; the prompt ids have {(b, p)}")
     total = p + settings.max_new_tokens
-    if total > module.config.n_positions:
+    if total > module.config.max_positions:
         raise ConfigError(
             f"prompt length {p} + max_new_tokens {settings.max_new_tokens} = {total} exceeds the model's "
-            f"n_positions={module.config.n_positions}"
+            f"{module.config.max_positions_key}={module.config.max_positions}"
         )
     sharding = getattr(prompt_ids_BxP, "sharding", None)
     if isinstance(sharding, NamedSharding):  # on a mesh: each device holds its rows' cache

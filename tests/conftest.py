@@ -27,7 +27,8 @@ def randomize(model, seed: int, std: float = 0.08):
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g) * std
-            is_norm_scale = name.endswith("weight") and ("ln" in name or "LayerNorm" in name or "layer_norm" in name)
+            # GPT-2's ln_*, BERT's LayerNorm, Llama's *_layernorm and norm (RMSNorm).
+            is_norm_scale = name.endswith("weight") and ("ln" in name or "norm" in name.lower())
             p.copy_(noise + 1.0 if is_norm_scale else noise)
     return model.eval()
 

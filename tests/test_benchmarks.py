@@ -50,6 +50,13 @@ def test_model_flops_follow_the_usual_accounting():
     assert wl.step_flops(w) == 3 * (12 * (24 * d * d + 4 * d) + 2 * d * wl.GPT2_VOCAB)
 
 
+def test_llama_flops_are_twice_the_matmul_params_per_token():
+    # SmolLM2-135M: 134,515,008 params, 61 RMSNorm weight vectors of 576 outside any matmul; the
+    # tied embedding counts once, as the LM head. Plus attention at context 1: 30 layers x 4 x 576.
+    w = wl.Workload("sft", "smollm2-135m", batch=1, prompt=0, response=1)
+    assert wl.step_flops(w) == 3 * (2 * (134_515_008 - 61 * 576) + 30 * 4 * 576)
+
+
 def test_results_file_keeps_its_prose_and_gains_a_table_block(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmarks\n\nnotes without a table yet\n")

@@ -42,8 +42,8 @@ def test_config_that_is_not_json(gpt2_dir):
 
 def test_unknown_model_type(gpt2_dir):
     config = json.loads((gpt2_dir / "config.json").read_text())
-    (gpt2_dir / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-    with pytest.raises(CheckpointError, match=r"model_type 'llama' is not supported; jaxrlhf loads \['bert', 'distilbert', 'gpt2'\]"):
+    (gpt2_dir / "config.json").write_text(json.dumps({**config, "model_type": "mamba"}))
+    with pytest.raises(CheckpointError, match=r"model_type 'mamba' is not supported; jaxrlhf loads \['bert', 'distilbert', 'gpt2', 'llama'\]"):
         load_pretrained(gpt2_dir)
 
 

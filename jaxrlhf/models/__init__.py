@@ -1,4 +1,4 @@
-"""Flax GPT-2, BERT and DistilBERT that load and save Hugging Face checkpoints."""
+"""Flax GPT-2, Llama, BERT and DistilBERT that load and save Hugging Face checkpoints."""
 
 from jaxrlhf.models.bert import (
     BertForSequenceClassification,
@@ -6,8 +6,9 @@ from jaxrlhf.models.bert import (
     DistilBertForSequenceClassification,
     DistilBertModel,
 )
-from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config
+from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig
 from jaxrlhf.models.gpt2 import CausalLMOutput, GPT2LMHeadModel, GPT2Model
+from jaxrlhf.models.llama import LlamaForCausalLM, LlamaModel
 from jaxrlhf.models.hub import (
     check_tokenizer,
     from_config,
@@ -28,6 +29,9 @@ __all__ = [
     "GPT2Config",
     "GPT2LMHeadModel",
     "GPT2Model",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LlamaModel",
     "check_tokenizer",
     "from_config",
     "load_config",

@@ -92,6 +92,91 @@ class GPT2Config(_HFConfig):
     def inner_dim(self) -> int:
         return self.n_inner or 4 * self.n_embd
 
+    # The causal-LM interface the stages and the sampler use, whatever the family: the
+    # context length, the config.json key that sets it (for errors), the KV cache's dims.
+    max_positions_key: ClassVar[str] = "n_positions"
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_positions
+
+    @property
+    def kv_cache_dims(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head dim) of the KV cache."""
+        return self.n_layer, self.n_head, self.n_embd // self.n_head
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig(_HFConfig):
+    """Llama-family causal LMs (Llama 2/3, SmolLM, TinyLlama...): RMSNorm, rotary positions,
+    grouped-query attention, SwiGLU. `rope_parameters` of config.json are read into
+    `rope_theta` (only the unscaled "default" rotary embedding is supported)."""
+
+    model_type: ClassVar[str] = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None means num_attention_heads (no grouping)
+    head_dim: int | None = None  # None means hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple | None = 2  # Llama 3 lists several
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], where: str = "config.json"):
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"{where}: rope_type={rope_type!r} is not supported; only the unscaled 'default' "
+                              "rotary embedding is")
+        hf = dict(hf)
+        if "rope_theta" in rope:
+            hf["rope_theta"] = rope["rope_theta"]
+        if isinstance(hf.get("eos_token_id"), list):
+            hf["eos_token_id"] = tuple(hf["eos_token_id"])  # hashable: the config is a static jit argument
+        if hf.get("pretraining_tp", 1) != 1:
+            raise ConfigError(f"{where}: pretraining_tp={hf['pretraining_tp']} is not supported; only 1 is")
+        return super().from_hf(hf, where)
+
+    def __post_init__(self):
+        self._check_types()
+        self._check_heads(self.hidden_size, self.num_attention_heads, "hidden_size", "num_attention_heads")
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        self._check_heads(self.num_attention_heads, self.num_key_value_heads, "num_attention_heads",
+                          "num_key_value_heads")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even (rotary embeddings rotate pairs)")
+        activation(self.hidden_act, "hidden_act")
+
+    def to_hf(self, architecture: str) -> dict[str, Any]:
+        hf = super().to_hf(architecture)
+        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": hf.pop("rope_theta")}
+        return hf
+
+    max_positions_key: ClassVar[str] = "max_position_embeddings"
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def kv_cache_dims(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head dim) of the KV cache."""
+        return self.num_hidden_layers, self.num_key_value_heads, self.head_dim
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig(_HFConfig):

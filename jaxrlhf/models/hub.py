@@ -28,9 +28,10 @@ from jaxrlhf.models.bert import (
     DistilBertForSequenceClassification,
     DistilBertModel,
 )
-from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config
+from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig
 from jaxrlhf.models.files import read_tensors, resolve, weight_files
 from jaxrlhf.models.gpt2 import GPT2LMHeadModel, GPT2Model
+from jaxrlhf.models.llama import LlamaForCausalLM, LlamaModel
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ class _Arch:
 
 def _dotted(path: str) -> str:
     """"transformer/h_0/attn" -> "transformer.h.0.attn": Flax names list members `h_0`."""
-    return re.sub(r"(^|/)(h|layer)_(\d+)(?=/|$)", r"\1\2.\3", path).replace("/", ".")
+    return re.sub(r"(^|/)(h|layer|layers)_(\d+)(?=/|$)", r"\1\2.\3", path).replace("/", ".")
 
 
 def _encoder_names(layer_names: dict[str, str], trunk: str, encoder: str) -> Callable[[str], str]:
@@ -102,6 +103,18 @@ ARCHITECTURES: dict[str, _Arch] = {
         _dotted,
         # GPT-2's Conv1D stores [in, out] like Flax; only the value head is a torch Linear.
         lambda name: name.startswith("v_head"),
+        r"v_head\.",
+    ),
+    "llama": _Arch(
+        LlamaConfig,
+        "model",
+        {
+            "base": _Head(LlamaModel, "LlamaModel"),
+            "lm": _Head(LlamaForCausalLM, "LlamaForCausalLM"),
+        },
+        _dotted,
+        # Every Llama projection (and the value head) is a torch Linear; lm_head is stored [V, D] like ours.
+        lambda name: True,
         r"v_head\.",
     ),
     "bert": _Arch(
@@ -194,10 +207,10 @@ def load_pretrained(
     revision: str | None = None,
     rng: jax.Array | None = None,
 ) -> tuple[nn.Module, Params, Any]:
-    """Load a GPT-2, BERT or DistilBERT checkpoint -> `(module, params, config)`.
+    """Load a GPT-2, Llama, BERT or DistilBERT checkpoint -> `(module, params, config)`.
 
-    `head`: "base", "lm" (GPT-2) or "classification" (BERT/DistilBERT); by default the one the
-    checkpoint's `architectures` names. `value_head` adds PPO's scalar head to GPT-2;
+    `head`: "base", "lm" (GPT-2, Llama) or "classification" (BERT/DistilBERT); by default the one
+    the checkpoint's `architectures` names. `value_head` adds PPO's scalar head to a causal LM;
     `num_labels` sets the classification width (1 = regression). Head tensors the checkpoint
     lacks are initialised from `rng` (with a warning naming them); any other missing tensor is
     an error. Params are float32; `dtype` is the compute dtype. Use as
@@ -241,8 +254,8 @@ def _build(hf, head, value_head, num_labels, dtype, where) -> nn.Module:
     head = head or _default_head(arch, hf)
     if head not in arch.heads:
         raise CheckpointError(f"head={head!r} is not available for {hf['model_type']}; choose one of {sorted(arch.heads)}")
-    if value_head and hf["model_type"] != "gpt2":
-        raise CheckpointError("value_head=True is only available for GPT-2 policies")
+    if value_head and head != "lm":
+        raise CheckpointError(f"value_head=True is only available for causal LM policies (head 'lm'), not head {head!r}")
     return arch.heads[head].cls(config, dtype, **({"value_head": True} if value_head else {}))
 
 

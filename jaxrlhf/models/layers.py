@@ -1,14 +1,15 @@
-"""Building blocks shared by GPT-2, BERT and DistilBERT.
+"""Building blocks shared by GPT-2, Llama, BERT and DistilBERT.
 
 Shapes are in the names: B batch, T query length, S key length, H heads, K head dim, D width.
 """
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from jaxrlhf.errors import ConfigError
 
@@ -98,3 +99,76 @@ def merge_heads(x_BxTxHxK: jax.Array) -> jax.Array:
 def positions_from_mask(mask_BxT: jax.Array) -> jax.Array:
     """Position ids that start at 0 on each row's first real token (left padding aware)."""
     return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every position seen so far, for decoding one token at a time.
+
+    `layers[i]` is layer i's `(k, v)`, each `[B, S, H, K]` for S slots (H the key/value
+    heads); `mask_BxS` is 1 on slots that hold a real token; `index` is the next slot to
+    write. Made by `init_cache`.
+    """
+
+    layers: tuple[tuple[jax.Array, jax.Array], ...]
+    mask_BxS: jax.Array
+    index: jax.Array
+
+
+def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for a causal LM whose config gives `kv_cache_dims` (layers, key/value
+    heads, head dim)."""
+    layers, heads, head_dim = config.kv_cache_dims
+    shape = (batch, max_len, heads, head_dim)
+    kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(layers))
+    return KVCache(kv, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def write_cache(kv, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, index):
+    """This step's keys and values written into a layer's cache `kv` at slot `index` -> the
+    updated `(k, v)`, each `[B, S, H, K]`."""
+    k = lax.dynamic_update_slice(kv[0], k_BxTxHxK.astype(kv[0].dtype), (0, index, 0, 0))
+    v = lax.dynamic_update_slice(kv[1], v_BxTxHxK.astype(kv[1].dtype), (0, index, 0, 0))
+    return k, v
+
+
+def causal_positions_and_mask(attention_mask_BxT, positions_BxT, cache: KVCache | None):
+    """-> (positions `[B, T]`, attention mask `[B, T, S]`, the cache's new key mask `[B, S]`
+    (or the input mask without a cache), the slot of the first query).
+
+    Positions default to counting real tokens from 0, so a left-padded row sees the same
+    positions as the unpadded one; with a `cache`, the T tokens continue the cached ones.
+    """
+    t = attention_mask_BxT.shape[1]
+    if positions_BxT is None:
+        positions_BxT = positions_from_mask(attention_mask_BxT)
+        if cache is not None:
+            positions_BxT += jnp.sum(cache.mask_BxS, axis=-1, keepdims=True)
+    if cache is None:
+        keys_BxS, first = attention_mask_BxT, 0
+    else:
+        keys_BxS = lax.dynamic_update_slice(cache.mask_BxS, attention_mask_BxT.astype(jnp.int32), (0, cache.index))
+        first = cache.index
+    # Query t (at slot first + t) sees the real keys in slots up to its own.
+    causal_TxS = jnp.arange(keys_BxS.shape[1])[None, :] <= first + jnp.arange(t)[:, None]
+    mask_BxTxS = causal_TxS[None] & keys_BxS.astype(bool)[:, None, :]
+    return positions_BxT, mask_BxTxS, keys_BxS, first
+
+
+class CausalLMOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32 ([B, L, V] for the L positions of a `head_slice`)
+    values: jax.Array | None  # [B, T] (or [B, L]) float32, when the model has a value head
+    hidden: jax.Array  # [B, T, D]
+    cache: KVCache | None  # the updated cache, when one was passed in
+
+
+class ValueHead(nn.Module):
+    """TRL's `v_head.summary`: a Linear from D to 1 on every position -> `[B, T]` float32."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden_BxTxD: jax.Array) -> jax.Array:
+        # Zero kernel: a fresh head predicts 0 everywhere, so the first value loss is the
+        # return scale itself rather than noise from a random projection.
+        v = Dense(1, dtype=self.dtype, kernel_init=nn.initializers.zeros, name="summary")(hidden_BxTxD)
+        return v[..., 0].astype(jnp.float32)

@@ -36,7 +36,7 @@ def load_model(path: str | None, model_config: dict | None, tokenizer_path: str 
 
 
 def load_policy(path: str, pad_token: str | None = None, **kwargs):
-    """A GPT-2 policy checkpoint and its tokenizer -> (module, params, config, tokenizer);
+    """A causal LM policy checkpoint (GPT-2, Llama) and its tokenizer -> (module, params, config, tokenizer);
     `pad_token` is the config's key (see `data.set_pad_token`); `kwargs` go to
     `load_pretrained` (e.g. `value_head=True`)."""
     module, params, config = load_pretrained(path, head="lm", **kwargs)
@@ -67,8 +67,8 @@ def check_special_tokens(tokenizer, where, eos: bool, pad_token: str | None = No
 
 def check_context(tokens: int, what: str, model_config) -> None:
     """`what` (`tokens` long) must fit the model's positions."""
-    if tokens > model_config.n_positions:
-        raise ConfigError(f"{what} exceeds the model's context (n_positions={model_config.n_positions})")
+    if tokens > model_config.max_positions:
+        raise ConfigError(f"{what} exceeds the model's context ({model_config.max_positions_key}={model_config.max_positions})")
 
 
 def optimizer(train: cfg.TrainConfig, updates_per_step: int = 1):

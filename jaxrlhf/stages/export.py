@@ -38,7 +38,7 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, overwrite: boo
         raise CheckpointError(f"{run_dir / 'checkpoints'} has no checkpoint {step}; "
                               f"it has {list(checkpoints.manager.all_steps())}")
     params = checkpoints.restore_params(step)
-    if "policy" in config:  # PPO / DPO runs: a GPT-2 LM (PPO's value head is left out)
+    if "policy" in config:  # PPO / DPO runs: a causal LM (PPO's value head is left out)
         module, like, _, tokenizer = load_policy(local(config["policy"]))
         params = {k: v for k, v in params.items() if k != "v_head"}
     else:  # SFT (an LM) or reward (a 1-output regression head) runs

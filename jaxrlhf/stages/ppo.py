@@ -114,4 +114,5 @@ def run(config: PPOStageConfig, resume: bool = False):
                      record={"stage": "ppo"}, tensorboard=train.tensorboard, desc="ppo",
                      extra_metrics=lambda s: {"learning_rate": lr(s)})
     # The export is the plain LM (the value head stays in the checkpoints).
-    return common.export(out, module.clone(value_head=False), {"transformer": state.params["transformer"]}, tokenizer)
+    lm_params = {k: v for k, v in state.params.items() if k != "v_head"}
+    return common.export(out, module.clone(value_head=False), lm_params, tokenizer)

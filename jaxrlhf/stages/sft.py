@@ -26,7 +26,7 @@ COLUMNS = {
 class SFTConfig:
     data: DataConfig
     model: str | None = None  # checkpoint path or hub name
-    model_config: dict[str, Any] | None = None  # or a fresh GPT-2 from this config.json dict
+    model_config: dict[str, Any] | None = None  # or a fresh model (GPT-2, Llama) from this config.json dict
     tokenizer: str | None = None  # defaults to the model's own
     pad_token: str | None = pad_token_key()
     max_length: int = 64
@@ -38,7 +38,7 @@ class SFTConfig:
 
 
 def plan(config: SFTConfig) -> str:
-    source = config.model or f"a fresh GPT-2 {config.model_config}"
+    source = config.model or f"a fresh model {config.model_config}"
     return (f"SFT: {source} on {config.data.path} (prompt/response rows: loss on "
             f"{'the response' if config.completion_only else 'all tokens'}; text rows: on all tokens), "
             f"{config.train.steps} steps of batch {config.train.batch_size}, max_length {config.max_length} "

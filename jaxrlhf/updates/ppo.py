@@ -1,4 +1,4 @@
-"""PPO for a GPT-2 policy with a value head: the whole update as one compiled function.
+"""PPO for a causal LM policy (GPT-2, Llama) with a value head: the whole update as one compiled function.
 
 `make_ppo_update` scores a rollout (policy logprobs and values, reference logprobs, and the
 reward when a jittable reward function is given), builds per-token rewards (KL penalty to
@@ -71,7 +71,7 @@ def update_kl_coef(coef: jax.Array, kl: jax.Array, n_steps, config: PPOConfig) -
 def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_name: str | None = None):
     """-> `update(state, batch, key) -> (state, metrics)`.
 
-    `state.apply_fn` is a `GPT2LMHeadModel(value_head=True)`; `state.ref_params` the frozen
+    `state.apply_fn` is a causal LM with `value_head=True`; `state.ref_params` the frozen
     reference (same module, e.g. the initial params); `state.kl_coef` the KL coefficient.
     Batch: `sequences` `[B, P + N]` (left-padded prompt then response), `attention_mask`
     `[B, P + N]`, `response_mask` `[B, N]`, and `scores` `[B]` unless `reward_fn` is given:

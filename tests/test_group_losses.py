@@ -133,7 +133,8 @@ def test_grpo_loss_its_gradient_and_metrics_equal_trls_formula(loss_type, level)
         hi, lo = logp.copy(), logp.copy()
         hi[i, j] += 1e-5
         lo[i, j] -= 1e-5
-        numeric = (numpy_grpo(hi, old, ref, adv, mask, **kwargs)[0] - numpy_grpo(lo, old, ref, adv, mask, **kwargs)[0]) / 2e-5
+        numeric = (numpy_grpo(hi, old, ref, adv, mask, **kwargs)[0]
+                   - numpy_grpo(lo, old, ref, adv, mask, **kwargs)[0]) / 2e-5
         np.testing.assert_allclose(grad[i, j], numeric, rtol=2e-3, atol=1e-5)
 
 

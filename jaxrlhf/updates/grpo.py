@@ -63,8 +63,10 @@ def make_grpo_update(config: GRPOConfig, axis_name: str | None = None):
         seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"].astype(jnp.float32)
         n = resp.shape[1]
         devices = 1 if axis_name is None else lax.axis_size(axis_name)
-        _, old_logprobs, _ = lax.stop_gradient(outputs(state.params, state.apply_fn, seq, attn, n))
-        scored = {"seq": seq, "attn": attn, "resp": resp, "old_logprobs": old_logprobs}
+        scored = {"seq": seq, "attn": attn, "resp": resp}
+        # With one update per rollout its own logprobs are the old ones: no extra pass (as TRL).
+        if config.updates_per_step > 1:
+            scored["old_logprobs"] = lax.stop_gradient(outputs(state.params, state.apply_fn, seq, attn, n)[1])
         if config.beta != 0.0:
             scored["ref_logprobs"] = lax.stop_gradient(outputs(state.ref_params, state.apply_fn, seq, attn, n)[1])
         scores_all = common.all_rows(lax.stop_gradient(batch["scores"].astype(jnp.float32)), axis_name)
@@ -78,8 +80,9 @@ def make_grpo_update(config: GRPOConfig, axis_name: str | None = None):
 
         def loss_fn(params, batch):
             logits, logprobs, _ = outputs(params, state.apply_fn, batch["seq"], batch["attn"], n)
+            old_logprobs = batch["old_logprobs"] if "old_logprobs" in batch else lax.stop_gradient(logprobs)
             loss, loss_metrics = group_losses.grpo_loss(
-                logprobs, batch["old_logprobs"], batch.get("ref_logprobs"), batch["advantages"], batch["resp"],
+                logprobs, old_logprobs, batch.get("ref_logprobs"), batch["advantages"], batch["resp"],
                 clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, beta=config.beta,
                 loss_type=config.loss_type, importance_sampling_level=config.importance_sampling_level,
                 max_completion_length=n, num_items=common.rows(batch) * devices * tokens_per_row,

@@ -1,6 +1,8 @@
 """What every compiled update shares: the train state, the optimizer, one optimizer update
-from a loss (`apply_loss`, with gradient accumulation and the NaN guard), and a causal LM's
-summed sequence logprobs."""
+from a loss (`apply_loss`, with gradient accumulation and the NaN guard), a causal LM's
+summed sequence logprobs; and what the rollout updates (PPO, RLOO, GRPO) share: a policy's
+response logprobs, the epochs x minibatches over one permutation of the global rollout
+(`minibatch_epochs`), rows gathered over devices and back."""
 
 from typing import Any, Callable
 
@@ -154,7 +156,7 @@ def own_rows(x_B: jax.Array, axis_name: str | None) -> jax.Array:
 
 
 def minibatch_epochs(state: TrainState, loss_fn, scored, count_fn, key, epochs: int, num_minibatches: int,
-                     axis_name: str | None, what: str = "rollouts"):
+                     axis_name: str | None):
     """`epochs` passes over the rows of `scored` (a dict of arrays, this device's rows), each
     in `num_minibatches` optimizer updates (`apply_loss(state, loss_fn, minibatch, count_fn)`)
     -> (state, metrics stacked `[epochs, num_minibatches]`).
@@ -164,7 +166,7 @@ def minibatch_epochs(state: TrainState, loss_fn, scored, count_fn, key, epochs: 
     minibatch, so N devices give the one-device update."""
     b = jax.tree.leaves(scored)[0].shape[0]
     if b % num_minibatches:
-        raise ConfigError(f"{b} {what}{' per device' if axis_name else ''} do not split into "
+        raise ConfigError(f"{b} rollouts{' per device' if axis_name else ''} do not split into "
                           f"num_minibatches={num_minibatches}")
     mb = b // num_minibatches  # rows of each minibatch on this device
     devices = 1 if axis_name is None else lax.axis_size(axis_name)

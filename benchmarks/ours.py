@@ -15,7 +15,8 @@ from jaxrlhf.models import GPT2Model, from_config, load_pretrained, save_pretrai
 from jaxrlhf.parallel import jit_step
 from jaxrlhf.updates.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.sampling import SamplingConfig, generate
-from jaxrlhf.updates import TrainState, make_dpo_step, make_optimizer, make_reward_step, make_sft_step
+from jaxrlhf.updates import (GRPOConfig, RLOOConfig, TrainState, make_dpo_step, make_grpo_update, make_optimizer,
+                             make_reward_step, make_rloo_update, make_sft_step)
 
 
 def prepare(w: wl.Workload, workdir: Path) -> None:
@@ -23,7 +24,7 @@ def prepare(w: wl.Workload, workdir: Path) -> None:
     head = "classification" if w.size == "minilm" else "lm"
     module, params, config = from_config(w.model_config(), jax.random.key(0), head=head)
     save_pretrained(workdir / "model", module, params)
-    if w.name == "ppo":
+    if w.name in ("ppo", "rloo", "grpo"):
         np.savez(workdir / "heads.npz", **wl.ppo_heads(config.n_embd))
 
 
@@ -77,6 +78,8 @@ def setup(w: wl.Workload, workdir: Path):
         return _runner(jit_step(make_dpo_step("sigmoid", beta=0.1)), state, jax.tree.map(jnp.asarray, batch))
     if w.name == "ppo":
         return _ppo(w, model_dir, workdir / "heads.npz")
+    if w.name in ("rloo", "grpo"):
+        return _group(w, model_dir, workdir / "heads.npz")
     if w.name == "reward":
         module, params, _ = load_pretrained(model_dir, head="classification", num_labels=1)
         b = wl.regression_batch(w)
@@ -85,14 +88,10 @@ def setup(w: wl.Workload, workdir: Path):
     raise ValueError(f"unknown workload {w.name!r}")
 
 
-def _ppo(w: wl.Workload, model_dir: Path, heads_file: Path):
-    """One PPO iteration as the PPO stage runs it: sample the rollouts, then one compiled
-    update that scores them (policy, values, reference, reward model) and runs the epochs."""
-    module, params, config = load_pretrained(model_dir, head="lm", value_head=True, rng=jax.random.key(0))
-    heads = np.load(heads_file)
-    params["v_head"]["summary"]["kernel"] = jnp.asarray(heads["value"])[:, None]
+def _reward_fn(config, params, heads):
+    """The reward model: the policy's trunk with a score vector on the last token's state
+    -> (its params, `reward_fn(params, sequences, attention_mask, response_mask) -> [B]`)."""
     trunk = GPT2Model(config)
-    # The reward model: the policy's trunk with a score vector on the last token's state.
     reward_params = {"trunk": jax.tree.map(jnp.array, params["transformer"]), "score": jnp.asarray(heads["reward"])}
 
     def reward_fn(rp, sequences_BxT, attention_mask_BxT, response_mask_BxN):
@@ -100,6 +99,42 @@ def _ppo(w: wl.Workload, model_dir: Path, heads_file: Path):
         last_B = sequences_BxT.shape[1] - response_mask_BxN.shape[1] + jnp.sum(response_mask_BxN, -1) - 1
         return hidden_BxTxD[jnp.arange(last_B.shape[0]), last_B] @ rp["score"]
 
+    return reward_params, reward_fn
+
+
+def _group(w: wl.Workload, model_dir: Path, heads_file: Path):
+    """One RLOO or GRPO iteration as their stage runs it: sample k responses to each prompt,
+    score them with the reward model, then the one compiled update (old and reference
+    logprobs, advantages, one optimizer update)."""
+    module, params, config = load_pretrained(model_dir, head="lm")
+    reward_params, reward_fn = _reward_fn(config, params, np.load(heads_file))
+    if w.name == "rloo":
+        update = make_rloo_update(RLOOConfig(num_generations=wl.GROUP_SIZE, beta=wl.GROUP_BETA))
+    else:
+        update = make_grpo_update(GRPOConfig(num_generations=wl.GROUP_SIZE, beta=wl.GROUP_BETA))
+    update, score = jit_step(update), jax.jit(reward_fn)
+    state = _state(module, params, ref_params=jax.tree.map(jnp.array, params))
+    settings = SamplingConfig(max_new_tokens=w.response, pad_token_id=wl.EOS)
+
+    def iteration(state, prompts, key):
+        gen_key, update_key = jax.random.split(key)
+        rollout = generate(module, state.params, prompts["ids"], prompts["mask"], gen_key, settings)
+        batch = {"sequences": rollout.sequences, "attention_mask": rollout.attention_mask,
+                 "response_mask": rollout.response_mask}
+        batch["scores"] = score(reward_params, *batch.values())
+        return update(state, batch, update_key)
+
+    ids = jnp.asarray(wl.prompts(w))
+    return _runner(iteration, state, {"ids": ids, "mask": jnp.ones_like(ids)})
+
+
+def _ppo(w: wl.Workload, model_dir: Path, heads_file: Path):
+    """One PPO iteration as the PPO stage runs it: sample the rollouts, then one compiled
+    update that scores them (policy, values, reference, reward model) and runs the epochs."""
+    module, params, config = load_pretrained(model_dir, head="lm", value_head=True, rng=jax.random.key(0))
+    heads = np.load(heads_file)
+    params["v_head"]["summary"]["kernel"] = jnp.asarray(heads["value"])[:, None]
+    reward_params, reward_fn = _reward_fn(config, params, heads)
     state = _state(module, params, ref_params=jax.tree.map(jnp.array, params), reward_params=reward_params,
                    kl_coef=jnp.float32(0.05))
     update = jit_step(make_ppo_update(PPOConfig(epochs=wl.PPO_EPOCHS, num_minibatches=1), reward_fn))

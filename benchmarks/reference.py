@@ -62,6 +62,8 @@ def setup(w: wl.Workload, workdir: Path):
         return _trl_dpo(w, model_dir, workdir)
     if w.name == "ppo":
         return _trl_ppo(w, model_dir, workdir)
+    if w.name in ("rloo", "grpo"):
+        return _trl_group(w, model_dir, workdir)
     if w.name == "reward":
         model = transformers.BertForSequenceClassification.from_pretrained(
             model_dir, num_labels=1, problem_type="regression", **NO_DROPOUT["bert"]).train()
@@ -144,18 +146,44 @@ def _trl_dpo(w: wl.Workload, model_dir: Path, workdir: Path):
     return _StepAtATime(trainer)
 
 
+def _scorer(model_dir: Path, workdir: Path, head: str):
+    """The policy's trunk with the benchmark's `head` vector as a sequence classifier."""
+    heads = np.load(workdir / "heads.npz")
+    model = transformers.GPT2ForSequenceClassification.from_pretrained(model_dir, num_labels=1, **NO_DROPOUT["gpt2"])
+    model.config.pad_token_id = wl.EOS
+    with torch.no_grad():
+        model.score.weight.copy_(torch.tensor(heads[head])[None])
+    return model
+
+
+def _trl_group(w: wl.Workload, model_dir: Path, workdir: Path):
+    """TRL's RLOOTrainer or GRPOTrainer, one optimizer step per generation (their defaults),
+    on the benchmark's prompts, against the same reward model; min_new_tokens keeps every
+    completion at the full length, as on our side (random weights almost never emit EOS)."""
+    from datasets import Dataset
+    import trl
+
+    config_cls, trainer_cls = {"rloo": (trl.RLOOConfig, trl.RLOOTrainer),
+                               "grpo": (trl.GRPOConfig, trl.GRPOTrainer)}[w.name]
+    unique = wl.prompts(w)[:: wl.GROUP_SIZE]
+    args = config_cls(**_trl_args(workdir), per_device_train_batch_size=w.batch, gradient_accumulation_steps=1,
+                      num_generations=wl.GROUP_SIZE, max_completion_length=w.response, beta=wl.GROUP_BETA,
+                      temperature=1.0, top_k=0, top_p=1.0, max_steps=10**6,
+                      generation_kwargs={"min_new_tokens": w.response})
+    policy = transformers.GPT2LMHeadModel.from_pretrained(model_dir, **NO_DROPOUT["gpt2"])
+    prompts = Dataset.from_dict({"prompt": [_words(p) for p in unique]})
+    trainer = trainer_cls(model=policy, reward_funcs=_scorer(model_dir, workdir, "reward"), args=args,
+                          train_dataset=prompts, processing_class=word_tokenizer(),
+                          reward_processing_classes=word_tokenizer())
+    return _StepAtATime(trainer)
+
+
 def _trl_ppo(w: wl.Workload, model_dir: Path, workdir: Path):
     from datasets import Dataset
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    heads = np.load(workdir / "heads.npz")
-
     def scorer(head):
-        model = transformers.GPT2ForSequenceClassification.from_pretrained(model_dir, num_labels=1, **NO_DROPOUT["gpt2"])
-        model.config.pad_token_id = wl.EOS
-        with torch.no_grad():
-            model.score.weight.copy_(torch.tensor(heads[head])[None])
-        return model
+        return _scorer(model_dir, workdir, head)
 
     policy = transformers.GPT2LMHeadModel.from_pretrained(model_dir, **NO_DROPOUT["gpt2"])
     ref = transformers.GPT2LMHeadModel.from_pretrained(model_dir, **NO_DROPOUT["gpt2"])

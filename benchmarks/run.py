@@ -146,6 +146,8 @@ REFERENCES = {
     "generation": "transformers GPT2LMHeadModel / LlamaForCausalLM .generate",
     "dpo": "TRL DPOTrainer",
     "ppo": f"TRL {TRL_PPO_VERSION} trl.experimental.ppo.PPOTrainer",
+    "rloo": f"TRL {version('trl')} RLOOTrainer",
+    "grpo": f"TRL {version('trl')} GRPOTrainer",
     "reward": "transformers BertForSequenceClassification (regression) + torch fused AdamW",
 }
 
@@ -192,8 +194,16 @@ def _shape(w: wl.Workload) -> str:
                "reference scored in the step, one AdamW step",
         "ppo": f"one iteration: {w.batch} rollouts of {w.response} tokens after {w.prompt}-token prompts, "
                f"reference, value and reward-model scoring, GAE, {wl.PPO_EPOCHS} epochs of 1 minibatch",
+        "rloo": _group_shape(w, "the sequence-level KL-shaped reward, leave-one-out advantages"),
+        "grpo": _group_shape(w, "group-normalised advantages, the dapo loss with the k3 KL"),
         "reward": f"{w.response} tokens, MSE regression head, one AdamW step",
     }[w.name]
+
+
+def _group_shape(w: wl.Workload, what: str) -> str:
+    return (f"one iteration: {w.batch // wl.GROUP_SIZE} prompts of {w.prompt} tokens x {wl.GROUP_SIZE} samples of "
+            f"{w.response} tokens, reward-model, policy and reference scoring (beta {wl.GROUP_BETA}), {what}, "
+            "one AdamW step")
 
 
 def write_results(text: str, path: Path = RESULTS) -> None:
@@ -212,7 +222,8 @@ def main(argv=None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model only, 2 repeats; prints, writes nothing")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved steps per side (default 5, quick 2)")
-    parser.add_argument("--only", default="", help="comma-separated workloads (sft,generation,dpo,ppo,reward)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated workloads (sft,generation,dpo,ppo,rloo,grpo,reward)")
     parser.add_argument("--models", default="", help="comma-separated model sizes (tiny,gpt2-small,smollm2-135m,minilm)")
     parser.add_argument("--write", type=Path, default=None,
                         help=f"results file to update (default {RESULTS.relative_to(ROOT)} unless --quick)")

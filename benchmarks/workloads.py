@@ -53,7 +53,7 @@ class Workload:
     def tokens(self) -> int:
         """Tokens one step processes, the tokens/s numerator: new tokens for generation and
         PPO rollouts; every sequence token for the training steps."""
-        if self.name in ("generation", "ppo"):
+        if self.name in ("generation", "ppo", "rloo", "grpo"):
             return self.batch * self.response
         pairs = 2 if self.name == "dpo" else 1
         return pairs * self.batch * (self.prompt + self.response)
@@ -68,6 +68,9 @@ def workloads(quick: bool) -> list[Workload]:
             Workload("generation", size, batch=16, prompt=8, response=48),
             Workload("dpo", size, batch=8, prompt=32, response=96),  # 8 pairs of 128 tokens
             Workload("ppo", size, batch=16, prompt=16, response=48),  # 16 rollouts of 48 tokens
+            # 4 prompts x 4 samples of 48 tokens (GROUP_SIZE), one update each, like TRL's defaults
+            Workload("rloo", size, batch=16, prompt=16, response=48),
+            Workload("grpo", size, batch=16, prompt=16, response=48),
         ]
     if not quick:  # the pretrained policy's shape: the SFT step and generation
         out += [Workload("sft", "smollm2-135m", batch=8, prompt=32, response=96),
@@ -76,6 +79,8 @@ def workloads(quick: bool) -> list[Workload]:
 
 
 PPO_EPOCHS = 4
+GROUP_SIZE = 4  # RLOO's and GRPO's samples per prompt
+GROUP_BETA = 0.05  # their KL coefficient (so both sides score the reference)
 LEARNING_RATE = 1e-5
 
 
@@ -95,7 +100,10 @@ def sft_batch(w: Workload) -> dict[str, np.ndarray]:
 
 
 def prompts(w: Workload) -> np.ndarray:
-    """Prompt ids `[B, P]` (generation, PPO)."""
+    """Prompt ids `[B, P]` (generation, PPO; RLOO and GRPO: each of B / GROUP_SIZE prompts
+    GROUP_SIZE times in a row)."""
+    if w.name in ("rloo", "grpo"):
+        return np.repeat(_ids(np.random.default_rng(2), (w.batch // GROUP_SIZE, w.prompt), w.vocab), GROUP_SIZE, 0)
     return _ids(np.random.default_rng(2), (w.batch, w.prompt), w.vocab)
 
 
@@ -162,6 +170,9 @@ def step_flops(w: Workload) -> float:
     if w.name == "ppo":  # rollout, reference and reward-model scoring, then the epochs
         score = _forward_flops(w, w.batch * t, t) + _forward_flops(w, w.batch * t, t, lm_head=False)
         return _generation_flops(w) + score + PPO_EPOCHS * 3 * _forward_flops(w, w.batch * t, t)
+    if w.name in ("rloo", "grpo"):  # rollout, reward-model and reference scoring, one update
+        score = _forward_flops(w, w.batch * t, t) + _forward_flops(w, w.batch * t, t, lm_head=False)
+        return _generation_flops(w) + score + 3 * _forward_flops(w, w.batch * t, t)
     if w.name == "reward":
         return 3 * _forward_flops(w, w.batch * w.response, w.response)
     raise ValueError(f"unknown workload {w.name!r}")

@@ -42,6 +42,8 @@ STAGES = {
     "sft": ("jaxrlhf.stages.sft", "SFTConfig"),
     "reward": ("jaxrlhf.stages.reward", "RewardConfig"),
     "ppo": ("jaxrlhf.stages.ppo", "PPOStageConfig"),
+    "rloo": ("jaxrlhf.stages.rloo", "RLOOStageConfig"),
+    "grpo": ("jaxrlhf.stages.grpo", "GRPOStageConfig"),
     "preferences": ("jaxrlhf.stages.preferences", "PreferencesConfig"),
     "dpo": ("jaxrlhf.stages.dpo", "DPOConfig"),
     "evaluate": ("jaxrlhf.evaluate", "EvaluateConfig"),

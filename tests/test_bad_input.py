@@ -25,6 +25,20 @@ def ppo_args(tiny_run, out, *extra):
             "train.steps=1", "train.batch_size=8", "ppo.num_minibatches=1", f"train.output_dir={out}", *extra]
 
 
+def group_args(stage):
+    """Arguments of a small RLOO or GRPO run (`stage`) on the tiny run's models: 2 prompts x 4 samples."""
+
+    def args(tiny_run, out, *extra):
+        return ["--config", str(TINY / f"{stage}.yaml"), f"policy={tiny_run / 'sft' / 'final'}",
+                f"reward.model={tiny_run / 'reward' / 'final'}", f"prompts.path={tiny_run / 'data' / 'prompts.jsonl'}",
+                "train.steps=1", "train.batch_size=8", f"{stage}.num_minibatches=1", f"train.output_dir={out}", *extra]
+
+    return args
+
+
+rloo_args, grpo_args = group_args("rloo"), group_args("grpo")
+
+
 def reward_args(tiny_run, out, *extra):
     data = tiny_run / "data"
     return ["--config", str(TINY / "reward.yaml"), "model_config.hidden_size=32", "model_config.num_hidden_layers=1",
@@ -227,6 +241,24 @@ CASES = [
      r"bare holds no tokenizer \(none of tokenizer.json, .*\)"),
     ("policy with another model's tokenizer", "ppo", lambda r, t, o: ppo_args(r, o, f"policy={policy_with_bert_tokenizer(r, t / 'mixed')}"),
      r"the tokenizer of .*mixed has no EOS token, so replies could never end"),
+    ("RLOO batch that is not whole groups", "rloo", lambda r, t, o: rloo_args(r, o, "train.batch_size=10"),
+     r"train.batch_size=10 must be a multiple of rloo.num_generations=4: each step samples 4 responses"),
+    ("RLOO with one sample per prompt", "rloo", lambda r, t, o: rloo_args(r, o, "rloo.num_generations=1"),
+     r"num_generations=1 must be at least 2: the leave-one-out baseline"),
+    ("GRPO with one sample per prompt", "grpo", lambda r, t, o: grpo_args(r, o, "grpo.num_generations=1"),
+     r"num_generations=1 must be at least 2"),
+    ("GRPO sampling that is off-policy", "grpo", lambda r, t, o: grpo_args(r, o, "sampling.top_p=0.9"),
+     r"sampling.top_p would make GRPO off-policy: the update scores .* under the tempered softmax"),
+    ("RLOO temperature unlike the sampler's", "rloo", lambda r, t, o: rloo_args(r, o, "sampling.temperature=0.7"),
+     r"rloo.temperature=1.0 must equal sampling.temperature=0.7"),
+    ("GRPO loss type that does not exist", "grpo", lambda r, t, o: grpo_args(r, o, "grpo.loss_type=dapo2"),
+     r"grpo.loss_type='dapo2' is not allowed; choose one of \['grpo', 'dr_grpo', 'dapo', 'bnpo'\]"),
+    ("GRPO minibatch of no rows on a device", "grpo", lambda r, t, o: grpo_args(r, o, "grpo.num_minibatches=8", "train.mesh.data=2"),
+     r"train.batch_size / grpo.num_minibatches \(8 / 8\) = 1 row\(s\) do not split over 2 device\(s\)"),
+    ("GRPO with more prompts per step than the file holds", "grpo", lambda r, t, o: grpo_args(r, o, "prompts.max_rows=1"),
+     r"train.batch_size=8 / grpo.num_generations=4 = 2 prompts per step, more than the 1 prompts of"),
+    ("RLOO with a negative KL coefficient", "rloo", lambda r, t, o: rloo_args(r, o, "rloo.beta=-0.1"),
+     r"rloo: beta=-0.1 must be >= 0"),
     ("evaluation's last policy missing", "evaluate", lambda r, t, o: evaluate_args(r, o, policies=("sft", str(t / "gone"))),
      r"checkpoint directory .*gone does not exist"),
     ("pad_token that is not a token", "sft", lambda r, t, o: sft_args(r, o, "pad_token=<nope>"),

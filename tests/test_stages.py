@@ -16,7 +16,7 @@ from tests.conftest import ROOT, SHRINK, TINY, interrupt_at_call
 
 
 def test_every_stage_leaves_its_outputs(tiny_run):
-    for stage in ("sft", "reward", "ppo", "dpo", "slic"):
+    for stage in ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "slic"):
         assert (tiny_run / stage / "final" / "model.safetensors").is_file(), stage
         assert (tiny_run / stage / "config.json").is_file()
         lines = (tiny_run / stage / "metrics.jsonl").read_text().splitlines()
@@ -25,10 +25,15 @@ def test_every_stage_leaves_its_outputs(tiny_run):
     for key in ("objective/scores", "objective/kl", "objective/kl_coef", "policy/clipfrac", "value/loss",
                 "objective/entropy", "response_length", "learning_rate"):
         assert key in ppo_metrics
+    for stage, keys in (("rloo", ("kl", "clip_ratio/region_mean")), ("grpo", ("kl", "clip_ratio/low_mean"))):
+        last = json.loads((tiny_run / stage / "metrics.jsonl").read_text().splitlines()[-1])
+        for key in ("reward", "reward_std", "frac_reward_zero_std", "entropy", "completions/mean_length",
+                    "learning_rate", *keys):
+            assert key in last, (stage, key)
     pairs = [json.loads(line) for line in (tiny_run / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
     results = json.loads((tiny_run / "eval" / "results.json").read_text())
-    assert list(results) == ["sft", "ppo", "dpo", "slic"]
+    assert list(results) == ["sft", "ppo", "rloo", "grpo", "dpo", "slic"]
     for name in results:
         for key in ("ground_truth/mean", "reward_model/median", "kl_to_reference", "distinct_2", "response_tokens"):
             assert np.isfinite(results[name][key])

@@ -83,13 +83,13 @@ def optimizer(train: cfg.TrainConfig, updates_per_step: int = 1):
     return tx, lambda s: float(schedule(s * updates_per_step - 1))  # optax counts updates from 0
 
 
-def train_mesh(train: cfg.TrainConfig, minibatches: int = 1):
+def train_mesh(train: cfg.TrainConfig, minibatches: int = 1, section: str = "ppo"):
     """The run's mesh (`train.mesh`), after checking that every update's rows (the batch, or
-    each of PPO's `minibatches`) split over its devices and each device's share over
-    `train.grad_accum_steps` microbatches."""
+    each of the `minibatches` of `section`: PPO's, RLOO's, GRPO's) split over its devices and
+    each device's share over `train.grad_accum_steps` microbatches."""
     mesh = parallel.make_mesh(train.mesh.data, train.mesh.fsdp)
     what = "train.batch_size" if minibatches == 1 else \
-        f"train.batch_size / ppo.num_minibatches ({train.batch_size} / {minibatches})"
+        f"train.batch_size / {section}.num_minibatches ({train.batch_size} / {minibatches})"
     parallel.check_rows(train.batch_size // minibatches, mesh, what, train.grad_accum_steps)
     return mesh
 

@@ -10,9 +10,9 @@ from jaxrlhf import data
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check, pad_token_key
 from jaxrlhf.parallel import data_parallel, on_host, put_state
 from jaxrlhf.updates.ppo import PPOConfig, check_kl_horizon, make_ppo_update
-from jaxrlhf.rewards import make_scorer, penalise_missing_eos
+from jaxrlhf.rewards import make_scorer
 from jaxrlhf.stages import common
-from jaxrlhf.stages.rollout import PROMPT_COLUMNS, decode_responses, encode_prompt_rows, sample, sampling_config
+from jaxrlhf.stages.rollout import PROMPT_COLUMNS, check_on_policy, encode_prompt_rows, sample, sampling_config, scored_batch
 from jaxrlhf.updates.common import TrainState
 from jaxrlhf.trainer import run_loop
 
@@ -34,16 +34,7 @@ class PPOStageConfig:
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
 
     def __post_init__(self):
-        check(self.ppo.temperature == self.sampling.temperature,
-              f"ppo.temperature={self.ppo.temperature} must equal sampling.temperature={self.sampling.temperature} "
-              "(the update must score tokens under the distribution that sampled them)")
-        s = self.sampling
-        off_policy = {"sampling.top_k": s.top_k != 0, "sampling.top_p": s.top_p != 1.0,
-                      "sampling.greedy": s.greedy, "sampling.min_new_tokens": s.min_new_tokens != 0}
-        changed = [k for k, on in off_policy.items() if on]
-        check(not changed, f"{', '.join(changed)} would make PPO off-policy: the update scores old, reference and "
-                           "new logprobs under the tempered softmax, so rollouts must be drawn from it (set "
-                           "top_k: 0, top_p: 1.0, greedy: false, min_new_tokens: 0)")
+        check_on_policy(self.sampling, self.ppo.temperature, "PPO", "ppo")
         check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
               f"missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted)")
         check(self.train.batch_size % self.ppo.num_minibatches == 0,
@@ -99,12 +90,7 @@ def run(config: PPOStageConfig, resume: bool = False):
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         rollout = sample(module, state.params, ids[idx], mask[idx], gen_key, settings, mesh)
-        responses = decode_responses(tokenizer, rollout)
-        scores = scorer([texts[j] for j in idx], responses)
-        if config.missing_eos_penalty is not None:
-            scores = penalise_missing_eos(scores, rollout, tokenizer.eos_token_id, config.missing_eos_penalty)
-        batch = {"sequences": rollout.sequences, "attention_mask": rollout.attention_mask,
-                 "response_mask": rollout.response_mask, "scores": scores}
+        batch = scored_batch(rollout, [texts[j] for j in idx], tokenizer, scorer, config.missing_eos_penalty)
         rollout_s = time.perf_counter() - started
         state, metrics = update(state, batch, update_key)
         return state, {**metrics, "time/rollout_s": rollout_s}

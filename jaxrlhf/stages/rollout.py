@@ -4,12 +4,28 @@ shared by PPO, preference-pair making and evaluation."""
 import numpy as np
 
 from jaxrlhf import data, parallel
-from jaxrlhf.config import SamplingSection
+from jaxrlhf.config import SamplingSection, check
+from jaxrlhf.rewards import penalise_missing_eos
 from jaxrlhf.stages.common import check_context
 from jaxrlhf.sampling import GenerateOutput, SamplingConfig, generate
 
 # The column every stage that samples from prompts reads, with an example row.
 PROMPT_COLUMNS = {"prompts": {"prompt": "Request: Can you fix my bike?\nReply:"}}
+
+
+def check_on_policy(section: SamplingSection, temperature: float, method: str, key: str) -> None:
+    """An update that scores old, reference and new logprobs under the tempered softmax needs
+    rollouts drawn from it: the same temperature (`key`.temperature), no top-k / top-p /
+    greedy / min_new_tokens."""
+    check(temperature == section.temperature,
+          f"{key}.temperature={temperature} must equal sampling.temperature={section.temperature} "
+          "(the update must score tokens under the distribution that sampled them)")
+    off_policy = {"sampling.top_k": section.top_k != 0, "sampling.top_p": section.top_p != 1.0,
+                  "sampling.greedy": section.greedy, "sampling.min_new_tokens": section.min_new_tokens != 0}
+    changed = [k for k, on in off_policy.items() if on]
+    check(not changed, f"{', '.join(changed)} would make {method} off-policy: the update scores old, reference and "
+                       "new logprobs under the tempered softmax, so rollouts must be drawn from it (set "
+                       "top_k: 0, top_p: 1.0, greedy: false, min_new_tokens: 0)")
 
 
 def sampling_config(section: SamplingSection, tokenizer, model_config) -> SamplingConfig:
@@ -45,3 +61,14 @@ def sample(module, params, ids_BxP, mask_BxP, key, settings: SamplingConfig, mes
     whole, on every process."""
     ids, mask = parallel.put_rows((ids_BxP, mask_BxP), mesh)
     return parallel.gather(generate(module, params, ids, mask, parallel.put_replicated(key, mesh), settings))
+
+
+def scored_batch(rollout: GenerateOutput, prompt_texts: list[str], tokenizer, scorer,
+                 missing_eos_penalty: float | None) -> dict:
+    """A sampled rollout and the reward of each response (to its prompt text) -> the
+    update's batch: `sequences`, `attention_mask`, `response_mask`, `scores`."""
+    scores = scorer(prompt_texts, decode_responses(tokenizer, rollout))
+    if missing_eos_penalty is not None:
+        scores = penalise_missing_eos(scores, rollout, tokenizer.eos_token_id, missing_eos_penalty)
+    return {"sequences": rollout.sequences, "attention_mask": rollout.attention_mask,
+            "response_mask": rollout.response_mask, "scores": scores}

@@ -10,9 +10,12 @@ docstring lists the keys it reads.
 
 from jaxrlhf.updates.common import TrainState, apply_loss, make_optimizer, sequence_logps
 from jaxrlhf.updates.dpo import make_dpo_step
+from jaxrlhf.updates.grpo import GRPOConfig, make_grpo_update
 from jaxrlhf.updates.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.updates.reward import make_reward_step
+from jaxrlhf.updates.rloo import RLOOConfig, make_rloo_update
 from jaxrlhf.updates.sft import make_sft_step
 
 __all__ = ["TrainState", "apply_loss", "make_optimizer", "sequence_logps", "make_sft_step", "make_reward_step",
-           "make_dpo_step", "PPOConfig", "make_ppo_update"]
+           "make_dpo_step", "PPOConfig", "make_ppo_update", "RLOOConfig", "make_rloo_update", "GRPOConfig",
+           "make_grpo_update"]

@@ -1,6 +1,8 @@
 """What every compiled update shares: the train state, the optimizer, one optimizer update
-from a loss (`apply_loss`, with gradient accumulation and the NaN guard), and a causal LM's
-summed sequence logprobs."""
+from a loss (`apply_loss`, with gradient accumulation and the NaN guard), a causal LM's
+summed sequence logprobs; and what the rollout updates (PPO, RLOO, GRPO) share: a policy's
+response logprobs, the epochs x minibatches over one permutation of the global rollout
+(`minibatch_epochs`), rows gathered over devices and back."""
 
 from typing import Any, Callable
 
@@ -10,7 +12,7 @@ import optax
 from flax import struct
 from jax import lax
 
-from jaxrlhf import losses
+from jaxrlhf import group_losses, losses
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.parallel import constrain_rows, psum
 
@@ -127,6 +129,61 @@ def mean(x_B: jax.Array, axis_name: str | None) -> jax.Array:
     return losses.masked_mean(x_B, jnp.ones_like(x_B), axis_name=axis_name)
 
 
+def global_mean(x_B: jax.Array, axis_name: str | None) -> jax.Array:
+    """The mean of `x_B` over the global batch (every device's rows), the same on each device."""
+    return psum(mean(x_B, axis_name), axis_name)
+
+
+def response_outputs(apply_fn, params, seq_BxL, attn_BxL, n: int, temperature: float):
+    """A policy's logits `[B, N, V]` for the last `n` tokens of `seq`, their logprobs `[B, N]`
+    under the tempered softmax, and the values of the states before them (`None` without a
+    value head). No LM head runs on the prompt."""
+    out = apply_fn({"params": params}, seq_BxL, attn_BxL, head_slice=slice(-n - 1, -1))
+    return out.logits, losses.token_logprobs(out.logits, seq_BxL[:, -n:], temperature), out.values
+
+
+def all_rows(x, axis_name: str | None):
+    """Every device's rows of `x` (a pytree), in global order (under pmap; else `x` itself)."""
+    return x if axis_name is None else lax.all_gather(x, axis_name, tiled=True)
+
+
+def own_rows(x_B: jax.Array, axis_name: str | None) -> jax.Array:
+    """This device's rows of a global `[B * devices, ...]` array (the inverse of `all_rows`)."""
+    if axis_name is None:
+        return x_B
+    b = x_B.shape[0] // lax.axis_size(axis_name)
+    return lax.dynamic_slice_in_dim(x_B, lax.axis_index(axis_name) * b, b)
+
+
+def minibatch_epochs(state: TrainState, loss_fn, scored, count_fn, key, epochs: int, num_minibatches: int,
+                     axis_name: str | None):
+    """`epochs` passes over the rows of `scored` (a dict of arrays, this device's rows), each
+    in `num_minibatches` optimizer updates (`apply_loss(state, loss_fn, minibatch, count_fn)`)
+    -> (state, metrics stacked `[epochs, num_minibatches]`).
+
+    Each epoch's minibatches are one permutation of the whole rollout, the same on every
+    device: under pmap each device gathers the whole rollout and takes its share of each
+    minibatch, so N devices give the one-device update."""
+    b = jax.tree.leaves(scored)[0].shape[0]
+    if b % num_minibatches:
+        raise ConfigError(f"{b} rollouts{' per device' if axis_name else ''} do not split into "
+                          f"num_minibatches={num_minibatches}")
+    mb = b // num_minibatches  # rows of each minibatch on this device
+    devices = 1 if axis_name is None else lax.axis_size(axis_name)
+    device = 0 if axis_name is None else lax.axis_index(axis_name)
+    rollout = all_rows(scored, axis_name)
+
+    def minibatch(state, idx):
+        return apply_loss(state, loss_fn, constrain_rows(jax.tree.map(lambda x: x[idx], rollout)), count_fn,
+                          axis_name)
+
+    def epoch(state, epoch_key):
+        order = jax.random.permutation(epoch_key, b * devices).reshape(num_minibatches, devices, mb)
+        return lax.scan(minibatch, state, order[:, device])
+
+    return lax.scan(epoch, state, jax.random.split(key, epochs))
+
+
 def scored_mask(mask_BxT, loss_mask_BxT) -> jax.Array:
     """Which next tokens a causal LM's logits score: `[B, T - 1]`, 1 on real `loss_mask` tokens."""
     return loss_mask_BxT[:, 1:] * mask_BxT[:, 1:]
@@ -141,3 +198,14 @@ def sequence_logps(apply_fn, params, ids_BxT, mask_BxT, loss_mask_BxT, temperatu
 
 # Compiled once per model and shape; params stay an argument, never a baked-in constant.
 sequence_logps_jit = jax.jit(sequence_logps, static_argnames=("apply_fn",))
+
+
+def group_rollout_metrics(scores_all_B, std_all_B, resp_BxN, axis_name: str | None) -> Metrics:
+    """What TRL's RLOO and GRPO trainers log of a rollout, under their names: `reward` (mean
+    score), `reward_std` (its std, Bessel), `frac_reward_zero_std` (the share of rows whose
+    group (or batch) std `std_all_B` is 0: no signal) and `completions/mean_length`.
+    `scores_all_B`, `std_all_B`: the global batch's; `resp_BxN`: this device's response mask."""
+    return {"reward": jnp.mean(scores_all_B), "reward_std": jnp.std(scores_all_B, ddof=1),
+            "frac_reward_zero_std": group_losses.frac_zero_std(std_all_B),
+            "completions/mean_length": global_mean(jnp.sum(resp_BxN, axis=-1), axis_name)}
+

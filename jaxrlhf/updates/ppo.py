@@ -16,8 +16,9 @@ from jax import lax
 
 from jaxrlhf import losses
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.parallel import constrain_rows, psum
-from jaxrlhf.updates.common import TrainState, apply_loss
+from jaxrlhf.parallel import psum
+from jaxrlhf.updates import common
+from jaxrlhf.updates.common import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,18 +84,13 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
     """
 
     def response_outputs(params, apply_fn, seq, attn, n):
-        """Logits, logprobs of the response tokens, and the values of the states before them."""
-        out = apply_fn({"params": params}, seq, attn, head_slice=slice(-n - 1, -1))  # no LM head on the prompt
-        return out.logits, losses.token_logprobs(out.logits, seq[:, -n:], config.temperature), out.values
+        return common.response_outputs(apply_fn, params, seq, attn, n, config.temperature)
 
     def update(state: TrainState, batch, key):
         seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"].astype(jnp.float32)
         b, n = resp.shape
         n_rollouts = b * (1 if axis_name is None else lax.axis_size(axis_name))
-        check_kl_horizon(config, n_rollouts)  # shapes are static: these run once, at trace time
-        if b % config.num_minibatches:
-            raise ConfigError(f"{b} rollouts{' per device' if axis_name else ''} do not split into "
-                              f"num_minibatches={config.num_minibatches}")
+        check_kl_horizon(config, n_rollouts)  # shapes are static: this runs once, at trace time
         logits, old_logprobs, old_values = lax.stop_gradient(response_outputs(state.params, state.apply_fn, seq, attn, n))
         entropy_per_token = psum(losses.masked_mean(losses.entropy(logits, config.temperature), resp,
                                                     axis_name=axis_name), axis_name)
@@ -111,7 +107,6 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
         advantages, returns = losses.gae(rewards, old_values, resp, config.gamma, config.lam)
         advantages = losses.masked_whiten(advantages, resp, axis_name=axis_name)
 
-        mb = b // config.num_minibatches  # rows of each minibatch in `seq` (under pmap: this device's)
         scored = {"seq": seq, "attn": attn, "resp": resp, "old_logprobs": old_logprobs, "old_values": old_values,
                   "advantages": advantages, "returns": returns}
 
@@ -123,26 +118,12 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
                 values, batch["old_values"], batch["returns"], batch["resp"], config.vf_clip_eps, axis_name)
             return pg + config.vf_coef * vf, {"policy/loss": pg, "value/loss": vf, **pg_metrics, **vf_metrics}
 
-        # Minibatches come from one permutation of the global rollout, the same on every device:
-        # under pmap each device gathers the whole rollout and takes its share of each minibatch.
-        devices = 1 if axis_name is None else lax.axis_size(axis_name)
-        device = 0 if axis_name is None else lax.axis_index(axis_name)
-        rollout = scored if axis_name is None else lax.all_gather(scored, axis_name, tiled=True)
-
-        def minibatch(state, idx):
-            # Every loss and metric is a mean over response tokens.
-            return apply_loss(state, loss_fn, constrain_rows(jax.tree.map(lambda x: x[idx], rollout)),
-                              lambda batch: jnp.sum(batch["resp"]), axis_name)
-
-        def epoch(state, epoch_key):
-            order = jax.random.permutation(epoch_key, n_rollouts).reshape(config.num_minibatches, devices, mb)
-            return lax.scan(minibatch, state, order[:, device])
-
-        epoch_keys = jax.random.split(key, config.epochs)
-        state, train_metrics = lax.scan(epoch, state, epoch_keys)
+        # Every loss and metric is a mean over response tokens.
+        state, train_metrics = common.minibatch_epochs(state, loss_fn, scored, lambda batch: jnp.sum(batch["resp"]),
+                                                       key, config.epochs, config.num_minibatches, axis_name)
 
         def global_mean(x_B):
-            return psum(losses.masked_mean(x_B, jnp.ones_like(x_B), axis_name=axis_name), axis_name)
+            return common.global_mean(x_B, axis_name)
 
         kl_per_seq = jnp.sum(kl, axis=-1)
         mean_kl = global_mean(kl_per_seq)

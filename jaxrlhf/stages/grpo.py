@@ -1,0 +1,34 @@
+"""GRPO against a reward source: k samples per prompt, advantages normalised within each
+group, the clipped ratio with a k3 KL to the frozen starting policy in the loss (beta), TRL's
+token-loss normalisations (grpo, dr_grpo, dapo, bnpo) and GSPO's sequence-level ratios."""
+
+import dataclasses
+
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig
+from jaxrlhf.stages import grouped
+from jaxrlhf.updates.grpo import GRPOConfig, make_grpo_update
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOStageConfig:
+    policy: str  # the starting policy (usually the SFT export); also the frozen reference
+    reward: RewardSource
+    prompts: DataConfig
+    sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
+    # batch_size = rollouts per step: batch_size / grpo.num_generations prompts, each sampled k times
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    missing_eos_penalty: float | None = None  # TRL's: off the score of a reply that never ended
+
+    def __post_init__(self):
+        grouped.check_config(self, "grpo", "GRPO")
+
+
+def plan(config: GRPOStageConfig) -> str:
+    g = config.grpo
+    return grouped.plan(config, "grpo", "GRPO", f"beta {g.beta}, loss {g.loss_type}, rewards scaled by "
+                                                f"{g.scale_rewards}, {g.importance_sampling_level}-level ratios")
+
+
+def run(config: GRPOStageConfig, resume: bool = False):
+    return grouped.run(config, "grpo", make_grpo_update, resume)

@@ -1,0 +1,33 @@
+"""RLOO against a reward source: k samples per prompt, each advantaged by the leave-one-out
+mean of the others' rewards, with a KL leash to the frozen starting policy; no value head."""
+
+import dataclasses
+
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig
+from jaxrlhf.stages import grouped
+from jaxrlhf.updates.rloo import RLOOConfig, make_rloo_update
+
+
+@dataclasses.dataclass(frozen=True)
+class RLOOStageConfig:
+    policy: str  # the starting policy (usually the SFT export); also the frozen reference
+    reward: RewardSource
+    prompts: DataConfig
+    sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+    rloo: RLOOConfig = dataclasses.field(default_factory=RLOOConfig)
+    # batch_size = rollouts per step: batch_size / rloo.num_generations prompts, each sampled k times
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    missing_eos_penalty: float | None = None  # TRL's: off the score of a reply that never ended
+
+    def __post_init__(self):
+        grouped.check_config(self, "rloo", "RLOO")
+
+
+def plan(config: RLOOStageConfig) -> str:
+    r = config.rloo
+    clip = f"clip {r.clip_eps}" if r.clip_eps is not None else "plain REINFORCE"
+    return grouped.plan(config, "rloo", "RLOO", f"beta {r.beta} (KL in the {r.kl_penalty}), {clip}")
+
+
+def run(config: RLOOStageConfig, resume: bool = False):
+    return grouped.run(config, "rloo", make_rloo_update, resume)

@@ -40,6 +40,7 @@ STAGES = {
     "ppo": ("jaxrlhf.stages.ppo", "PPOStageConfig"),
     "preferences": ("jaxrlhf.stages.preferences", "PreferencesConfig"),
     "dpo": ("jaxrlhf.stages.dpo", "DPOConfig"),
+    "online_dpo": ("jaxrlhf.stages.online_dpo", "OnlineDPOConfig"),
     "evaluate": ("jaxrlhf.evaluate", "EvaluateConfig"),
 }
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxrlhf import data, outputs
+from jaxrlhf import best_of_n, data, outputs
 from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection, check
 from jaxrlhf.parallel import check_rows, gather, make_mesh, on_host, on_main, put_rows, put_state
 from jaxrlhf.rewards import make_scorer
@@ -20,7 +20,8 @@ from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sample,
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    policies: dict[str, str]  # name -> checkpoint, in table order
+    # name -> checkpoint, or best-of-N over another entry ({best_of: N, policy: NAME, scorer: NAME}), in table order
+    policies: dict[str, str | best_of_n.BestOfN]
     reference: str  # KL is measured against this policy
     prompts: DataConfig
     scorers: dict[str, RewardSource]  # name -> reward source
@@ -34,6 +35,7 @@ class EvaluateConfig:
     def __post_init__(self):
         check(bool(self.policies), "policies must name at least one checkpoint")
         check(bool(self.scorers), "scorers must name at least one reward source")
+        best_of_n.check_entries(self.policies, self.scorers)
 
 
 def plan(config: EvaluateConfig) -> str:
@@ -80,11 +82,12 @@ def run(config: EvaluateConfig, resume: bool = False, overwrite: bool = False) -
     `overwrite`. Every policy is checked before the first is evaluated."""
     del resume
     out_dir = Path(config.output_dir)
-    reads = (*config.policies.values(), config.reference, config.prompts.path,
+    checkpoints = {n: p for n, p in config.policies.items() if isinstance(p, str)}
+    reads = (*checkpoints.values(), config.reference, config.prompts.path,
              *(s.model for s in config.scorers.values()))
     outputs.check_apart(out_dir, reads, "output_dir")
     outputs.check_replaceable(out_dir, "evaluation", overwrite)
-    for path in (config.reference, *config.policies.values()):
+    for path in (config.reference, *checkpoints.values()):
         check_policy(path)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     check_rows(config.batch_size, mesh, "batch_size")
@@ -97,8 +100,14 @@ def run(config: EvaluateConfig, resume: bool = False, overwrite: bool = False) -
     results, samples = {}, {}
     for name, path in config.policies.items():
         print(f"evaluating {name} ({path}) on {len(texts)} prompts")
-        responses, scores, kls, lengths = _sample_policy(
-            config, path, (ref_module, ref_params), ids, mask, texts, scorers, mesh)
+        if isinstance(path, best_of_n.BestOfN):
+            responses, scores, lengths, info = best_of_n.evaluate(path, checkpoints[path.policy], config, ids, mask,
+                                                                  texts, scorers, mesh)
+            # Its KL to the reference is known only when its base policy is the reference.
+            kls = np.asarray([info["kl_estimate"] if checkpoints[path.policy] == config.reference else np.nan])
+        else:
+            responses, scores, kls, lengths = _sample_policy(
+                config, path, (ref_module, ref_params), ids, mask, texts, scorers, mesh)
         samples[name] = responses
         results[name] = {
             **{f"{s}/{stat}": float(fn(v)) for s, v in scores.items()
@@ -109,6 +118,8 @@ def run(config: EvaluateConfig, resume: bool = False, overwrite: bool = False) -
             "response_tokens": float(lengths.mean()),
             "_scores": {s: v.tolist() for s, v in scores.items()},
         }
+        if isinstance(path, best_of_n.BestOfN):
+            results[name]["_best_of_n"] = info
     table = _table(results)
 
     def write():  # every process holds the same results
@@ -130,7 +141,7 @@ def _table(results) -> list[str]:
 
 def _write(out_dir: Path, config, prompts, results, samples, table) -> None:
     names = list(results)
-    (out_dir / "results.md").write_text("# Evaluation\n\n" + "\n".join(table) + "\n")
+    (out_dir / "results.md").write_text("# Evaluation\n\n" + "\n".join(table + best_of_n.report_lines(results)) + "\n")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     show = min(config.samples_to_show, len(prompts))
     lines = ["# Samples (same prompts, side by side)\n"]

@@ -42,6 +42,7 @@ STAGES = {
     "dpo": ("jaxrlhf.stages.dpo", "DPOConfig"),
     "online_dpo": ("jaxrlhf.stages.online_dpo", "OnlineDPOConfig"),
     "evaluate": ("jaxrlhf.evaluate", "EvaluateConfig"),
+    "frontier": ("jaxrlhf.frontier", "FrontierConfig"),
 }
 
 

@@ -46,7 +46,9 @@ STAGES = {
     "grpo": ("jaxrlhf.stages.grpo", "GRPOStageConfig"),
     "preferences": ("jaxrlhf.stages.preferences", "PreferencesConfig"),
     "dpo": ("jaxrlhf.stages.dpo", "DPOConfig"),
+    "online_dpo": ("jaxrlhf.stages.online_dpo", "OnlineDPOConfig"),
     "evaluate": ("jaxrlhf.evaluate", "EvaluateConfig"),
+    "frontier": ("jaxrlhf.frontier", "FrontierConfig"),
 }
 
 

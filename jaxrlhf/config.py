@@ -52,6 +52,8 @@ def _coerce(value: Any, t, where: str) -> Any:
         return from_dict(t, value, where)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(t):
+            if isinstance(value, dict) and dataclasses.is_dataclass(option):
+                return _coerce(value, option, where)  # a section: its own errors say what is wrong in it
             try:
                 return _coerce(value, option, where)
             except ConfigError:

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxrlhf import data, diagnostics, outputs
+from jaxrlhf import best_of_n, data, diagnostics, outputs
 from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection, check, pad_token_key
 from jaxrlhf.parallel import check_rows, gather, make_mesh, on_host, on_main, put_rows, put_state
 from jaxrlhf.rewards import make_scorer
@@ -24,7 +24,8 @@ COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    policies: dict[str, str]  # name -> checkpoint, in table order
+    # name -> checkpoint, or best-of-N over another entry ({best_of: N, policy: NAME, scorer: NAME}), in table order
+    policies: dict[str, str | best_of_n.BestOfN]
     reference: str  # KL is measured against this policy
     prompts: DataConfig
     scorers: dict[str, RewardSource]  # name -> reward source
@@ -42,6 +43,7 @@ class EvaluateConfig:
         check(bool(self.policies), "policies must name at least one checkpoint")
         check(bool(self.scorers), "scorers must name at least one reward source")
         check(self.collapse_ngram >= 1, f"collapse_ngram={self.collapse_ngram} must be at least 1")
+        best_of_n.check_entries(self.policies, self.scorers)
 
 
 def plan(config: EvaluateConfig) -> str:
@@ -70,7 +72,7 @@ def _sample_policy(config, path, ref, ids, mask, texts, scorers, mesh):
         out = sample(module, params, ids[idx], mask[idx], key, settings, mesh)
         keep = min(config.batch_size, n - start)
         responses += decode_responses(tokenizer, out)[:keep]
-        tokens += _reply_tokens(out, tokenizer.eos_token_id)[:keep]
+        tokens += diagnostics.reply_tokens(out, tokenizer.eos_token_id)[:keep]
         # Summed logprobs of each response under the policy and the reference, both at the
         # sampling temperature: the KL of the distribution the replies were drawn from.
         response_only = out.attention_mask.copy()
@@ -84,12 +86,6 @@ def _sample_policy(config, path, ref, ids, mask, texts, scorers, mesh):
     return responses, tokens, scores, np.asarray(kls), np.asarray(lengths)
 
 
-def _reply_tokens(out, eos: int) -> list[list[int]]:
-    """Each row's response token ids, its closing EOS dropped."""
-    p = out.sequences.shape[1] - out.response_mask.shape[1]
-    rows = [s[m == 1].tolist() for s, m in zip(np.asarray(out.sequences[:, p:]), np.asarray(out.response_mask))]
-    return [r[:-1] if r and r[-1] == eos else r for r in rows]
-
 
 def preflight(config: EvaluateConfig, resume: bool = False, overwrite: bool = False) -> dict:
     """Every check the run makes before it samples (the output folder, every policy and its
@@ -97,11 +93,12 @@ def preflight(config: EvaluateConfig, resume: bool = False, overwrite: bool = Fa
     what the run needs. `--dry-run` runs exactly this."""
     del resume  # evaluation is one pass, written whole
     out_dir = Path(config.output_dir)
-    reads = (*config.policies.values(), config.reference, config.prompts.path,
+    checkpoints = {n: p for n, p in config.policies.items() if isinstance(p, str)}
+    reads = (*checkpoints.values(), config.reference, config.prompts.path,
              *(s.model for s in config.scorers.values()))
     outputs.check_apart(out_dir, reads, "output_dir")
     outputs.check_replaceable(out_dir, "evaluation", overwrite)
-    for path in (config.reference, *config.policies.values()):
+    for path in (config.reference, *checkpoints.values()):
         check_policy(path, config.pad_token)
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     check_rows(config.batch_size, mesh, "batch_size")
@@ -124,15 +121,23 @@ def run(config: EvaluateConfig, resume: bool = False, overwrite: bool = False) -
     ids, mask, texts = ready["prompts"]
     ref_module, ref_params = ready["reference"]
     ref = (ref_module, put_state(ref_params, mesh))
-    samples = {}
-    for name, path in config.policies.items():
-        print(f"evaluating {name} ({path}) on {len(texts)} prompts")
-        samples[name] = _sample_policy(config, path, ref, ids, mask, texts, scorers, mesh)
-    reference_tokens = next((samples[n][1] for n, p in config.policies.items() if p == config.reference), None)
+    checkpoints = {n: p for n, p in config.policies.items() if isinstance(p, str)}
+    samples, infos = {}, {}  # name -> what _sample_policy returns; best-of-N's -> its KL report
+    for name, entry in config.policies.items():
+        print(f"evaluating {name} ({entry}) on {len(texts)} prompts")
+        if isinstance(entry, best_of_n.BestOfN):
+            *sampled, infos[name] = best_of_n.evaluate(entry, checkpoints[entry.policy], config, ids, mask, texts,
+                                                       scorers, mesh)
+            samples[name] = tuple(sampled)
+        else:
+            samples[name] = _sample_policy(config, entry, ref, ids, mask, texts, scorers, mesh)
+    reference_tokens = next((samples[n][1] for n, p in checkpoints.items() if p == config.reference), None)
     if reference_tokens is None:
         print(f"sampling the reference ({config.reference}) for the collapse indicator's baseline")
         reference_tokens = _sample_policy(config, config.reference, ref, ids, mask, texts, scorers, mesh)[1]
     results = {name: _results(config, tokenizer, *sampled, reference_tokens) for name, sampled in samples.items()}
+    for name, info in infos.items():
+        results[name]["_best_of_n"] = info
     tables = _tables(results, list(config.scorers))
 
     def write():  # every process holds the same results
@@ -196,7 +201,7 @@ def _write(out_dir: Path, config, prompts, results, samples, tables) -> None:
         for name, (responses, _, scores, kls, lengths) in samples.items():
             for i, (prompt, reply) in enumerate(zip(prompts, responses)):
                 f.write(json.dumps({"policy": name, "prompt": prompt, "reply": reply, "tokens": int(lengths[i]),
-                                    "kl_to_reference": float(kls[i]),
+                                    "kl_to_reference": None if np.isnan(kls[i]) else float(kls[i]),
                                     "scores": {s: float(scores[s][i]) for s in scorer_names}}) + "\n")
     show = min(config.samples_to_show, len(prompts))
     lines = ["# Samples (same prompts, side by side, scored by every scorer)\n"]

@@ -140,9 +140,14 @@ def penalise_missing_eos(scores_B: np.ndarray, rollout, eos_token_id: int, penal
     """TRL's `missing_eos_penalty`: `penalty` off the score of each rollout whose response
     (`rollout.sequences` after the prompt, `[B, N]`, real where `rollout.response_mask`) holds
     no EOS, i.e. was cut at max_new_tokens."""
+    return np.where(replies_ended(rollout, eos_token_id), scores_B, scores_B - penalty).astype(np.float32)
+
+
+def replies_ended(rollout, eos_token_id: int) -> np.ndarray:
+    """Whether each rollout's response (`rollout.sequences` after the prompt, `[B, N]`, real
+    where `rollout.response_mask`) holds an EOS -> bool `[B]`."""
     response_BxN = np.asarray(rollout.sequences)[:, -rollout.response_mask.shape[1]:]
-    ended_B = ((response_BxN == eos_token_id) & (np.asarray(rollout.response_mask) == 1)).any(-1)
-    return np.where(ended_B, scores_B, scores_B - penalty).astype(np.float32)
+    return ((response_BxN == eos_token_id) & (np.asarray(rollout.response_mask) == 1)).any(-1)
 
 
 def make_scorer(source: RewardSource, mesh) -> Scorer:

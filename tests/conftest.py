@@ -71,6 +71,8 @@ SHRINK = {
     "preferences.yaml": ["prompts.max_rows=32", "batch_size=16", "sampling.max_new_tokens=8", "min_margin=0.0"],
     "dpo.yaml": ["train.steps=4", "train.batch_size=8", "train.log_every=2", "train.save_every=2"],
     "slic.yaml": ["train.steps=4", "train.batch_size=8", "train.log_every=2", "train.save_every=2"],
+    "online_dpo.yaml": ["train.steps=3", "train.batch_size=8", "train.log_every=1", "train.save_every=2",
+                        "sampling.max_new_tokens=8"],
     "evaluate.yaml": ["batch_size=16", "sampling.max_new_tokens=8", "samples_to_show=2"],
 }
 

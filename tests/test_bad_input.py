@@ -52,16 +52,32 @@ def preferences_args(tiny_run, out, *extra):
             "prompts.max_rows=8", "sampling.max_new_tokens=4", f"output={out}", *extra]
 
 
-def evaluate_args(tiny_run, out, *extra, policies=("sft",)):
-    """An evaluation of `policies` (stage names in the tiny run, or paths) against the SFT policy."""
+def evaluate_args(tiny_run, out, *extra, policies=("sft",), best_of=None):
+    """An evaluation of `policies` (stage names in the tiny run, or paths) and the `best_of`
+    entries ({name: {best_of, policy, scorer}}) against the SFT policy."""
     sft = tiny_run / "sft" / "final"
-    config = {"policies": {Path(p).name: str(tiny_run / p / "final" if "/" not in p else p) for p in policies},
+    config = {"policies": {**{Path(p).name: str(tiny_run / p / "final" if "/" not in p else p) for p in policies},
+                           **(best_of or {})},
               "reference": str(sft), "prompts": {"path": str(tiny_run / "data" / "eval_prompts.jsonl")},
               "scorers": {"judge": {"function": "jaxrlhf.politeness:score_responses"}}, "output_dir": str(out),
               "batch_size": 16, "sampling": {"max_new_tokens": 8, "max_prompt_tokens": 16}}
     path = out.parent / "evaluate.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return ["--config", str(path), *extra]
+
+
+def online_dpo_args(tiny_run, out, *extra):
+    return ["--config", str(TINY / "online_dpo.yaml"), f"policy={tiny_run / 'sft' / 'final'}",
+            f"reward.model={tiny_run / 'reward' / 'final'}", f"prompts.path={tiny_run / 'data' / 'prompts.jsonl'}",
+            "train.steps=1", "train.batch_size=8", f"train.output_dir={out}", *extra]
+
+
+def frontier_args(tiny_run, out, method):
+    """A frontier of one `method` sweep (a dict) over the tiny run, evaluated as `evaluate_args`."""
+    evaluate = evaluate_args(tiny_run, out)[1]
+    path = out.parent / "frontier.yaml"
+    path.write_text(json.dumps({"evaluate": evaluate, "output_dir": str(out), "methods": {"m": method}}))
+    return ["--config", str(path)]
 
 
 def write(path, text):
@@ -267,6 +283,29 @@ CASES = [
      r"the tokenizer of .*rm has no pad token and no EOS to pad with; set the reward source's pad_token to one"),
     ("eval_rows leaving no rows to train on", "reward", lambda r, t, o: reward_args(r, o, "eval_rows=400"),
      r"eval_rows=400 leaves no training rows of the 400 in .*reward.jsonl"),
+    ("online DPO pairs not splitting over the devices", "online_dpo", lambda r, t, o: online_dpo_args(
+        r, o, "train.batch_size=6", "train.mesh.data=4"),
+     r"train.batch_size = 6 row\(s\) do not split over 4 device\(s\)"),
+    ("online DPO with a loss that needs no samples' reference", "online_dpo", lambda r, t, o: online_dpo_args(
+        r, o, "loss_type=slic"),
+     r"loss_type='slic' is not allowed; choose one of \['sigmoid', 'ipo', 'hinge'\]"),
+    ("online DPO beta of zero", "online_dpo", lambda r, t, o: online_dpo_args(r, o, "beta=0"),
+     r"beta=0.0 must be > 0"),
+    ("best-of-N over a policy the evaluation lacks", "evaluate", lambda r, t, o: evaluate_args(
+        r, o, best_of={"bon": {"best_of": 4, "policy": "spt", "scorer": "judge"}}),
+     r"policies.bon.policy='spt' is not a checkpoint entry of policies; choose one of \['sft'\]"),
+    ("best-of-N by an unknown scorer", "evaluate", lambda r, t, o: evaluate_args(
+        r, o, best_of={"bon": {"best_of": 4, "policy": "sft", "scorer": "rm"}}),
+     r"policies.bon.scorer='rm' is not one of scorers \['judge'\]"),
+    ("best-of-0", "evaluate", lambda r, t, o: evaluate_args(
+        r, o, best_of={"bon": {"best_of": 0, "policy": "sft", "scorer": "judge"}}),
+     r"policies.bon: best_of=0 must be at least 1"),
+    ("frontier knob that is no key of its stage", "frontier", lambda r, t, o: frontier_args(r, o, {
+        "stage": "ppo", "config": ppo_args(r, o)[1], "knob": "ppo.kl_cof", "values": [0.1]}),
+     r"methods.m at ppo.kl_cof=0.1: .*unknown key 'kl_cof'; did you mean 'kl_coef'\?"),
+    ("frontier method of a stage that trains nothing", "frontier", lambda r, t, o: frontier_args(r, o, {
+        "stage": "preferences", "config": preferences_args(r, o)[1], "knob": "min_margin", "values": [0.1]}),
+     r"methods.m.stage='preferences' trains no policy; choose a training stage"),
     ("evaluation into the folder of a policy", "evaluate", lambda r, t, o: evaluate_args(r, o, f"output_dir={r / 'sft'}"),
      r"output_dir .*sft overlaps .*sft/final, which this run reads from"),
 ]

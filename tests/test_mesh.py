@@ -26,6 +26,7 @@ STAGES = {
     "preferences": ("jaxrlhf.stages.preferences", "preferences.yaml", ["prompts.max_rows=8", "batch_size=4"]),
     "dpo": ("jaxrlhf.stages.dpo", "dpo.yaml", ["train.steps=3", "train.batch_size=8", "loss_type=sigmoid"]),
     "slic": ("jaxrlhf.stages.dpo", "slic.yaml", ["train.steps=3", "train.batch_size=8"]),
+    "online_dpo": ("jaxrlhf.stages.online_dpo", "online_dpo.yaml", ["train.steps=2", "train.batch_size=8"]),
 }
 MESHES = ("one_device", "four_devices", "two_processes")
 

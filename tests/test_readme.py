@@ -24,7 +24,8 @@ def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
 
 # The stage scripts the README's examples call, by file name.
 SCRIPTS = {"sft.py": "sft", "train_reward.py": "reward", "ppo.py": "ppo", "make_preferences.py": "preferences",
-           "dpo.py": "dpo", "evaluate.py": "evaluate", "rloo.py": "rloo", "grpo.py": "grpo"}
+           "dpo.py": "dpo", "evaluate.py": "evaluate", "rloo.py": "rloo", "grpo.py": "grpo",
+           "online_dpo.py": "online_dpo", "frontier.py": "frontier"}
 
 
 def readme_stage_commands() -> list[list[str]]:

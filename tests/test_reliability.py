@@ -14,6 +14,13 @@ from tests.conftest import SHRINK, TINY
 
 def stage_config(module, name, tiny_run, out, extra=()):
     """A configs/tiny stage config, shrunk, reading the session's tiny run, writing to `out`."""
+    writes = "output" if name == "preferences.yaml" else "train.output_dir"  # preferences writes one file
+    return cfg.load(module.CONFIG if hasattr(module, "CONFIG") else _config_cls(module), TINY / name,
+                    [*tiny_overrides(name, tiny_run), f"{writes}={out}", *extra])
+
+
+def tiny_overrides(name, tiny_run):
+    """The overrides that shrink configs/tiny's `name` and point it at the session's tiny run."""
     data, runs = tiny_run / "data", tiny_run
     paths = {
         "sft.yaml": [f"tokenizer={data / 'tokenizers' / 'gpt2'}", f"data.path={data / 'sft.jsonl'}"],
@@ -28,10 +35,12 @@ def stage_config(module, name, tiny_run, out, extra=()):
         "slic.yaml": [f"policy={runs / 'sft' / 'final'}", f"data.path={runs / 'pairs.jsonl'}"],
         "preferences.yaml": [f"policy={runs / 'sft' / 'final'}", f"reward.model={runs / 'reward' / 'final'}",
                              f"prompts.path={data / 'prompts.jsonl'}"],
+        "online_dpo.yaml": [f"policy={runs / 'sft' / 'final'}", f"reward.model={runs / 'reward' / 'final'}",
+                            f"prompts.path={data / 'prompts.jsonl'}"],
+        "evaluate.yaml": [f"reference={runs / 'sft' / 'final'}", f"prompts.path={data / 'eval_prompts.jsonl'}",
+                          f"scorers.reward_model.model={runs / 'reward' / 'final'}"],
     }[name]
-    writes = "output" if name == "preferences.yaml" else "train.output_dir"  # preferences writes one file
-    return cfg.load(module.CONFIG if hasattr(module, "CONFIG") else _config_cls(module), TINY / name,
-                    [*SHRINK[name], *paths, f"{writes}={out}", *extra])
+    return [*SHRINK[name], *paths]
 
 
 def _config_cls(module):

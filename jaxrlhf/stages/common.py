@@ -157,6 +157,16 @@ def record_config(checked: tuple[Path, dict]) -> Path:
     return out
 
 
+def check_finished_run(out: Path, config: Any) -> None:
+    """The finished run in `out` (its export on disk) must be the run `config` describes, as
+    `--resume` checks it (for a caller that skips finished runs rather than resuming them)."""
+    saved = _saved_config(out)
+    if saved is None:
+        raise JaxRLHFError(f"{out / 'final'} exists but {out} holds no jaxrlhf run's config.json; choose another "
+                           "output_dir")
+    _check_same_run(out, saved, {"_stage": saved.get("_stage"), **cfg.to_dict(config)})
+
+
 def _saved_config(out: Path) -> dict | None:
     """The config.json an earlier run left in `out`, or None; an error if it is not one of ours."""
     path = out / "config.json"

@@ -1,0 +1,124 @@
+"""Best-of-N: sample N replies per prompt from a policy, keep the one a reward source scores
+highest (ties: the first drawn). In evaluation it is a policy of its own,
+`{best_of: N, policy: NAME, scorer: NAME}`, whose KL to its base policy is reported two ways:
+
+- `kl_bound` = log N - (N - 1) / N, the usual formula: the KL when no two replies tie in score,
+  and an upper bound on it for every distribution (Beirami et al. 2024, "Theoretical
+  guarantees on the best-of-n alignment policy").
+- `kl_estimate`, the plug-in estimate: for each prompt, the exact KL of best-of-N over the
+  empirical distribution of that prompt's N scored samples (each of mass 1/N), averaged over
+  prompts. With scores grouped by value (ascending, `c_g` samples in group g, F_g the
+  cumulative share up to and including g, F_g- = F_g - c_g / N), best-of-N picks group g with
+  probability q_g = F_g^N - F_g-^N, so KL = sum_g q_g log(q_g / (c_g / N)). It is below the
+  bound, and lower the more samples tie (a policy that repeats itself, or a coarse score), but
+  biased low: N samples see only N atoms (with N distinct scores it is a constant of N).
+"""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from jaxrlhf import diagnostics
+from jaxrlhf.config import check
+from jaxrlhf.errors import ConfigError
+from jaxrlhf.parallel import on_host, put_state
+from jaxrlhf.stages.common import load_policy
+from jaxrlhf.stages.rollout import decode_responses, sample, sampling_config
+
+
+@dataclasses.dataclass(frozen=True)
+class BestOfN:
+    best_of: int  # N, replies sampled per prompt
+    policy: str  # the name of a checkpoint entry of `policies`, sampled from
+    scorer: str  # the name of an entry of `scorers`, which picks the best
+
+    def __post_init__(self):
+        check(self.best_of >= 1, f"best_of={self.best_of} must be at least 1")
+
+
+def kl_bound(n: int) -> float:
+    """log N - (N - 1) / N: best-of-N's KL to its base policy when scores never tie, an upper bound always."""
+    return math.log(n) - (n - 1) / n
+
+
+def kl_plugin(scores_N) -> float:
+    """The exact KL(best-of-N || base) over the empirical distribution of one prompt's N scored
+    samples (see the module docstring)."""
+    scores_N = np.asarray(scores_N, np.float64)
+    n = len(scores_N)
+    _, counts_G = np.unique(scores_N, return_counts=True)  # groups of equal scores, ascending
+    upto_G = np.cumsum(counts_G) / n
+    q_G = upto_G ** n - (upto_G - counts_G / n) ** n
+    return float(np.sum(q_G * np.log(q_G / (counts_G / n))))
+
+
+def pick_best(scores_PxN) -> np.ndarray:
+    """The index of each prompt's best sample, the first drawn among equals -> `[P]`."""
+    return np.argmax(np.asarray(scores_PxN), axis=1)
+
+
+def check_entries(policies: dict, scorers: dict) -> None:
+    """Each best-of-N entry names a checkpoint entry of `policies` and an entry of `scorers`."""
+    for name, entry in policies.items():
+        if not isinstance(entry, BestOfN):
+            continue
+        if not isinstance(policies.get(entry.policy), str):
+            choices = [k for k, v in policies.items() if isinstance(v, str)]
+            raise ConfigError(f"policies.{name}.policy={entry.policy!r} is not a checkpoint entry of policies; "
+                              f"choose one of {choices}")
+        if entry.scorer not in scorers:
+            raise ConfigError(f"policies.{name}.scorer={entry.scorer!r} is not one of scorers {list(scorers)}")
+
+
+def evaluate(entry: BestOfN, path: str, config, ids_PxT, mask_PxT, texts, scorers, mesh):
+    """Best-of-`entry.best_of` from the policy at `path` on every prompt, `config.batch_size`
+    prompts per call (x N rows), picked by `scorers[entry.scorer]`, the kept replies then scored
+    by every scorer -> (replies, their token ids without EOS, {scorer: scores [P]}, KL to the
+    reference [P], response lengths [P], info), as `evaluate._sample_policy` plus `info`. The KL
+    of a prompt is its plug-in estimate when the base policy is the evaluation's reference
+    (else NaN: unknown).
+
+    Rows are sample-major (row j * B + b is sample j of prompt b) with the key the evaluation
+    samples a policy's batch with, so sample 0 is the base policy's own evaluation sample and
+    best-of-N's samples are the first N of best-of-N' for N' > N (common random numbers:
+    the frontier's points differ by N alone)."""
+    with on_host():
+        module, params, model_config, tokenizer = load_policy(path, pad_token=config.pad_token)
+    params = put_state(params, mesh)
+    settings = sampling_config(config.sampling, tokenizer, model_config)
+    n, b, p = entry.best_of, config.batch_size, len(texts)
+    replies, tokens, lengths, scores_PxN = [], [], [], []
+    for start in range(0, p, b):
+        idx = np.arange(start, start + b) % p  # full batches: one compiled shape
+        rows = np.tile(idx, n)
+        key = jax.random.fold_in(jax.random.key(config.seed), start)
+        out = sample(module, params, ids_PxT[rows], mask_PxT[rows], key, settings, mesh)
+        texts_out = decode_responses(tokenizer, out)
+        tokens_out = diagnostics.reply_tokens(out, tokenizer.eos_token_id)
+        s_BxN = scorers[entry.scorer]([texts[j] for j in rows], texts_out).reshape(n, b).T
+        best_B = pick_best(s_BxN) * b + np.arange(b)
+        keep = min(b, p - start)
+        replies += [texts_out[r] for r in best_B[:keep]]
+        tokens += [tokens_out[r] for r in best_B[:keep]]
+        lengths += list(np.asarray(out.response_mask).sum(-1)[best_B[:keep]])
+        scores_PxN.append(s_BxN[:keep])
+    scores_PxN = np.concatenate(scores_PxN)
+    kls_P = np.asarray([kl_plugin(s) for s in scores_PxN])
+    info = {"best_of": n, "policy": entry.policy, "scorer": entry.scorer, "kl_bound": kl_bound(n),
+            "kl_estimate": float(kls_P.mean())}
+    kls_P = kls_P if path == config.reference else np.full(p, np.nan)
+    scores = {s: scorer(texts, replies) for s, scorer in scorers.items()}
+    return replies, tokens, scores, kls_P, np.asarray(lengths), info
+
+
+def report_lines(results: dict) -> list[str]:
+    """The results.md section on the best-of-N policies of an evaluation (none: no lines)."""
+    rows = [(name, r["_best_of_n"]) for name, r in results.items() if "_best_of_n" in r]
+    if not rows:
+        return []
+    return ["", "## Best-of-N: KL to the base policy", "",
+            "| policy | N | of | picked by | log N - (N - 1) / N (bound) | plug-in estimate |", "|---|---|---|---|---|---|",
+            *(f"| {name} | {i['best_of']} | {i['policy']} | {i['scorer']} | {i['kl_bound']:.3f} | {i['kl_estimate']:.3f} |"
+              for name, i in rows)]

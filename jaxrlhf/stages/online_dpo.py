@@ -1,0 +1,129 @@
+"""Online DPO (Guo et al. 2024): every step samples two replies per prompt from the current
+policy, scores both with the reward source, and takes a DPO / IPO / hinge step on the pairs
+they make, against the frozen starting policy."""
+
+import dataclasses
+import time
+from typing import Literal
+
+import jax
+import numpy as np
+
+from jaxrlhf import data
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check
+from jaxrlhf.parallel import data_parallel, on_host, put_state
+from jaxrlhf.rewards import make_scorer, penalise_missing_eos, replies_ended
+from jaxrlhf.stages import common
+from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sample, sampling_config
+from jaxrlhf.trainer import run_loop
+from jaxrlhf.updates.common import TrainState
+from jaxrlhf.updates.dpo import make_dpo_step
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineDPOConfig:
+    policy: str  # the starting policy (usually the SFT export); also the frozen reference
+    reward: RewardSource
+    prompts: DataConfig
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: float = 0.1
+    sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # batch_size = prompts (pairs) per step
+    # TRL's missing_eos_penalty: subtracted from the score of a reply that never emitted EOS
+    # before the pair is made. Off when null.
+    missing_eos_penalty: float | None = None
+
+    def __post_init__(self):
+        check(self.beta > 0, f"beta={self.beta} must be > 0")
+        check(self.missing_eos_penalty is None or self.missing_eos_penalty >= 0,
+              f"missing_eos_penalty={self.missing_eos_penalty} must be >= 0 (it is subtracted)")
+
+
+def plan(config: OnlineDPOConfig) -> str:
+    reward = config.reward.model or config.reward.function
+    return (f"online {config.loss_type} DPO: {config.policy} vs reward {reward}, prompts {config.prompts.path}, "
+            f"{config.train.steps} steps x {config.train.batch_size} prompts x 2 replies of "
+            f"{config.sampling.max_new_tokens} tokens, beta {config.beta} -> {config.train.output_dir}/final")
+
+
+def make_pairs(sequences_2BxL, attention_mask_2BxL, response_len: int, scores_2B):
+    """The DPO batch of one step's samples: rows b and B + b are two replies to prompt b (each
+    row prompt then response, `response_len` = N response columns at the end), scored
+    `scores_2B`. The higher-scored reply is chosen; on a tie (equal scores) the first one, as
+    TRL's OnlineDPOTrainer (`first >= second`), and the pair still trains.
+    -> (batch of `chosen_|rejected_` + `ids|mask|loss_mask` `[B, L]`, first_chosen_B)."""
+    n = len(scores_2B) // 2
+    first_chosen_B = scores_2B[:n] >= scores_2B[n:]
+    rows_B = np.arange(n)
+    chosen_B = np.where(first_chosen_B, rows_B, rows_B + n)
+    rejected_B = np.where(first_chosen_B, rows_B + n, rows_B)
+    response_only = np.asarray(attention_mask_2BxL).copy()
+    response_only[:, :-response_len] = 0  # the loss scores the reply's tokens only
+    batch = {}
+    for side, idx in (("chosen", chosen_B), ("rejected", rejected_B)):
+        batch |= {f"{side}_ids": np.asarray(sequences_2BxL)[idx], f"{side}_mask": np.asarray(attention_mask_2BxL)[idx],
+                  f"{side}_loss_mask": response_only[idx]}
+    return batch, first_chosen_B
+
+
+def trl_metrics(step_metrics, scores_2B, first_chosen_B, ended_2B, beta: float) -> dict:
+    """TRL OnlineDPOTrainer's logged values, from the step's DPO metrics (all on the policy
+    before the update, at temperature 1, as TRL's) and the step's scores. Every reply is
+    chosen or rejected once, so means over all 2B replies are the halves' average: `objective/kl`
+    is the mean summed log ratio policy / reference of the sampled replies (TRL's k1 estimate),
+    `objective/entropy` the mean negative summed logprob."""
+    n = len(first_chosen_B)
+    chosen_scores = np.where(first_chosen_B, scores_2B[:n], scores_2B[n:])
+    rejected_scores = np.where(first_chosen_B, scores_2B[n:], scores_2B[:n])
+    kl = (step_metrics["rewards/chosen"] + step_metrics["rewards/rejected"]) / (2 * beta)
+    return {"objective/kl": kl,
+            "objective/entropy": -(step_metrics["logps/chosen"] + step_metrics["logps/rejected"]) / 2,
+            "objective/non_score_reward": -beta * kl,
+            "objective/rlhf_reward": float(scores_2B.mean()) - beta * kl,
+            "objective/scores": float(scores_2B.mean()),
+            "objective/scores_margin": float((chosen_scores - rejected_scores).mean()),
+            "val/contain_eos_token": float(ended_2B.mean()),
+            "beta": beta,
+            "pairs/ties": float((chosen_scores == rejected_scores).mean())}  # ours: pairs whose replies tied
+
+
+def run(config: OnlineDPOConfig, resume: bool = False):
+    train = config.train
+    with on_host():  # the whole model is built on the host, then laid out on the mesh
+        module, params, model_config, tokenizer = common.load_policy(config.policy)
+    mesh = common.train_mesh(train)  # B pairs per update; the 2B replies split as well
+    settings = sampling_config(config.sampling, tokenizer, model_config)
+    scorer = make_scorer(config.reward, mesh)
+    rows = data.load_rows(config.prompts, ("prompt",))
+    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
+    out = common.prepare_output("online_dpo", train, config, resume, len(rows),
+                                inputs=(config.policy, config.reward.model, config.prompts.path))
+    tx, lr = common.optimizer(train)
+    with on_host():
+        state = TrainState.create(module, params, tx, ref_params=params,
+                                  skip_nonfinite=train.on_nonfinite == "skip", grad_accum_steps=train.grad_accum_steps)
+    state = put_state(state, mesh)
+    # The reference is scored in the step from state.ref_params: the replies are new every step.
+    step = data_parallel(make_dpo_step(config.loss_type, config.beta), mesh, state)
+
+    def step_fn(state, i):
+        idx = data.batch_indices(len(rows), train.batch_size, i, train.seed)
+        both = np.concatenate([idx, idx])  # rows b and B + b: two replies to prompt b
+        gen_key, step_key = jax.random.split(common.step_key(train.seed, i))
+        started = time.perf_counter()
+        rollout = sample(module, state.params, ids[both], mask[both], gen_key, settings, mesh)
+        scores = scorer([texts[j] for j in both], decode_responses(tokenizer, rollout))
+        if config.missing_eos_penalty is not None:
+            scores = penalise_missing_eos(scores, rollout, tokenizer.eos_token_id, config.missing_eos_penalty)
+        batch, first_chosen = make_pairs(rollout.sequences, rollout.attention_mask, rollout.response_mask.shape[1],
+                                         scores)
+        rollout_s = time.perf_counter() - started
+        state, metrics = step(state, batch, step_key)
+        extra = trl_metrics(metrics, scores, first_chosen, replies_ended(rollout, tokenizer.eos_token_id), config.beta)
+        return state, {**metrics, **extra, "time/rollout_s": rollout_s}
+
+    state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
+                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
+                     record={"stage": "online_dpo"}, tensorboard=train.tensorboard, desc="online dpo",
+                     extra_metrics=lambda s: {"learning_rate": lr(s)})
+    return common.export(out, module, state.params, tokenizer)

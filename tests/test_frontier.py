@@ -1,0 +1,77 @@
+"""The reward-KL frontier on a shrunk tiny default, through the script's entry point: every
+point a run of its stage with the knob set, the table the evaluation's numbers, best-of-N at
+log N - (N - 1) / N, the plot two panels; a rerun skips every finished point."""
+
+import json
+import math
+
+import numpy as np
+
+from jaxrlhf import cli
+from tests.conftest import TINY
+from tests.test_reliability import tiny_overrides
+
+SWEEPS = {  # method -> (stage, tiny config, knob, values)
+    "ppo": ("ppo", "ppo.yaml", "ppo.kl_coef", [0.1]),
+    "dpo": ("dpo", "dpo.yaml", "beta", [0.1, 0.5]),
+    "slic": ("dpo", "slic.yaml", "slic_delta", [1.0]),
+    "online_dpo": ("online_dpo", "online_dpo.yaml", "beta", [0.1, 0.5]),
+}
+
+
+def frontier_config(tiny_run, out):
+    methods = {m: {"stage": stage, "config": str(TINY / name), "knob": knob, "values": values,
+                   "overrides": tiny_overrides(name, tiny_run) + (["ppo.kl_target=null"] if m == "ppo" else [])}
+               for m, (stage, name, knob, values) in SWEEPS.items()}
+    config = {"evaluate": str(TINY / "evaluate.yaml"), "evaluate_overrides": tiny_overrides("evaluate.yaml", tiny_run),
+              "output_dir": str(out), "methods": methods, "best_of": {"values": [1, 4], "scorer": "reward_model"}}
+    path = out.parent / "frontier.yaml"
+    path.write_text(json.dumps(config))
+    return ["--config", str(path)]
+
+
+def test_frontier_sweeps_evaluates_tabulates_and_plots_every_point_and_a_rerun_skips_them(tiny_run, tmp_path, capsys):
+    import matplotlib.image
+
+    out = tmp_path / "frontier"
+    assert cli.stage_main("frontier", frontier_config(tiny_run, out)) == 0
+    results = json.loads((out / "eval" / "results.json").read_text())
+    rows = json.loads((out / "report" / "frontier.json").read_text())
+    md = (out / "report" / "frontier.md").read_text()
+
+    want = [("sft", None)] + [(m, v) for m, (*_, values) in SWEEPS.items() for v in values] + \
+        [("best_of_n", 1), ("best_of_n", 4)]
+    assert [(r["method"], r["value"]) for r in rows] == want
+    assert rows[0]["kl"] == 0.0
+    for r in rows[1:]:
+        got = results[r["policy"]]
+        for scorer in ("ground_truth", "reward_model"):
+            assert r[scorer] == got[f"{scorer}/mean"]
+        if r["method"] == "best_of_n":
+            assert r["kl"] == math.log(r["value"]) - (r["value"] - 1) / r["value"]
+            assert r["kl_estimate"] == got["_best_of_n"]["kl_estimate"] <= r["kl"] + 1e-12
+        else:
+            assert r["kl"] == got["kl_to_reference"]
+            method, knob = r["method"], SWEEPS[r["method"]][2]
+            point = json.loads((out / "points" / method / f"{knob}={r['value']:g}" / "config.json").read_text())
+            section, _, key = knob.rpartition(".")
+            assert (point[section] if section else point)[key] == r["value"]  # the knob was set
+        line = f"| {r['method']} | {r['knob']} | {r['value']:g} | {r['kl']:.3f} |"
+        assert line in md, line
+    image = matplotlib.image.imread(out / "report" / "frontier.png")
+    assert image.shape[:2] == (420, 1100)  # two panels (reward model, ground truth) of 5.5 x 4.2 in at 100 dpi
+    assert image[..., :3].std() > 0.05
+
+    capsys.readouterr()
+    assert cli.stage_main("frontier", frontier_config(tiny_run, out)) == 0
+    log = capsys.readouterr().out
+    assert log.count("skipped") == len(want) - 3  # every trained point
+    assert json.loads((out / "report" / "frontier.json").read_text()) == rows
+
+    # A finished point is reused only as the run its config describes.
+    changed = frontier_config(tiny_run, out)
+    config = json.loads(open(changed[1]).read())
+    config["methods"]["dpo"]["overrides"].append("train.learning_rate=0.1")
+    open(changed[1], "w").write(json.dumps(config))
+    assert cli.stage_main("frontier", changed) == 2
+    assert "changes train.learning_rate (0.0005 -> 0.1)" in capsys.readouterr().err

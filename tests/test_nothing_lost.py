@@ -184,7 +184,8 @@ def test_evaluation_replaces_only_an_earlier_evaluation(tiny_run, tmp_path, caps
     out = tmp_path / "eval"
     for _ in range(2):  # the second run replaces the first's folder whole
         assert cli.stage_main("evaluate", evaluate_args(tiny_run, out)) == 0
-    assert sorted(p.name for p in out.iterdir()) == [MARK, "results.json", "results.md", "rewards.png", "samples.md"]
+    assert sorted(p.name for p in out.iterdir()) == [MARK, "replies.jsonl", "results.json", "results.md", "rewards.png",
+                                                     "samples.md"]
     assert cli.stage_main("evaluate", [*evaluate_args(tiny_run, mine), "--overwrite"]) == 0
     assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in out.iterdir())
 

@@ -177,14 +177,20 @@ def plot(path: Path, table_rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def preflight(config: FrontierConfig, resume: bool = False) -> tuple[list[Point], object]:
+    """What the run checks before it trains: every point's config (the knob a key of its stage,
+    each value valid) and the evaluation's -> (points, evaluation config)."""
+    del resume
+    train_points = points(config)
+    return train_points, evaluation(config, train_points)
+
+
 def run(config: FrontierConfig, resume: bool = False) -> Path:
     """Train every unfinished point, evaluate them all, write the report folder whole. A rerun
     always picks up where the last stopped, so `resume` changes nothing."""
     from jaxrlhf import evaluate
 
-    del resume
-    train_points = points(config)
-    evaluate_config = evaluation(config, train_points)
+    train_points, evaluate_config = preflight(config, resume)
     report = Path(config.output_dir) / "report"
     outputs.check_replaceable(report, "frontier")
     finished = {p.name for p in train_points if (Path(p.config.train.output_dir) / "final" / "config.json").exists()}

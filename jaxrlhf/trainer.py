@@ -162,7 +162,7 @@ def run_loop(
 ) -> Any:
     """Run steps [start, steps) with checkpoints every `save_every` and at the end -> state.
 
-    `out_dir` is a folder `stages.common.prepare_output` has checked for this run (it refuses
+    `out_dir` is a folder `stages.common.check_output` has checked for this run (it refuses
     checkpoints there without `resume`); with `resume`, the run continues from its latest
     checkpoint. NaN or inf in a logged loss stops the run with an error naming the step,
     before anything is saved over the last good checkpoint. `state` is laid out on the run's

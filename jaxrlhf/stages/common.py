@@ -103,14 +103,6 @@ RESUMABLE = ("train.steps", "train.log_every", "train.save_every", "train.keep_c
              "train.output_dir")
 
 
-def prepare_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool, rows: int,
-                   inputs=()) -> Path:
-    """Check the run folder against this run (`check_output`), then record the config in it:
-    the last step before training, after every input is known good. Every process checks;
-    process 0 writes."""
-    return record_config(check_output(stage, train, config, resume, rows, inputs))
-
-
 def check_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool, rows: int,
                  inputs=()) -> tuple[Path, dict]:
     """Check the run folder against this run, writing nothing -> (folder, the record for its
@@ -205,7 +197,7 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def export(out: Path, module, params, tokenizer) -> Path:
     """The run's final model (`params` as global arrays) in HF layout at `out/final`, replacing
-    the one an earlier part of the same run wrote (`prepare_output` has checked the folder is
+    the one an earlier part of the same run wrote (`check_output` has checked the folder is
     this run's). Written by process 0."""
     params = parallel.gather(params)
 

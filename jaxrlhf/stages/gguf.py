@@ -28,11 +28,19 @@ def plan(config: GGUFConfig) -> str:
     return f"GGUF -> Hugging Face: {config.gguf or f'the .gguf of package {config.package}'} -> {config.output_dir}"
 
 
+def preflight(config: GGUFConfig, resume: bool = False) -> Path:
+    """What the run checks before it writes: the GGUF file is there -> its path."""
+    del resume
+    gguf = source(config)
+    check(gguf.is_file(), f"gguf={gguf} is not a file")
+    return gguf
+
+
 def run(config: GGUFConfig, resume: bool = False) -> Path:
     """Convert, unless `output_dir` already holds the conversion of this very file (it is
     deterministic, and takes a minute or two on a CPU)."""
     del resume  # a finished conversion is always kept; an interrupted one left nothing behind
-    gguf, out = source(config).resolve(), Path(config.output_dir)
+    gguf, out = preflight(config).resolve(), Path(config.output_dir)
     try:
         done = json.loads((out / outputs.MARK).read_text()).get("source") == str(gguf)
     except (OSError, ValueError, AttributeError):

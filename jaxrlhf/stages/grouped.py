@@ -12,7 +12,7 @@ from jaxrlhf.config import check
 from jaxrlhf.parallel import data_parallel, on_host, put_state
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.stages import common
-from jaxrlhf.stages.rollout import check_on_policy, encode_prompt_rows, sample, sampling_config, scored_batch
+from jaxrlhf.stages.rollout import PROMPT_COLUMNS, check_on_policy, encode_prompt_rows, sample, sampling_config, scored_batch
 from jaxrlhf.trainer import run_loop
 from jaxrlhf.updates.common import TrainState
 
@@ -41,15 +41,17 @@ def plan(config, section: str, name: str, knobs: str) -> str:
             f"minibatches, {knobs} -> {train.output_dir}/final")
 
 
-def run(config, section: str, make_update, resume: bool = False):
-    """Train `config`'s policy with `make_update(config.<section>)` -> the final export's path."""
+def preflight(config, section: str, resume: bool = False) -> dict:
+    """Every check the run makes before it writes (the policy and its tokenizer, the mesh, the
+    reward source loads, the prompts and their column, the context budget, the run folder),
+    writing nothing -> what the run needs. `--dry-run` runs exactly this."""
     method, train = getattr(config, section), config.train
     k = method.num_generations
     with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = common.load_policy(config.policy)
+        module, params, model_config, tokenizer = common.load_policy(config.policy, pad_token=config.pad_token)
     mesh = common.train_mesh(train, method.num_minibatches, section)
     scorer = make_scorer(config.reward, mesh)
-    rows = data.load_rows(config.prompts, ("prompt",))
+    rows = data.load_rows(config.prompts, tuple(PROMPT_COLUMNS["prompts"]))
     prompts_per_step = train.batch_size // k
     check(prompts_per_step <= len(rows), f"train.batch_size={train.batch_size} / {section}.num_generations={k} = "
                                          f"{prompts_per_step} prompts per step, more than the {len(rows)} prompts "
@@ -57,8 +59,22 @@ def run(config, section: str, make_update, resume: bool = False):
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
     sampler = sampling_config(config.sampling, tokenizer, model_config)
     # Every prompt stands for k rollouts, so the batch of rollouts is drawn from len(rows) * k.
-    out = common.prepare_output(section, train, config, resume, len(rows) * k,
-                                inputs=(config.policy, config.reward.model, config.prompts.path))
+    output = common.check_output(section, train, config, resume, len(rows) * k,
+                                 inputs=(config.policy, config.reward.model, config.prompts.path))
+    return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer, "rows": rows,
+            "prompts": (ids, mask, texts), "sampler": sampler, "output": output}
+
+
+def run(config, section: str, make_update, resume: bool = False):
+    """Train `config`'s policy with `make_update(config.<section>)` -> the final export's path."""
+    method, train = getattr(config, section), config.train
+    k = method.num_generations
+    ready = preflight(config, section, resume)
+    module, params, tokenizer, mesh, scorer, rows, sampler = (
+        ready[key] for key in ("module", "params", "tokenizer", "mesh", "scorer", "rows", "sampler"))
+    ids, mask, texts = ready["prompts"]
+    prompts_per_step = train.batch_size // k
+    out = common.record_config(ready["output"])
     tx, lr = common.optimizer(train, method.updates_per_step)
     with on_host():
         state = TrainState.create(module, params, tx, ref_params=params if method.beta else None,

@@ -4,9 +4,12 @@ token-loss normalisations (grpo, dr_grpo, dapo, bnpo) and GSPO's sequence-level 
 
 import dataclasses
 
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, pad_token_key
 from jaxrlhf.stages import grouped
+from jaxrlhf.stages.rollout import PROMPT_COLUMNS
 from jaxrlhf.updates.grpo import GRPOConfig, make_grpo_update
+
+COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,6 +22,7 @@ class GRPOStageConfig:
     # batch_size = rollouts per step: batch_size / grpo.num_generations prompts, each sampled k times
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     missing_eos_penalty: float | None = None  # TRL's: off the score of a reply that never ended
+    pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
 
     def __post_init__(self):
         grouped.check_config(self, "grpo", "GRPO")
@@ -28,6 +32,10 @@ def plan(config: GRPOStageConfig) -> str:
     g = config.grpo
     return grouped.plan(config, "grpo", "GRPO", f"beta {g.beta}, loss {g.loss_type}, rewards scaled by "
                                                 f"{g.scale_rewards}, {g.importance_sampling_level}-level ratios")
+
+
+def preflight(config: GRPOStageConfig, resume: bool = False) -> dict:
+    return grouped.preflight(config, "grpo", resume)
 
 
 def run(config: GRPOStageConfig, resume: bool = False):

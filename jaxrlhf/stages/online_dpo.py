@@ -10,14 +10,16 @@ import jax
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check, pad_token_key
 from jaxrlhf.parallel import data_parallel, on_host, put_state
 from jaxrlhf.rewards import make_scorer, penalise_missing_eos, replies_ended
 from jaxrlhf.stages import common
-from jaxrlhf.stages.rollout import decode_responses, encode_prompt_rows, sample, sampling_config
+from jaxrlhf.stages.rollout import PROMPT_COLUMNS, decode_responses, encode_prompt_rows, sample, sampling_config
 from jaxrlhf.trainer import run_loop
 from jaxrlhf.updates.common import TrainState
 from jaxrlhf.updates.dpo import make_dpo_step
+
+COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,7 @@ class OnlineDPOConfig:
     # TRL's missing_eos_penalty: subtracted from the score of a reply that never emitted EOS
     # before the pair is made. Off when null.
     missing_eos_penalty: float | None = None
+    pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
 
     def __post_init__(self):
         check(self.beta > 0, f"beta={self.beta} must be > 0")
@@ -87,17 +90,31 @@ def trl_metrics(step_metrics, scores_2B, first_chosen_B, ended_2B, beta: float) 
             "pairs/ties": float((chosen_scores == rejected_scores).mean())}  # ours: pairs whose replies tied
 
 
-def run(config: OnlineDPOConfig, resume: bool = False):
+def preflight(config: OnlineDPOConfig, resume: bool = False) -> dict:
+    """Every check the run makes before it writes (the policy and its tokenizer, the mesh, the
+    reward source loads, the prompts and their column, the context budget, the run folder),
+    writing nothing -> what the run needs. `--dry-run` runs exactly this."""
     train = config.train
     with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = common.load_policy(config.policy)
+        module, params, model_config, tokenizer = common.load_policy(config.policy, pad_token=config.pad_token)
     mesh = common.train_mesh(train)  # B pairs per update; the 2B replies split as well
     settings = sampling_config(config.sampling, tokenizer, model_config)
     scorer = make_scorer(config.reward, mesh)
-    rows = data.load_rows(config.prompts, ("prompt",))
+    rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
-    out = common.prepare_output("online_dpo", train, config, resume, len(rows),
-                                inputs=(config.policy, config.reward.model, config.prompts.path))
+    output = common.check_output("online_dpo", train, config, resume, len(rows),
+                                 inputs=(config.policy, config.reward.model, config.prompts.path))
+    return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer, "rows": rows,
+            "prompts": (ids, mask, texts), "settings": settings, "output": output}
+
+
+def run(config: OnlineDPOConfig, resume: bool = False):
+    train = config.train
+    ready = preflight(config, resume)
+    module, params, tokenizer, mesh, scorer, rows, settings = (
+        ready[k] for k in ("module", "params", "tokenizer", "mesh", "scorer", "rows", "settings"))
+    ids, mask, texts = ready["prompts"]
+    out = common.record_config(ready["output"])
     tx, lr = common.optimizer(train)
     with on_host():
         state = TrainState.create(module, params, tx, ref_params=params,

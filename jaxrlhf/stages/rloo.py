@@ -3,9 +3,12 @@ mean of the others' rewards, with a KL leash to the frozen starting policy; no v
 
 import dataclasses
 
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig
+from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, pad_token_key
 from jaxrlhf.stages import grouped
+from jaxrlhf.stages.rollout import PROMPT_COLUMNS
 from jaxrlhf.updates.rloo import RLOOConfig, make_rloo_update
+
+COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +21,7 @@ class RLOOStageConfig:
     # batch_size = rollouts per step: batch_size / rloo.num_generations prompts, each sampled k times
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     missing_eos_penalty: float | None = None  # TRL's: off the score of a reply that never ended
+    pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
 
     def __post_init__(self):
         grouped.check_config(self, "rloo", "RLOO")
@@ -27,6 +31,10 @@ def plan(config: RLOOStageConfig) -> str:
     r = config.rloo
     clip = f"clip {r.clip_eps}" if r.clip_eps is not None else "plain REINFORCE"
     return grouped.plan(config, "rloo", "RLOO", f"beta {r.beta} (KL in the {r.kl_penalty}), {clip}")
+
+
+def preflight(config: RLOOStageConfig, resume: bool = False) -> dict:
+    return grouped.preflight(config, "rloo", resume)
 
 
 def run(config: RLOOStageConfig, resume: bool = False):

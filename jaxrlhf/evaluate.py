@@ -195,7 +195,7 @@ def _write(out_dir: Path, config, prompts, results, samples, tables) -> None:
         "# Evaluation\n\n" + "\n".join(tables[0]) + "\n\n## Diversity and collapse\n\n"
         f"distinct-n over words and over the policy's tokens; collapse: the share of a policy's replies that "
         f"carry its most shared {config.collapse_ngram}-token n-gram, and the reference's share of the same "
-        "n-gram.\n\n" + "\n".join(tables[1]) + "\n")
+        "n-gram.\n\n" + "\n".join(tables[1] + best_of_n.report_lines(results)) + "\n")
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     with (out_dir / "replies.jsonl").open("w") as f:
         for name, (responses, _, scores, kls, lengths) in samples.items():

@@ -17,8 +17,8 @@ from jaxrlhf import config as cfg
 from jaxrlhf.models import load_pretrained, load_tokenizer
 from jaxrlhf.politeness import write_jsonl
 from tests.conftest import ROOT, SHRINK, TINY
-from tests.test_bad_input import (CASES, evaluate_args, ppo_args, preferences_args, reward_args,
-                                  reward_model_without_pad, sft_args)
+from tests.test_bad_input import (CASES, evaluate_args, grpo_args, online_dpo_args, ppo_args, preferences_args,
+                                  reward_args, reward_model_without_pad, rloo_args, sft_args)
 from tests.test_glue import rm_scores
 from tests.test_stages import pad_less_copy
 
@@ -129,6 +129,7 @@ DRY_RUN_CASES = [
     "reward label the model lacks", "reward function that does not import", "output folder of a user's files",
     "output folder not writable", "evaluation's last policy missing", "pad_token that is not a token",
     "reward model tokenizer without a pad token", "eval_rows leaving no rows to train on",
+    "GRPO with more prompts per step than the file holds", "online DPO pairs not splitting over the devices",
 ]
 
 
@@ -148,8 +149,8 @@ def dpo_args(tiny_run, out, *extra):
             f"data.path={tiny_run / 'pairs.jsonl'}", f"train.output_dir={out}", *extra]
 
 
-GOOD = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args, "preferences": preferences_args, "dpo": dpo_args,
-        "evaluate": evaluate_args}
+GOOD = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args, "rloo": rloo_args, "grpo": grpo_args,
+        "online_dpo": online_dpo_args, "preferences": preferences_args, "dpo": dpo_args, "evaluate": evaluate_args}
 
 
 @pytest.mark.parametrize("stage", list(GOOD))
@@ -264,7 +265,7 @@ def test_reward_metric_helpers_match_numpy_with_ties():
 # --- Columns in --help and the README --------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "preferences", "dpo", "evaluate"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "rloo", "grpo", "online_dpo", "preferences", "dpo", "evaluate"])
 def test_help_and_readme_show_each_stages_columns_with_an_example_row(stage, capsys):
     module, _ = cli.stage(stage)
     with pytest.raises(SystemExit):

@@ -16,7 +16,7 @@ from tests.conftest import ROOT, SHRINK, TINY, interrupt_at_call
 
 
 def test_every_stage_leaves_its_outputs(tiny_run):
-    for stage in ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "slic"):
+    for stage in ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "slic", "online_dpo"):
         assert (tiny_run / stage / "final" / "model.safetensors").is_file(), stage
         assert (tiny_run / stage / "config.json").is_file()
         lines = (tiny_run / stage / "metrics.jsonl").read_text().splitlines()
@@ -33,7 +33,7 @@ def test_every_stage_leaves_its_outputs(tiny_run):
     pairs = [json.loads(line) for line in (tiny_run / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
     results = json.loads((tiny_run / "eval" / "results.json").read_text())
-    assert list(results) == ["sft", "ppo", "rloo", "grpo", "dpo", "slic"]
+    assert list(results) == ["sft", "ppo", "rloo", "grpo", "dpo", "slic", "online_dpo", "best_of_16"]
     for name in results:
         for key in ("ground_truth/mean", "reward_model/median", "kl_to_reference", "distinct_2", "response_tokens"):
             assert np.isfinite(results[name][key])
@@ -104,15 +104,18 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_run, t
 
 
 @pytest.mark.parametrize("pipeline", sorted(p.relative_to(ROOT) for p in (ROOT / "configs").glob("*/pipeline.yaml")))
-def test_every_shipped_config_passes_dry_run(pipeline, capsys):
-    assert cli.pipeline_main(["--config", str(ROOT / pipeline), "--dry-run"]) == 0
-    plan = capsys.readouterr().out
-    assert plan.count("\n") == len(yaml.safe_load((ROOT / pipeline).read_text())["stages"])
+def test_every_shipped_config_is_valid(pipeline):
+    """Every stage config of every shipped pipeline loads and validates (a dry run would also
+    load the models, which for the hub configs needs the hub)."""
+    stages = cli.load_pipeline(ROOT / pipeline)
+    assert len(stages) == len(yaml.safe_load((ROOT / pipeline).read_text())["stages"])
 
 
 def test_stage_script_dry_run_and_bad_keys(capsys):
-    assert cli.stage_main("ppo", ["--config", str(TINY / "ppo.yaml"), "--dry-run"]) == 0
-    assert "PPO: runs/tiny/sft/final" in capsys.readouterr().out
+    # The dry run runs the stage's checks: here the policy the config names is not there yet.
+    assert cli.stage_main("ppo", ["--config", str(TINY / "ppo.yaml"), "--dry-run"]) == 2
+    said = capsys.readouterr()
+    assert "PPO: runs/tiny/sft/final" in said.out and "runs/tiny/sft/final does not exist" in said.err
     assert cli.stage_main("ppo", ["--config", str(TINY / "ppo.yaml"), "--dry-run", "ppo.kl_coeff=0.2"]) == 2
     assert "unknown key 'kl_coeff'; did you mean 'kl_coef'?" in capsys.readouterr().err
     assert cli.stage_main("sft", ["--config", str(TINY / "sft.yaml"), "--dry-run", "train.steps=-1"]) == 2

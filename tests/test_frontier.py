@@ -5,7 +5,6 @@ log N - (N - 1) / N, the plot two panels; a rerun skips every finished point."""
 import json
 import math
 
-import numpy as np
 
 from jaxrlhf import cli
 from tests.conftest import TINY

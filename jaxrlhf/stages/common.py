@@ -11,8 +11,8 @@ from jaxrlhf import config as cfg
 from jaxrlhf import data, outputs, parallel
 from jaxrlhf.errors import ConfigError, JaxRLHFError, OutputError
 from jaxrlhf.models import from_config, load_config, load_pretrained, load_tokenizer, save_pretrained
-from jaxrlhf.updates.common import make_optimizer
-from jaxrlhf.trainer import Checkpoints
+from jaxrlhf.updates.common import TrainState, make_optimizer
+from jaxrlhf.trainer import Checkpoints, run_loop
 
 
 def load_model(path: str | None, model_config: dict | None, tokenizer_path: str | None, seed: int, head: str,
@@ -147,6 +147,27 @@ def record_config(checked: tuple[Path, dict]) -> Path:
     # Every process has checked the folder before process 0 writes to it (on_main waits for all).
     parallel.on_main(write, out / "config.json")
     return out
+
+
+def start_training(ready: dict, train: cfg.TrainConfig, updates_per_step: int = 1, **state_fields):
+    """A training stage's start, after its preflight (`ready`: its "output", "module",
+    "params" and "mesh"): the run folder's config.json written, the optimizer, the starting
+    TrainState (`state_fields`, e.g. `ref_params`) laid out on the mesh -> (folder, state,
+    lr_at_step)."""
+    out = record_config(ready["output"])
+    tx, lr = optimizer(train, updates_per_step)
+    with parallel.on_host():
+        state = TrainState.create(ready["module"], ready["params"], tx, skip_nonfinite=train.on_nonfinite == "skip",
+                                  grad_accum_steps=train.grad_accum_steps, **state_fields)
+    return out, parallel.put_state(state, ready["mesh"]), lr
+
+
+def train_loop(out: Path, state, step_fn, train: cfg.TrainConfig, resume: bool, stage: str, **kwargs):
+    """`trainer.run_loop` under the run's `train` settings, its records tagged with `stage`
+    -> the final state; `kwargs` (desc, extra_metrics, evaluate) go to it."""
+    return run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
+                    save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
+                    record={"stage": stage}, tensorboard=train.tensorboard, **{"desc": stage, **kwargs})
 
 
 def check_finished_run(out: Path, config: Any) -> None:

@@ -11,9 +11,8 @@ from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state, whole_rows
 from jaxrlhf.stages import common
-from jaxrlhf.updates.common import TrainState, sequence_logps_jit
+from jaxrlhf.updates.common import sequence_logps_jit
 from jaxrlhf.updates.dpo import make_dpo_step
-from jaxrlhf.trainer import run_loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,12 +111,7 @@ def run(config: DPOConfig, resume: bool = False):
         ready[k] for k in ("module", "params", "tokenizer", "arrays", "rows", "mesh"))
     if ready["ref_params"] is not None:
         arrays |= _reference_logps(module, put_state(ready["ref_params"], mesh), arrays, mesh)
-    out = common.record_config(ready["output"])
-    tx, lr = common.optimizer(train)
-    with on_host():
-        state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
-                                  grad_accum_steps=train.grad_accum_steps)
-    state = put_state(state, mesh)
+    out, state, lr = common.start_training(ready, train)
     step = data_parallel(make_dpo_step(
         config.loss_type, config.beta, label_smoothing=config.label_smoothing, slic_delta=config.slic_delta,
         slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer), mesh, state)
@@ -126,9 +120,6 @@ def run(config: DPOConfig, resume: bool = False):
         batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))
         return step(state, batch, common.step_key(train.seed, i))
 
-    state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
-                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": config.loss_type}, tensorboard=train.tensorboard, desc=config.loss_type,
-                     extra_metrics=lambda s: {"learning_rate": lr(s),
-                                              "epoch": s / max(n // train.batch_size, 1)})
+    state = common.train_loop(out, state, step_fn, train, resume, config.loss_type,
+                              extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(n // train.batch_size, 1)})
     return common.export(out, module, state.params, tokenizer)

@@ -9,12 +9,9 @@ import numpy as np
 
 from jaxrlhf import data
 from jaxrlhf.config import check
-from jaxrlhf.parallel import data_parallel, on_host, put_state
-from jaxrlhf.rewards import make_scorer
+from jaxrlhf.parallel import data_parallel
 from jaxrlhf.stages import common
-from jaxrlhf.stages.rollout import PROMPT_COLUMNS, check_on_policy, encode_prompt_rows, sample, sampling_config, scored_batch
-from jaxrlhf.trainer import run_loop
-from jaxrlhf.updates.common import TrainState
+from jaxrlhf.stages.rollout import check_on_policy, sample, scored_batch, online_preflight
 
 
 def check_config(config, section: str, name: str) -> None:
@@ -45,24 +42,9 @@ def preflight(config, section: str, resume: bool = False) -> dict:
     """Every check the run makes before it writes (the policy and its tokenizer, the mesh, the
     reward source loads, the prompts and their column, the context budget, the run folder),
     writing nothing -> what the run needs. `--dry-run` runs exactly this."""
-    method, train = getattr(config, section), config.train
-    k = method.num_generations
-    with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = common.load_policy(config.policy, pad_token=config.pad_token)
-    mesh = common.train_mesh(train, method.num_minibatches, section)
-    scorer = make_scorer(config.reward, mesh)
-    rows = data.load_rows(config.prompts, tuple(PROMPT_COLUMNS["prompts"]))
-    prompts_per_step = train.batch_size // k
-    check(prompts_per_step <= len(rows), f"train.batch_size={train.batch_size} / {section}.num_generations={k} = "
-                                         f"{prompts_per_step} prompts per step, more than the {len(rows)} prompts "
-                                         f"of {config.prompts.path}")
-    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
-    sampler = sampling_config(config.sampling, tokenizer, model_config)
-    # Every prompt stands for k rollouts, so the batch of rollouts is drawn from len(rows) * k.
-    output = common.check_output(section, train, config, resume, len(rows) * k,
-                                 inputs=(config.policy, config.reward.model, config.prompts.path))
-    return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer, "rows": rows,
-            "prompts": (ids, mask, texts), "sampler": sampler, "output": output}
+    method = getattr(config, section)
+    return online_preflight(config, section, resume, minibatches=method.num_minibatches, section=section,
+                             samples_per_prompt=method.num_generations)
 
 
 def run(config, section: str, make_update, resume: bool = False):
@@ -70,16 +52,12 @@ def run(config, section: str, make_update, resume: bool = False):
     method, train = getattr(config, section), config.train
     k = method.num_generations
     ready = preflight(config, section, resume)
-    module, params, tokenizer, mesh, scorer, rows, sampler = (
-        ready[key] for key in ("module", "params", "tokenizer", "mesh", "scorer", "rows", "sampler"))
+    module, tokenizer, mesh, scorer, rows, sampler = (
+        ready[key] for key in ("module", "tokenizer", "mesh", "scorer", "rows", "sampler"))
     ids, mask, texts = ready["prompts"]
     prompts_per_step = train.batch_size // k
-    out = common.record_config(ready["output"])
-    tx, lr = common.optimizer(train, method.updates_per_step)
-    with on_host():
-        state = TrainState.create(module, params, tx, ref_params=params if method.beta else None,
-                                  skip_nonfinite=train.on_nonfinite == "skip", grad_accum_steps=train.grad_accum_steps)
-    state = put_state(state, mesh)
+    out, state, lr = common.start_training(ready, train, method.updates_per_step,
+                                           ref_params=ready["params"] if method.beta else None)
     update = data_parallel(make_update(method), mesh, state)
 
     def step_fn(state, i):
@@ -94,8 +72,5 @@ def run(config, section: str, make_update, resume: bool = False):
         state, metrics = update(state, batch, update_key)
         return state, {**metrics, "time/rollout_s": rollout_s}
 
-    state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
-                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": section}, tensorboard=train.tensorboard, desc=section,
-                     extra_metrics=lambda s: {"learning_rate": lr(s)})
+    state = common.train_loop(out, state, step_fn, train, resume, section, extra_metrics=lambda s: {"learning_rate": lr(s)})
     return common.export(out, module, state.params, tokenizer)

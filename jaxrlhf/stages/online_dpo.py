@@ -11,12 +11,10 @@ import numpy as np
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check, pad_token_key
-from jaxrlhf.parallel import data_parallel, on_host, put_state
-from jaxrlhf.rewards import make_scorer, penalise_missing_eos, replies_ended
+from jaxrlhf.parallel import data_parallel
+from jaxrlhf.rewards import penalise_missing_eos, replies_ended
 from jaxrlhf.stages import common
-from jaxrlhf.stages.rollout import PROMPT_COLUMNS, decode_responses, encode_prompt_rows, sample, sampling_config
-from jaxrlhf.trainer import run_loop
-from jaxrlhf.updates.common import TrainState
+from jaxrlhf.stages.rollout import PROMPT_COLUMNS, decode_responses, sample, online_preflight
 from jaxrlhf.updates.dpo import make_dpo_step
 
 COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
@@ -94,32 +92,16 @@ def preflight(config: OnlineDPOConfig, resume: bool = False) -> dict:
     """Every check the run makes before it writes (the policy and its tokenizer, the mesh, the
     reward source loads, the prompts and their column, the context budget, the run folder),
     writing nothing -> what the run needs. `--dry-run` runs exactly this."""
-    train = config.train
-    with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = common.load_policy(config.policy, pad_token=config.pad_token)
-    mesh = common.train_mesh(train)  # B pairs per update; the 2B replies split as well
-    settings = sampling_config(config.sampling, tokenizer, model_config)
-    scorer = make_scorer(config.reward, mesh)
-    rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
-    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
-    output = common.check_output("online_dpo", train, config, resume, len(rows),
-                                 inputs=(config.policy, config.reward.model, config.prompts.path))
-    return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer, "rows": rows,
-            "prompts": (ids, mask, texts), "settings": settings, "output": output}
+    return online_preflight(config, "online_dpo", resume)  # B pairs per update; the 2B replies split as well
 
 
 def run(config: OnlineDPOConfig, resume: bool = False):
     train = config.train
     ready = preflight(config, resume)
-    module, params, tokenizer, mesh, scorer, rows, settings = (
-        ready[k] for k in ("module", "params", "tokenizer", "mesh", "scorer", "rows", "settings"))
+    module, tokenizer, mesh, scorer, rows, sampler = (
+        ready[k] for k in ("module", "tokenizer", "mesh", "scorer", "rows", "sampler"))
     ids, mask, texts = ready["prompts"]
-    out = common.record_config(ready["output"])
-    tx, lr = common.optimizer(train)
-    with on_host():
-        state = TrainState.create(module, params, tx, ref_params=params,
-                                  skip_nonfinite=train.on_nonfinite == "skip", grad_accum_steps=train.grad_accum_steps)
-    state = put_state(state, mesh)
+    out, state, lr = common.start_training(ready, train, ref_params=ready["params"])
     # The reference is scored in the step from state.ref_params: the replies are new every step.
     step = data_parallel(make_dpo_step(config.loss_type, config.beta), mesh, state)
 
@@ -128,7 +110,7 @@ def run(config: OnlineDPOConfig, resume: bool = False):
         both = np.concatenate([idx, idx])  # rows b and B + b: two replies to prompt b
         gen_key, step_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
-        rollout = sample(module, state.params, ids[both], mask[both], gen_key, settings, mesh)
+        rollout = sample(module, state.params, ids[both], mask[both], gen_key, sampler, mesh)
         scores = scorer([texts[j] for j in both], decode_responses(tokenizer, rollout))
         if config.missing_eos_penalty is not None:
             scores = penalise_missing_eos(scores, rollout, tokenizer.eos_token_id, config.missing_eos_penalty)
@@ -139,8 +121,6 @@ def run(config: OnlineDPOConfig, resume: bool = False):
         extra = trl_metrics(metrics, scores, first_chosen, replies_ended(rollout, tokenizer.eos_token_id), config.beta)
         return state, {**metrics, **extra, "time/rollout_s": rollout_s}
 
-    state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
-                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": "online_dpo"}, tensorboard=train.tensorboard, desc="online dpo",
-                     extra_metrics=lambda s: {"learning_rate": lr(s)})
+    state = common.train_loop(out, state, step_fn, train, resume, "online_dpo", desc="online dpo",
+                              extra_metrics=lambda s: {"learning_rate": lr(s)})
     return common.export(out, module, state.params, tokenizer)

@@ -9,12 +9,10 @@ import numpy as np
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check, pad_token_key
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.parallel import data_parallel, on_host, put_state
+from jaxrlhf.parallel import data_parallel, on_host
 from jaxrlhf.rewards import classifier_forward, score_rows
 from jaxrlhf.stages import common
-from jaxrlhf.updates.common import TrainState
 from jaxrlhf.updates.reward import make_reward_step
-from jaxrlhf.trainer import run_loop
 
 # The columns each kind reads, with an example row.
 COLUMNS = {
@@ -143,12 +141,7 @@ def run(config: RewardConfig, resume: bool = False):
     ready = preflight(config, resume)
     module, tokenizer, arrays, held_out, n, mesh = (
         ready[k] for k in ("module", "tokenizer", "arrays", "held_out", "rows", "mesh"))
-    out = common.record_config(ready["output"])
-    tx, lr = common.optimizer(train)
-    with on_host():
-        state = TrainState.create(module, ready["params"], tx, skip_nonfinite=train.on_nonfinite == "skip",
-                                  grad_accum_steps=train.grad_accum_steps)
-    state = put_state(state, mesh)
+    out, state, lr = common.start_training(ready, train)
     step = data_parallel(make_reward_step(config.kind), mesh, state)
     forward = classifier_forward(module)
 
@@ -166,9 +159,6 @@ def run(config: RewardConfig, resume: bool = False):
         batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))
         return step(state, batch, common.step_key(train.seed, i))
 
-    state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
-                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": "reward"}, tensorboard=train.tensorboard, desc="reward",
-                     extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(n // train.batch_size, 1)},
-                     evaluate=evaluate)
+    state = common.train_loop(out, state, step_fn, train, resume, "reward", evaluate=evaluate,
+                              extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(n // train.batch_size, 1)})
     return common.export(out, module, state.params, tokenizer)

@@ -1,12 +1,14 @@
 """Sampling responses from a policy for a batch of prompts, and turning them back into text:
-shared by PPO, preference-pair making and evaluation."""
+shared by the stages that train on their own samples (PPO, RLOO, GRPO, online DPO),
+preference-pair making and evaluation."""
 
+import jax
 import numpy as np
 
 from jaxrlhf import data, parallel
 from jaxrlhf.config import SamplingSection, check
-from jaxrlhf.rewards import penalise_missing_eos
-from jaxrlhf.stages.common import check_context
+from jaxrlhf.rewards import make_scorer, penalise_missing_eos
+from jaxrlhf.stages import common
 from jaxrlhf.sampling import GenerateOutput, SamplingConfig, generate
 
 # The column every stage that samples from prompts reads, with an example row.
@@ -30,7 +32,7 @@ def check_on_policy(section: SamplingSection, temperature: float, method: str, k
 
 def sampling_config(section: SamplingSection, tokenizer, model_config) -> SamplingConfig:
     """The sampler settings, after checking that prompt + response fit the model's context."""
-    check_context(section.max_prompt_tokens + section.max_new_tokens,
+    common.check_context(section.max_prompt_tokens + section.max_new_tokens,
                   f"sampling.max_prompt_tokens={section.max_prompt_tokens} + sampling.max_new_tokens="
                   f"{section.max_new_tokens}", model_config)
     return SamplingConfig(
@@ -46,6 +48,33 @@ def encode_prompt_rows(rows, tokenizer, section: SamplingSection, seed: int):
                                     section.prompt_length_range, seed)
     texts = [tokenizer.decode(i[m == 1]) for i, m in zip(ids, mask)]
     return ids, mask, texts
+
+
+def online_preflight(config, stage: str, resume: bool, *, value_head: bool = False, minibatches: int = 1,
+              section: str = "ppo", samples_per_prompt: int = 1) -> dict:
+    """The preflight of a stage that trains on its own samples of `config.prompts` scored by
+    `config.reward`: the policy and its tokenizer (`value_head`: with PPO's), the mesh (each of
+    the `minibatches` of `section` splitting over it), the reward source loads, the prompts and
+    their column, the context budget, the run folder; writing nothing -> what the run needs.
+    With `samples_per_prompt` = k > 1 a step's `train.batch_size` rollouts are k samples of
+    each of batch_size / k prompts (`section`.num_generations)."""
+    train = config.train
+    with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
+        module, params, model_config, tokenizer = common.load_policy(
+            config.policy, pad_token=config.pad_token, value_head=value_head, rng=jax.random.key(train.seed))
+    mesh = common.train_mesh(train, minibatches, section)
+    scorer = make_scorer(config.reward, mesh)
+    rows = data.load_rows(config.prompts, tuple(PROMPT_COLUMNS["prompts"]))
+    k = samples_per_prompt
+    check(k == 1 or train.batch_size // k <= len(rows),  # (k == 1: check_output's batch check says it)
+          f"train.batch_size={train.batch_size} / {section}.num_generations={k} = {train.batch_size // k} prompts "
+          f"per step, more than the {len(rows)} prompts of {config.prompts.path}")
+    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
+    sampler = sampling_config(config.sampling, tokenizer, model_config)
+    output = common.check_output(stage, train, config, resume, len(rows) * k,
+                                 inputs=(config.policy, config.reward.model, config.prompts.path))
+    return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer, "rows": rows,
+            "prompts": (ids, mask, texts), "sampler": sampler, "output": output}
 
 
 def decode_responses(tokenizer, out) -> list[str]:

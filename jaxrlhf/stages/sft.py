@@ -7,11 +7,9 @@ from typing import Any
 
 from jaxrlhf import data
 from jaxrlhf.config import DataConfig, TrainConfig, check, pad_token_key
-from jaxrlhf.parallel import data_parallel, on_host, put_state
+from jaxrlhf.parallel import data_parallel, on_host
 from jaxrlhf.stages import common
-from jaxrlhf.updates.common import TrainState
 from jaxrlhf.updates.sft import make_sft_step
-from jaxrlhf.trainer import run_loop
 
 # The data forms SFT reads, in order of preference, each with an example row: rows with prompt
 # and response learn the response (completion_only); rows with a text column and neither of
@@ -76,12 +74,7 @@ def run(config: SFTConfig, resume: bool = False):
     train = config.train
     ready = preflight(config, resume)
     module, tokenizer, arrays, n, mesh = (ready[k] for k in ("module", "tokenizer", "arrays", "rows", "mesh"))
-    out = common.record_config(ready["output"])
-    tx, lr = common.optimizer(train)
-    with on_host():
-        state = TrainState.create(module, ready["params"], tx, skip_nonfinite=train.on_nonfinite == "skip",
-                                  grad_accum_steps=train.grad_accum_steps)
-    state = put_state(state, mesh)
+    out, state, lr = common.start_training(ready, train)
     step = data_parallel(make_sft_step(), mesh, state)
 
     def step_fn(state, i):
@@ -89,8 +82,6 @@ def run(config: SFTConfig, resume: bool = False):
         return step(state, batch, common.step_key(train.seed, i))
 
     per_epoch = n // train.batch_size
-    state = run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
-                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                     record={"stage": "sft"}, tensorboard=train.tensorboard, desc="sft",
-                     extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(per_epoch, 1)})
+    state = common.train_loop(out, state, step_fn, train, resume, "sft",
+                              extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(per_epoch, 1)})
     return common.export(out, module, state.params, tokenizer)

@@ -200,6 +200,21 @@ def sequence_logps(apply_fn, params, ids_BxT, mask_BxT, loss_mask_BxT, temperatu
 sequence_logps_jit = jax.jit(sequence_logps, static_argnames=("apply_fn",))
 
 
+def check_group_config(config, why_two: str) -> None:
+    """The checks RLOO's and GRPO's configs share; `why_two`: why the method needs at least two
+    samples per prompt."""
+    if config.num_generations < 2:
+        raise ConfigError(f"num_generations={config.num_generations} must be at least 2: {why_two}")
+    for name in ("epochs", "num_minibatches"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name}={getattr(config, name)} must be at least 1")
+    if config.beta < 0:
+        raise ConfigError(f"beta={config.beta} must be >= 0")
+    for name in ("clip_eps", "clip_eps_high"):
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
+            raise ConfigError(f"{name}={getattr(config, name)} must be > 0 (or null)")
+
+
 def group_rollout_metrics(scores_all_B, std_all_B, resp_BxN, axis_name: str | None) -> Metrics:
     """What TRL's RLOO and GRPO trainers log of a rollout, under their names: `reward` (mean
     score), `reward_std` (its std, Bessel), `frac_reward_zero_std` (the share of rows whose

@@ -37,17 +37,7 @@ class GRPOConfig:
         return self.epochs * self.num_minibatches
 
     def __post_init__(self):
-        if self.num_generations < 2:
-            raise ConfigError(f"num_generations={self.num_generations} must be at least 2: advantages compare "
-                              "the samples of a prompt")
-        for name in ("epochs", "num_minibatches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.beta < 0:
-            raise ConfigError(f"beta={self.beta} must be >= 0")
-        for name in ("clip_eps", "clip_eps_high"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be > 0")
+        common.check_group_config(self, "advantages compare the samples of a prompt")
 
 
 def make_grpo_update(config: GRPOConfig, axis_name: str | None = None):

@@ -36,23 +36,13 @@ class RLOOConfig:
         return self.epochs * self.num_minibatches
 
     def __post_init__(self):
-        if self.num_generations < 2:
-            raise ConfigError(f"num_generations={self.num_generations} must be at least 2: the leave-one-out "
-                              "baseline of a sample is the mean of the others of its prompt")
-        for name in ("epochs", "num_minibatches"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.beta < 0:
-            raise ConfigError(f"beta={self.beta} must be >= 0")
-        for name in ("clip_eps", "clip_eps_high"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must be > 0 (or null)")
+        common.check_group_config(self, "the leave-one-out baseline of a sample is the mean of the others of its prompt")
 
 
 def make_rloo_update(config: RLOOConfig, axis_name: str | None = None):
     """-> `update(state, batch, key) -> (state, metrics)`.
 
-    `state.apply_fn` is a `GPT2LMHeadModel`; `state.ref_params` the frozen reference. Batch:
+    `state.apply_fn` is a causal LM's (GPT-2, Llama); `state.ref_params` the frozen reference. Batch:
     `sequences` `[B, P + N]` (left-padded prompt then response), `attention_mask`, `response_mask`
     `[B, N]` and `scores` `[B]`, the B rows `num_generations` samples of each prompt in turn
     (row `p * k + j` is sample j of prompt p), over the global batch (under pmap, every

@@ -144,7 +144,9 @@ def table(table_rows: list[dict]) -> list[str]:
 
 def plot(path: Path, table_rows: list[dict]) -> None:
     """Mean score against KL to SFT, one panel per scorer, one curve per method (ordered by
-    KL); best-of-N at its bound (solid) and its plug-in estimate (dotted)."""
+    KL); best-of-N at its bound (solid) and its plug-in estimate (dotted). The KL axis is
+    linear up to 1 nat and logarithmic beyond, so a method that drifts far (offline DPO at a
+    small beta) does not squeeze the others into the first tick."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +170,8 @@ def plot(path: Path, table_rows: list[dict]) -> None:
                 ax.annotate(f"{r['value']:g}", (r["kl"], r[s]), textcoords="offset points", xytext=(3, 3),
                             fontsize=7, color=color)
         ax.set_title(f"judged by {s}")
-        ax.set_xlabel("KL to the SFT policy (nats)")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("KL to the SFT policy (nats; log scale above 1)")
         ax.set_ylabel(f"mean {s} score")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="lower right")

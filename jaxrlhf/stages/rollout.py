@@ -33,8 +33,8 @@ def check_on_policy(section: SamplingSection, temperature: float, method: str, k
 def sampling_config(section: SamplingSection, tokenizer, model_config) -> SamplingConfig:
     """The sampler settings, after checking that prompt + response fit the model's context."""
     common.check_context(section.max_prompt_tokens + section.max_new_tokens,
-                  f"sampling.max_prompt_tokens={section.max_prompt_tokens} + sampling.max_new_tokens="
-                  f"{section.max_new_tokens}", model_config)
+                         f"sampling.max_prompt_tokens={section.max_prompt_tokens} + sampling.max_new_tokens="
+                         f"{section.max_new_tokens}", model_config)
     return SamplingConfig(
         max_new_tokens=section.max_new_tokens, min_new_tokens=section.min_new_tokens,
         temperature=section.temperature, top_k=section.top_k, top_p=section.top_p, greedy=section.greedy,
@@ -51,7 +51,7 @@ def encode_prompt_rows(rows, tokenizer, section: SamplingSection, seed: int):
 
 
 def online_preflight(config, stage: str, resume: bool, *, value_head: bool = False, minibatches: int = 1,
-              section: str = "ppo", samples_per_prompt: int = 1) -> dict:
+                     section: str = "ppo", samples_per_prompt: int = 1) -> dict:
     """The preflight of a stage that trains on its own samples of `config.prompts` scored by
     `config.reward`: the policy and its tokenizer (`value_head`: with PPO's), the mesh (each of
     the `minibatches` of `section` splitting over it), the reward source loads, the prompts and

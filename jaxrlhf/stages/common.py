@@ -162,12 +162,14 @@ def start_training(ready: dict, train: cfg.TrainConfig, updates_per_step: int = 
     return out, parallel.put_state(state, ready["mesh"]), lr
 
 
-def train_loop(out: Path, state, step_fn, train: cfg.TrainConfig, resume: bool, stage: str, **kwargs):
-    """`trainer.run_loop` under the run's `train` settings, its records tagged with `stage`
-    -> the final state; `kwargs` (desc, extra_metrics, evaluate) go to it."""
+def train_loop(out: Path, state, step_fn, train: cfg.TrainConfig, resume: bool, stage: str,
+               desc: str | None = None, **kwargs):
+    """`trainer.run_loop` under the run's `train` settings, its records tagged with `stage` and
+    its progress bar with `desc` (default: `stage`) -> the final state; `kwargs`
+    (extra_metrics, evaluate) go to it."""
     return run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
                     save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                    record={"stage": stage}, tensorboard=train.tensorboard, **{"desc": stage, **kwargs})
+                    record={"stage": stage}, tensorboard=train.tensorboard, desc=desc or stage, **kwargs)
 
 
 def check_finished_run(out: Path, config: Any) -> None:

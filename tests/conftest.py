@@ -4,10 +4,32 @@ Nothing here downloads: every checkpoint is made from a config and written to a 
 """
 
 import os
+import shutil
+import tempfile
 
-# Four fake CPU devices for the data-parallel tests; must be set before JAX starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+def _session_environment() -> None:
+    """What every test and every process a test starts (stage scripts, multi-process workers,
+    benchmark workers: they inherit os.environ) runs with; set before JAX starts.
+
+    The suite is dominated by XLA compiling small programs, not running them, so: XLA compiles
+    without its costly optimisation passes (the programs compute the same values, only slower,
+    which tiny models never notice), and compiled programs go into one persistent cache per test
+    session, shared by the xdist workers and the subprocesses, so a stage compiled once is not
+    compiled again by the next test or script that builds the same program. A size limit makes
+    JAX lock the cache folder, so concurrent readers never see a half-written entry."""
+    # Four fake CPU devices for the data-parallel tests.
+    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # xdist workers inherit the controller's
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxrlhf-tests-xla-")
+        os.environ["JAXRLHF_TESTS_OWN_CACHE"] = str(os.getpid())
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+
+
+_session_environment()
 
 from pathlib import Path
 
@@ -77,16 +99,14 @@ SHRINK = {
 }
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """The whole tiny pipeline, shrunk, run once in a temp folder (the configs' paths are
-    relative, so everything lands under it)."""
-    work = tmp_path_factory.mktemp("tiny")
-    stages = yaml.safe_load((TINY / "pipeline.yaml").read_text())["stages"]
-    for entry in stages:
+def run_shrunk_pipeline(work: Path, data: bool) -> None:
+    """configs/tiny's pipeline, shrunk, run in `work` (the configs' paths are relative, so
+    everything lands under it): only its data stage, or (data=False) every stage after it."""
+    entries = [e for e in yaml.safe_load((TINY / "pipeline.yaml").read_text())["stages"] if (e["stage"] == "data") == data]
+    for entry in entries:
+        entry["overrides"] = SHRINK[entry["config"]]
         entry["config"] = str(TINY / entry["config"])
-        entry["overrides"] = SHRINK[Path(entry["config"]).name]
-    (work / "pipeline.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (work / "pipeline.yaml").write_text(yaml.safe_dump({"stages": entries}))
     old = Path.cwd()
     os.chdir(work)
     try:
@@ -95,9 +115,49 @@ def tiny_run(tmp_path_factory):
         assert cli.pipeline_main(["--config", str(work / "pipeline.yaml")]) == 0
     finally:
         os.chdir(old)
+
+
+@pytest.fixture(scope="session")
+def shared_tmp(tmp_path_factory, worker_id):
+    """A folder every xdist worker of this session sees (the session's own temp folder when
+    there are none), for what one worker builds and the others read."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if worker_id != "master" else base
+
+
+def built_once(shared_tmp: Path, name: str, build) -> Path:
+    """`shared_tmp / name`, made by `build(folder)` in whichever worker asks first; the others
+    wait for it, then read the same folder."""
+    from filelock import FileLock
+
+    folder = shared_tmp / name
+    with FileLock(str(shared_tmp / f"{name}.lock")):
+        if not (folder / ".built").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_data(shared_tmp):
+    """configs/tiny's data stage, shrunk (corpus, prompts, tokenizers): -> the run folder,
+    whose data/ the stage tests read; enough for SFT and the reward model."""
+    work = built_once(shared_tmp, "tiny-data", lambda work: run_shrunk_pipeline(work, data=True))
     return work / "runs" / "tiny"
 
 
+@pytest.fixture(scope="session")
+def tiny_run(shared_tmp, tiny_data):
+    """The whole tiny pipeline, shrunk, run once per session: -> the run folder, every stage's
+    outputs under it (tests read it and write elsewhere)."""
+
+    def build(work):
+        shutil.copytree(tiny_data.parents[1] / "runs", work / "runs")
+        run_shrunk_pipeline(work, data=False)
+
+    return built_once(shared_tmp, "tiny-run", build) / "runs" / "tiny"
 
 
 def interrupt_at_call(monkeypatch, stage_module, call: int) -> None:
@@ -117,3 +177,34 @@ def interrupt_at_call(monkeypatch, stage_module, call: int) -> None:
         return run
 
     monkeypatch.setattr(stage_module, "data_parallel", stopping)
+
+
+def pytest_unconfigure(config):
+    """The process that made the session's compilation cache removes it."""
+    if os.environ.get("JAXRLHF_TESTS_OWN_CACHE") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+TIERS = ("fast", "slow")
+
+
+def tiered(values, fast) -> list:
+    """`values` as parametrize cases, those in `fast` in the fast tier and the rest slow (for a
+    test whose every case costs a compile, where a few cases show the fast tier enough)."""
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.fast if v in fast else pytest.mark.slow)
+            for v in values]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Every test is in exactly one tier (`-m fast`: every module touched in a few minutes;
+    `-m slow`: the rest), so a new test cannot slip out of the fast tier's sight or into it
+    unnoticed: a test marked neither or both stops the collection, naming it. Slow tests go
+    first, each module's in its own order, so the long ones start while fast ones can still fill
+    the other xdist worker's time."""
+    wrong = [f"  {item.nodeid}: {' and '.join(tiers) or 'neither'}" for item in items
+             if len(tiers := [t for t in TIERS if item.get_closest_marker(t)]) != 1]
+    if wrong:
+        raise pytest.UsageError("every test must be marked exactly one of pytest.mark.fast / pytest.mark.slow "
+                                "(tests/README.md says which):\n" + "\n".join(wrong))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable

@@ -11,6 +11,8 @@ import pytest
 from jaxrlhf import cli
 from tests.conftest import TINY
 
+pytestmark = pytest.mark.slow
+
 
 def sft_args(tiny_run, out, *extra):
     data = tiny_run / "data"

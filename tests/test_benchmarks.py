@@ -8,6 +8,7 @@ from benchmarks import run
 from benchmarks import workloads as wl
 
 
+@pytest.mark.slow
 def test_quick_run_compares_every_workload_and_writes_the_table(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text(f"# Benchmarks\n\nprose before\n\n{run.START}\nold table\n{run.END}\n\nprose after\n")
@@ -27,6 +28,7 @@ def test_quick_run_compares_every_workload_and_writes_the_table(tmp_path):
     assert "| sft | tiny |" in text and "matmul peak" in text
 
 
+@pytest.mark.fast
 def test_both_sides_get_the_same_data():
     w = wl.Workload("dpo", "tiny", batch=4, prompt=3, response=5)
     pairs = wl.preference_pairs(w)
@@ -35,6 +37,7 @@ def test_both_sides_get_the_same_data():
     np.testing.assert_array_equal(pairs["chosen"], wl.preference_pairs(w)["chosen"])  # deterministic
 
 
+@pytest.mark.fast
 def test_the_reference_tokenizer_maps_words_to_the_benchmark_ids():
     from benchmarks.reference import word_tokenizer
 
@@ -43,6 +46,7 @@ def test_the_reference_tokenizer_maps_words_to_the_benchmark_ids():
     assert tok.pad_token_id == tok.eos_token_id == wl.EOS
 
 
+@pytest.mark.fast
 def test_model_flops_follow_the_usual_accounting():
     # One GPT-2-small forward token at context 1: 12 layers x 24 d^2 + the LM head 2 d V, plus attention 4 L d.
     w = wl.Workload("sft", "gpt2-small", batch=1, prompt=0, response=1)
@@ -50,6 +54,7 @@ def test_model_flops_follow_the_usual_accounting():
     assert wl.step_flops(w) == 3 * (12 * (24 * d * d + 4 * d) + 2 * d * wl.GPT2_VOCAB)
 
 
+@pytest.mark.fast
 def test_llama_flops_are_twice_the_matmul_params_per_token():
     # SmolLM2-135M: 134,515,008 params, 61 RMSNorm weight vectors of 576 outside any matmul; the
     # tied embedding counts once, as the LM head. Plus attention at context 1: 30 layers x 4 x 576.
@@ -57,6 +62,7 @@ def test_llama_flops_are_twice_the_matmul_params_per_token():
     assert wl.step_flops(w) == 3 * (2 * (134_515_008 - 61 * 576) + 30 * 4 * 576)
 
 
+@pytest.mark.fast
 def test_results_file_keeps_its_prose_and_gains_a_table_block(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmarks\n\nnotes without a table yet\n")

@@ -29,12 +29,14 @@ def enumerated_kl(scores_N) -> float:
     return float(np.sum(np.where(q > 0, q * np.log(np.where(q > 0, q, 1) * n), 0.0)))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("scores", [[0.3], [1.0, 2.0], [1.0, 1.0], [0.5, -1.0, 0.5], [3, 1, 2, 0], [2, 2, 1, 2],
                                     [0, 1, 0, 1, 5], [7, 7, 7, 7, 7]])
 def test_kl_estimate_is_the_enumerated_kl_of_best_of_n_over_the_samples(scores):
     np.testing.assert_allclose(best_of_n.kl_plugin(scores), enumerated_kl(scores), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.fast
 @settings(max_examples=300, deadline=None)
 @given(hnp.arrays(np.float64, st.integers(1, 64), elements=st.integers(-3, 3).map(float)))
 def test_kl_estimate_is_never_above_log_n_minus_n_minus_one_over_n(scores):
@@ -43,6 +45,7 @@ def test_kl_estimate_is_never_above_log_n_minus_n_minus_one_over_n(scores):
     assert 0.0 <= best_of_n.kl_plugin(scores) <= math.log(n) - (n - 1) / n + 1e-12
 
 
+@pytest.mark.fast
 def test_kl_bound_and_the_estimate_without_ties_approach_each_other_with_n():
     assert best_of_n.kl_bound(1) == 0.0
     np.testing.assert_allclose(best_of_n.kl_bound(4), math.log(4) - 0.75)
@@ -50,6 +53,7 @@ def test_kl_bound_and_the_estimate_without_ties_approach_each_other_with_n():
     assert gaps[0] > gaps[1] > gaps[2] > 0
 
 
+@pytest.mark.slow
 def test_evaluation_keeps_each_prompts_best_of_n_samples_by_its_scorer(tiny_run, tmp_path, monkeypatch):
     """Every sample the evaluation draws for best-of-4 is decoded and scored here by the ground
     truth; the kept reply's score is each prompt's highest, its KL bound the formula, its

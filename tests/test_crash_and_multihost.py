@@ -18,6 +18,8 @@ from safetensors.numpy import load_file
 from tests.conftest import ROOT
 from tests.test_bad_input import ppo_args, sft_args
 
+pytestmark = pytest.mark.slow
+
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(ROOT)}
 
 

@@ -6,12 +6,14 @@ import pytest
 from jaxrlhf import data
 from jaxrlhf.errors import ConfigError
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_run):
+def tokenizer(tiny_data):
     from jaxrlhf.models import load_tokenizer
 
-    return load_tokenizer(tiny_run / "data" / "tokenizers" / "gpt2")
+    return load_tokenizer(tiny_data / "data" / "tokenizers" / "gpt2")
 
 
 def test_prompts_are_left_padded_and_keep_their_end(tokenizer):

@@ -5,10 +5,13 @@ log N - (N - 1) / N, the plot two panels; a rerun skips every finished point."""
 import json
 import math
 
+import pytest
 
 from jaxrlhf import cli
 from tests.conftest import TINY
 from tests.test_reliability import tiny_overrides
+
+pytestmark = pytest.mark.slow
 
 SWEEPS = {  # method -> (stage, tiny config, knob, values)
     "ppo": ("ppo", "ppo.yaml", "ppo.kl_coef", [0.1]),

@@ -41,6 +41,7 @@ def run_sft(tiny_run, out, monkeypatch, mesh_overrides):
     return path, seen
 
 
+@pytest.mark.slow
 def test_fsdp_trains_the_replicated_params_in_under_30_percent_of_the_bytes(tiny_run, tmp_path, monkeypatch):
     assert jax.device_count() == 4, "conftest sets 4 fake CPU devices"
     replicated, rep_bytes = run_sft(tiny_run, tmp_path / "replicated", monkeypatch, ["train.mesh.data=4"])
@@ -56,6 +57,7 @@ def test_fsdp_trains_the_replicated_params_in_under_30_percent_of_the_bytes(tiny
     assert ratio <= 0.30, (fsdp_bytes, rep_bytes, ratio)
 
 
+@pytest.mark.fast
 def test_fsdp_splits_large_leaves_and_keeps_small_ones_whole():
     """`param_sharding`: leaves of >= FSDP_MIN_SIZE elements split on their largest evenly
     dividing dim; smaller ones, and ones with no dividing dim, replicated."""
@@ -68,6 +70,7 @@ def test_fsdp_splits_large_leaves_and_keeps_small_ones_whole():
     assert shard_shapes == {"big": (8, n // 16), "odd": (n + 1,), "small": (n // 2,), "scalar": ()}
 
 
+@pytest.mark.slow
 def test_a_run_resumes_on_another_mesh_and_exports_on_one_device(tiny_run, tmp_path, monkeypatch):
     """Checkpoints hold global arrays in the layout of the mesh that wrote them: a run stopped on
     4 data-parallel devices resumes on an fsdp=4 mesh with the uninterrupted run's params, and

@@ -20,6 +20,8 @@ from jaxrlhf.updates.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.updates import TrainState, make_dpo_step, make_reward_step
 from tests.test_steps import B, pair_batch, policy, reward_model, rollout_batch
 
+pytestmark = pytest.mark.fast
+
 
 def noisy(tree, seed: int, std: float):
     """`tree` plus Gaussian noise of `std` on every leaf."""

@@ -16,6 +16,8 @@ from jaxrlhf.updates.ppo import PPOConfig
 from tests.conftest import SHRINK, TINY
 from tests.test_glue import next_token_logps, noisy, response_logps, rm_scores
 
+pytestmark = pytest.mark.slow
+
 
 # --- Stages: what each step, scorer and file is fed -------------------------------------------
 

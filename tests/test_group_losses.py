@@ -8,6 +8,8 @@ import pytest
 
 from jaxrlhf import group_losses as gl
 
+pytestmark = pytest.mark.fast
+
 RNG = np.random.default_rng(0)
 
 

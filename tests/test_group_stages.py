@@ -11,6 +11,8 @@ from jaxrlhf.errors import JaxRLHFError
 from tests.conftest import interrupt_at_call
 from tests.test_reliability import final_params, stage_config
 
+pytestmark = pytest.mark.slow
+
 # 2 prompts x 4 samples a step, groups split over the 4 devices; 2 epochs x 2 minibatches.
 SHARED = {"rloo": ["train.steps=2", "train.batch_size=8", "rloo.epochs=2", "rloo.num_minibatches=2"],
           "grpo": ["train.steps=2", "train.batch_size=8", "grpo.epochs=2", "grpo.num_minibatches=2"]}
@@ -43,7 +45,10 @@ def test_a_group_stage_samples_k_per_prompt_and_ends_the_same_on_one_and_four_de
     assert len({r.tobytes() for r in responses}) > 4, "each row draws its own sample"
     four = run(name, tiny_run, tmp_path / "four", ["train.mesh.data=4"])
     for a, b in zip(final_params(one), final_params(four), strict=True):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
+        # Adam's steps are about lr x sign(g), so an element whose gradient is near zero may move by
+        # a fraction of lr (3e-4) differently when only the order of float sums changes; a wrong
+        # split of the groups moves most elements by whole steps.
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["rloo", "grpo"])

@@ -34,6 +34,7 @@ def response_logps(module, params, batch):
     return jnp.take_along_axis(jax.nn.log_softmax(logits), seq[:, p:, None], -1)[..., 0]
 
 
+@pytest.mark.fast
 def test_rloo_update_equals_a_numpy_derivation_of_shaped_rewards_advantages_and_the_first_step():
     """Rewards are score - beta * sum over the response of (logp - ref_logp); each row's
     advantage is its reward minus the mean of the other k - 1 of its group (k = 4: two
@@ -63,6 +64,7 @@ def test_rloo_update_equals_a_numpy_derivation_of_shaped_rewards_advantages_and_
     assert_params_close(state.params, want, atol=1e-4)  # float32 steps of size ~1
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("scale,level", [("group", "token"), ("batch", "sequence"), ("none", "token")])
 def test_grpo_update_equals_a_numpy_derivation_of_group_advantages_the_k3_kl_and_the_first_step(scale, level):
     """Advantages: the score minus its group's mean, over the group's (or the batch's) std +
@@ -96,6 +98,7 @@ def test_grpo_update_equals_a_numpy_derivation_of_group_advantages_the_k3_kl_and
     assert_params_close(state.params, want, atol=1e-4)  # float32 steps of size ~1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_grpo_losses_over_two_minibatches_keep_their_whole_rollout_normaliser(loss_type):
     """With the params held still (lr 0), the mean loss over 2 minibatches of 4 is the whole
@@ -133,6 +136,7 @@ CASES = [("rloo", {}), ("rloo", {"kl_penalty": "loss", "normalize_advantages": T
          ("grpo", {"loss_type": "bnpo", "scale_rewards": "batch", "importance_sampling_level": "sequence"})]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,overrides", CASES)
 def test_pmap_and_the_mesh_give_the_one_device_update(kind, overrides):
     """Groups of 4 rows over 4 devices of 2 rows: each group spans two devices, so the

@@ -44,6 +44,7 @@ def our_logits(path, ids, mask, **kw):
 IDS, MASK = padded_batch(64, lengths=[6, 4], total=6, side="right", seed=11)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "hf_cls,config",
     [
@@ -67,6 +68,7 @@ def test_round_trip_through_save_pretrained(tmp_path, hf_cls, config):
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["architectures"] == [hf_cls.__name__]
 
 
+@pytest.mark.fast
 def test_value_head_survives_a_round_trip_and_transformers_ignores_it(tmp_path):
     tiny_gpt2(tmp_path / "orig")
     with pytest.warns(UserWarning, match=r"v_head\.summary\.weight"):
@@ -81,12 +83,14 @@ def test_value_head_survives_a_round_trip_and_transformers_ignores_it(tmp_path):
     np.testing.assert_allclose(torch_logits(reloaded, IDS, MASK)[real], np.asarray(out.logits)[real], atol=1e-4)
 
 
+@pytest.mark.fast
 def test_sharded_safetensors(tmp_path):
     ref = tiny_gpt2(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     np.testing.assert_allclose(our_logits(tmp_path, IDS, MASK)[MASK == 1], torch_logits(ref, IDS, MASK)[MASK == 1], atol=1e-4)
 
 
+@pytest.mark.fast
 def test_pytorch_bin_through_weights_only(tmp_path):
     ref = tiny_gpt2(tmp_path)
     (tmp_path / "model.safetensors").unlink()
@@ -94,6 +98,7 @@ def test_pytorch_bin_through_weights_only(tmp_path):
     np.testing.assert_allclose(our_logits(tmp_path, IDS, MASK)[MASK == 1], torch_logits(ref, IDS, MASK)[MASK == 1], atol=1e-4)
 
 
+@pytest.mark.fast
 def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
     ref = tiny_gpt2(tmp_path)
     ref.to(torch.bfloat16).save_pretrained(tmp_path)
@@ -103,6 +108,7 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
     np.testing.assert_allclose(our_logits(tmp_path, IDS, MASK)[MASK == 1], want[MASK == 1], atol=1e-4)
 
 
+@pytest.mark.fast
 def test_legacy_gamma_beta_layer_norm_names(tmp_path):
     ref = randomize(transformers.BertModel(transformers.BertConfig(**TINY_BERT)), seed=5)
     ref.save_pretrained(tmp_path)
@@ -118,6 +124,7 @@ def test_legacy_gamma_beta_layer_norm_names(tmp_path):
     np.testing.assert_allclose(np.asarray(hidden)[MASK == 1], want.numpy()[MASK == 1], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_base_checkpoint_gets_a_fresh_regression_head_with_a_warning(minilm_dir):
     with pytest.warns(UserWarning, match=r"classifier\.weight"):
         module, params, config = load_pretrained(minilm_dir, head="classification", num_labels=1)
@@ -125,6 +132,7 @@ def test_base_checkpoint_gets_a_fresh_regression_head_with_a_warning(minilm_dir)
     assert module.apply({"params": params}, IDS, MASK).shape == (2, 1)
 
 
+@pytest.mark.fast
 def test_tokenizer_is_saved_beside_the_model(tmp_path, minilm_dir):
     module, params, config = load_pretrained(minilm_dir)
     tokenizer = load_tokenizer(minilm_dir, config)
@@ -133,6 +141,7 @@ def test_tokenizer_is_saved_beside_the_model(tmp_path, minilm_dir):
     assert again("please help")["input_ids"] == tokenizer("please help")["input_ids"]
 
 
+@pytest.mark.fast
 def test_save_replaces_an_earlier_export_whole_and_nothing_else(tmp_path):
     tiny_gpt2(tmp_path / "orig")
     module, params, _ = load_pretrained(tmp_path / "orig")
@@ -165,6 +174,7 @@ def make_hub_cache(cache: Path, repo_id: str, files_from: Path) -> None:
         (snapshot / f.name).write_bytes(f.read_bytes())
 
 
+@pytest.mark.fast
 def test_hub_name_resolves_from_an_offline_cache(tmp_path):
     ref = tiny_gpt2(tmp_path / "files")
     make_hub_cache(tmp_path / "hub", "some-org/tiny-gpt2", tmp_path / "files")

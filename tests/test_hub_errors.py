@@ -11,6 +11,8 @@ from jaxrlhf.models import GPT2Config, load_pretrained, load_tokenizer, save_pre
 from jaxrlhf.models.configs import BertConfig
 from tests.test_hub import TINY_BERT, tiny_gpt2
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.fixture
 def gpt2_dir(tmp_path):

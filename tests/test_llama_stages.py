@@ -14,6 +14,8 @@ import yaml
 
 from tests.conftest import SHRINK, TINY
 
+pytestmark = pytest.mark.slow
+
 LLAMA = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 32, "intermediate_size": 48,
          "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
          "max_position_embeddings": 64, "tie_word_embeddings": False,

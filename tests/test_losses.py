@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from jaxrlhf import losses
 from jaxrlhf.updates.ppo import PPOConfig, update_kl_coef
 
+pytestmark = pytest.mark.fast
+
 # Derandomised and without shrinking: CI reruns are identical and a failure reports fast.
 settings.register_profile("ci", max_examples=40, deadline=None, derandomize=True,
                           phases=[Phase.explicit, Phase.reuse, Phase.generate])

@@ -15,6 +15,8 @@ from tests.conftest import ROOT
 from tests.test_crash_and_multihost import ENV, free_port, processes
 from tests.test_reliability import final_params, stage_config
 
+pytestmark = pytest.mark.slow
+
 # stage -> (module, tiny config, overrides every mesh shares). Each stage reads the session's
 # tiny run, never another stage of this test, so a difference cannot travel between stages.
 STAGES = {

@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from jaxrlhf.models import load_pretrained
-from tests.conftest import padded_batch, randomize
+from tests.conftest import padded_batch, randomize, tiered
+
 
 BERT = {
     "bert-gelu": dict(vocab_size=101, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -35,7 +36,7 @@ def check(ours, theirs, mask=None):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", sorted(BERT))
+@pytest.mark.parametrize("name", tiered(sorted(BERT), fast={"bert-gelu"}))
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_bert_base_matches_transformers(tmp_path, name, side):
     cfg = transformers.BertConfig(**BERT[name])
@@ -50,7 +51,7 @@ def test_bert_base_matches_transformers(tmp_path, name, side):
     check(pooled, out.pooler_output)
 
 
-@pytest.mark.parametrize("name", sorted(BERT))
+@pytest.mark.parametrize("name", tiered(sorted(BERT), fast={"bert-gelu"}))
 @pytest.mark.parametrize("num_labels", [1, 3])
 def test_bert_classifier_matches_transformers(tmp_path, name, num_labels):
     cfg = transformers.BertConfig(num_labels=num_labels, **BERT[name])
@@ -64,7 +65,7 @@ def test_bert_classifier_matches_transformers(tmp_path, name, num_labels):
     check(logits, run_torch(ref, ids, mask).logits)
 
 
-@pytest.mark.parametrize("name", sorted(DISTILBERT))
+@pytest.mark.parametrize("name", tiered(sorted(DISTILBERT), fast={"distil-gelu"}))
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_distilbert_base_matches_transformers(tmp_path, name, side):
     cfg = transformers.DistilBertConfig(**DISTILBERT[name])
@@ -75,7 +76,7 @@ def test_distilbert_base_matches_transformers(tmp_path, name, side):
     check(module.apply({"params": params}, ids, mask), run_torch(ref, ids, mask).last_hidden_state, mask)
 
 
-@pytest.mark.parametrize("name", sorted(DISTILBERT))
+@pytest.mark.parametrize("name", tiered(sorted(DISTILBERT), fast={"distil-gelu"}))
 @pytest.mark.parametrize("num_labels", [1, 2])
 def test_distilbert_classifier_matches_transformers(tmp_path, name, num_labels):
     cfg = transformers.DistilBertConfig(num_labels=num_labels, **DISTILBERT[name])
@@ -86,6 +87,7 @@ def test_distilbert_classifier_matches_transformers(tmp_path, name, num_labels):
     check(module.apply({"params": params}, ids, mask), run_torch(ref, ids, mask).logits)
 
 
+@pytest.mark.fast
 def test_real_minilm_checkpoint_matches_transformers(minilm_dir):
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_dir)
     ref = transformers.BertModel.from_pretrained(minilm_dir).eval()

@@ -7,7 +7,7 @@ import transformers
 
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.models.layers import positions_from_mask
-from tests.conftest import padded_batch, randomize
+from tests.conftest import padded_batch, randomize, tiered
 
 CONFIGS = {
     "small-gelu_new": dict(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64),
@@ -42,7 +42,7 @@ def reference_logits(model, ids, mask):
     return out.logits.numpy()
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", tiered(sorted(CONFIGS), fast={"small-gelu_new"}))
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_logits_match_transformers(tmp_path, name, side):
     ref = make_gpt2(tmp_path, seed=len(name), **CONFIGS[name])
@@ -53,6 +53,7 @@ def test_logits_match_transformers(tmp_path, name, side):
     np.testing.assert_allclose(ours[real], reference_logits(ref, ids, mask)[real], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_left_padding_gives_the_unpadded_logits(tmp_path):
     make_gpt2(tmp_path, **CONFIGS["small-gelu_new"])
     module, params, _ = load_pretrained(tmp_path)
@@ -62,6 +63,7 @@ def test_left_padding_gives_the_unpadded_logits(tmp_path):
     np.testing.assert_allclose(padded, alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_params_and_stays_close(tmp_path):
     """bf16 compute: params stay float32, and the logits are float32 *accumulations* (not bf16
     products cast afterwards, which would all be bf16-representable), close to float32's."""
@@ -81,6 +83,7 @@ def test_bf16_compute_keeps_float32_params_and_stays_close(tmp_path):
     np.testing.assert_allclose(out16, out32, atol=0.1)
 
 
+@pytest.mark.fast
 def test_bf16_attention_scores_accumulate_in_float32():
     """The q.k scores of bf16 operands come out of the matmul in float32 (then the softmax)."""
     import jax
@@ -96,6 +99,7 @@ def test_bf16_attention_scores_accumulate_in_float32():
     assert [x.aval.dtype for x in scores.invars] == [jnp.bfloat16, jnp.bfloat16]
 
 
+@pytest.mark.slow
 def test_head_slice_gives_those_positions_of_the_full_logits_and_values(tmp_path):
     make_gpt2(tmp_path, **CONFIGS["small-gelu_new"])
     module, params, _ = load_pretrained(tmp_path, value_head=True, rng=__import__("jax").random.key(0))

@@ -10,7 +10,7 @@ import transformers
 
 from jaxrlhf.models import LlamaConfig, load_pretrained, save_pretrained
 from jaxrlhf.sampling import SamplingConfig, generate
-from tests.conftest import padded_batch, randomize
+from tests.conftest import padded_batch, randomize, tiered
 from tests.test_models_gpt2 import reference_logits
 
 CONFIGS = {
@@ -35,7 +35,7 @@ def make_llama(tmp_path, seed=0, **overrides):
     return model
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", tiered(sorted(CONFIGS), fast={"gqa-untied"}))
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_logits_match_transformers(tmp_path, name, side):
     ref = make_llama(tmp_path, seed=len(name), **CONFIGS[name])
@@ -47,6 +47,7 @@ def test_logits_match_transformers(tmp_path, name, side):
     np.testing.assert_allclose(ours[real], reference_logits(ref, ids, mask)[real], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_left_padding_gives_the_unpadded_logits(tmp_path):
     make_llama(tmp_path, **CONFIGS["gqa-untied"])
     module, params, _ = load_pretrained(tmp_path)
@@ -56,7 +57,7 @@ def test_left_padding_gives_the_unpadded_logits(tmp_path):
     np.testing.assert_allclose(padded, alone, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gqa-untied", "mha-tied"])
+@pytest.mark.parametrize("name", tiered(["gqa-untied", "mha-tied"], fast={"gqa-untied"}))
 def test_greedy_generation_matches_transformers_token_for_token(tmp_path, name):
     """Through the KV cache (prefill, then one token at a time) on left-padded prompts."""
     ref = make_llama(tmp_path, seed=3, **CONFIGS[name])
@@ -70,6 +71,7 @@ def test_greedy_generation_matches_transformers_token_for_token(tmp_path, name):
     np.testing.assert_array_equal(np.asarray(ours.sequences[:, 6:]), theirs[:, 6:].numpy())
 
 
+@pytest.mark.slow
 def test_value_head_and_head_slice(tmp_path):
     make_llama(tmp_path, **CONFIGS["gqa-untied"])
     with pytest.warns(UserWarning, match=r"v_head\.summary\.weight"):
@@ -83,6 +85,7 @@ def test_value_head_and_head_slice(tmp_path):
     np.testing.assert_allclose(part.values, full.values[:, -4:-1], atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gqa-untied", "mha-tied"])
 def test_export_round_trip_through_transformers(tmp_path, name):
     """Load, perturb, save_pretrained; transformers loads our folder and gives our logits, and
@@ -101,6 +104,7 @@ def test_export_round_trip_through_transformers(tmp_path, name):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
+@pytest.mark.fast
 def test_sharded_safetensors_checkpoint_loads(tmp_path):
     ref = make_llama(tmp_path / "one", **CONFIGS["gqa-untied"])
     ref.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
@@ -110,6 +114,7 @@ def test_sharded_safetensors_checkpoint_loads(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, one, sharded)
 
 
+@pytest.mark.fast
 def test_unsupported_rope_scaling_is_refused_naming_it():
     from jaxrlhf.errors import ConfigError
 

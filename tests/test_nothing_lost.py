@@ -48,6 +48,7 @@ def run_copy(sft_run, tmp_path):
     return shutil.copytree(sft_run, tmp_path / "runs" / "sft")
 
 
+@pytest.mark.slow
 def test_export_refuses_a_folder_of_user_files_and_the_run_it_reads(sft_run, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -64,6 +65,7 @@ def test_export_refuses_a_folder_of_user_files_and_the_run_it_reads(sft_run, tmp
     assert snapshot(project) == before
 
 
+@pytest.mark.slow
 def test_export_replaces_an_earlier_export_and_anything_with_overwrite(sft_run, tmp_path, capsys):
     out = tmp_path / "exported"
     assert export_main([str(sft_run), str(out), "--step", "1"]) == 0
@@ -81,6 +83,7 @@ def test_export_replaces_an_earlier_export_and_anything_with_overwrite(sft_run, 
     assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in out.iterdir())
 
 
+@pytest.mark.slow
 def test_resume_with_a_changed_config_is_refused_and_changes_nothing(tiny_run, run_copy, capsys):
     before = snapshot(run_copy)
     changed = sft_args(tiny_run, run_copy, "train.learning_rate=1e-4", "train.batch_size=8")
@@ -92,6 +95,7 @@ def test_resume_with_a_changed_config_is_refused_and_changes_nothing(tiny_run, r
     assert snapshot(run_copy) == before
 
 
+@pytest.mark.slow
 def test_a_resume_may_extend_the_run_and_change_what_it_logs(tiny_run, run_copy, capsys):
     extended = sft_args(tiny_run, run_copy, "train.steps=3", "train.log_every=1", "train.keep_checkpoints=5")
     assert cli.stage_main("sft", [*extended, "--resume"]) == 0
@@ -100,6 +104,7 @@ def test_a_resume_may_extend_the_run_and_change_what_it_logs(tiny_run, run_copy,
     assert [json.loads(line)["step"] for line in (run_copy / "metrics.jsonl").read_text().splitlines()] == [2, 3]
 
 
+@pytest.mark.slow
 def test_resume_onto_another_stages_folder_is_refused(tiny_run, run_copy, capsys, tmp_path):
     before = snapshot(run_copy)
     assert cli.stage_main("ppo", [*ppo_args(tiny_run, run_copy), "--resume"]) == 2
@@ -108,6 +113,7 @@ def test_resume_onto_another_stages_folder_is_refused(tiny_run, run_copy, capsys
     assert export_main([str(run_copy), str(tmp_path / "exported")]) == 0  # the folder still says what it holds
 
 
+@pytest.mark.slow
 def test_metrics_after_a_resume_tell_one_story(tiny_run, tmp_path, monkeypatch):
     from jaxrlhf import config as cfg
     from jaxrlhf.stages import sft
@@ -132,6 +138,7 @@ def test_metrics_after_a_resume_tell_one_story(tiny_run, tmp_path, monkeypatch):
     assert records(tmp_path / "resumed") == records(tmp_path / "straight")
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_checkpoint_write_lets_it_finish_then_stops(tiny_run, tmp_path, capsys, monkeypatch):
     import orbax.checkpoint as ocp
 
@@ -161,6 +168,7 @@ def preference_args(tiny_run, output, *extra):
             f"prompts.path={tiny_run / 'data' / 'prompts.jsonl'}", f"output={output}", *extra]
 
 
+@pytest.mark.slow
 def test_preferences_never_replace_an_existing_file_unasked(tiny_run, tmp_path, capsys):
     output = tmp_path / "pairs.jsonl"
     output.write_text("my own pairs\n")
@@ -174,6 +182,7 @@ def test_preferences_never_replace_an_existing_file_unasked(tiny_run, tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["pairs.jsonl"]  # no temporary file left beside it
 
 
+@pytest.mark.slow
 def test_evaluation_replaces_only_an_earlier_evaluation(tiny_run, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -190,6 +199,7 @@ def test_evaluation_replaces_only_an_earlier_evaluation(tiny_run, tmp_path, caps
     assert sorted(p.name for p in mine.iterdir()) == sorted(p.name for p in out.iterdir())
 
 
+@pytest.mark.fast
 def test_numbers_parse_as_users_write_them(tmp_path):
     from jaxrlhf import config as cfg
     from jaxrlhf.stages.sft import SFTConfig
@@ -224,6 +234,7 @@ def user_namespaces() -> bool:
     return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not user_namespaces(), reason="needs unprivileged user namespaces (unshare -rm) to mount a "
                                                   "private tmpfs; CI's machine has them")
 @pytest.mark.parametrize("break_disk,mend_disk,cause", [

@@ -3,6 +3,10 @@
 import re
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -70,3 +74,25 @@ def test_the_readme_override_examples_run_as_written(capsys, monkeypatch):
             for part in key.split("."):
                 value = getattr(value, part)
             assert value == yaml.safe_load(raw) or value == float(raw), (item, value)
+
+
+def test_a_test_in_neither_tier_or_in_both_stops_the_collection_naming_it():
+    """The fast tier (`-m fast`) must not lose a test by accident: tests/conftest.py refuses a
+    collection in which a test is marked neither fast nor slow, or both."""
+    from tests import conftest
+
+    class Item:
+        def __init__(self, nodeid, *marks):
+            self.nodeid, self.marks = nodeid, marks
+
+        def get_closest_marker(self, name):
+            return name if name in self.marks else None
+
+    items = [Item("t::ok", "fast"), Item("t::unmarked"), Item("t::both", "fast", "slow"), Item("t::slow", "slow")]
+    with pytest.raises(pytest.UsageError) as error:
+        conftest.pytest_collection_modifyitems(None, items)
+    assert "t::unmarked: neither" in str(error.value) and "t::both: fast and slow" in str(error.value)
+    assert "t::ok" not in str(error.value)
+    tiered = [Item("a", "fast"), Item("b", "slow"), Item("c", "fast"), Item("d", "slow")]
+    conftest.pytest_collection_modifyitems(None, tiered)
+    assert [i.nodeid for i in tiered] == ["b", "d", "a", "c"]  # slow first, each tier in its order

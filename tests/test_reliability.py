@@ -11,6 +11,8 @@ from jaxrlhf.errors import JaxRLHFError
 from jaxrlhf.models import load_pretrained
 from tests.conftest import SHRINK, TINY
 
+pytestmark = pytest.mark.slow
+
 
 def stage_config(module, name, tiny_run, out, extra=()):
     """A configs/tiny stage config, shrunk, reading the session's tiny run, writing to `out`."""

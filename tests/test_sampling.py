@@ -11,7 +11,7 @@ from jaxrlhf.errors import ConfigError
 from jaxrlhf.losses import token_logprobs
 from jaxrlhf.models import from_config, load_pretrained
 from jaxrlhf.sampling import SamplingConfig, generate
-from tests.conftest import padded_batch, randomize
+from tests.conftest import padded_batch, randomize, tiered
 
 PAD = 0
 
@@ -33,6 +33,7 @@ def hf_greedy(model, ids, mask, n, eos):
     return out[:, ids.shape[1]:].numpy()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "cfg",
     [dict(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=64),
@@ -66,7 +67,8 @@ def tiny(vocab=53, seed=0, n_positions=64, sharpen=6.0):
     return module, jax.tree.map(lambda x: x * sharpen, params)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8)])
+@pytest.mark.parametrize("temperature,top_k,top_p", tiered([(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8)],
+                                                            fast={(1.3, 5, 1.0)}))
 def test_logprobs_equal_a_teacher_forced_forward(temperature, top_k, top_p):
     module, params = tiny()
     ids, mask = padded_batch(53, lengths=[6, 2, 4], total=6, side="left", seed=4)
@@ -91,6 +93,7 @@ def first_token_probs(module, params, prompt, temperature):
     return np.asarray(jax.nn.softmax(logits / temperature), np.float64)
 
 
+@pytest.mark.slow
 def test_sampled_frequencies_match_the_softmax():
     module, params = tiny(vocab=8, seed=1, sharpen=3.0)
     prompt = np.array([1, 4, 2], np.int32)
@@ -104,6 +107,7 @@ def test_sampled_frequencies_match_the_softmax():
     assert chi2 < 24.3, (chi2, counts, expected.round())  # 99.9% quantile of chi-square, 7 d.o.f.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top_k,top_p", [(3, 1.0), (0, 0.5), (4, 0.7)])
 def test_top_k_and_top_p_never_leave_the_kept_set(top_k, top_p):
     module, params = tiny(vocab=16, seed=2)
@@ -122,6 +126,7 @@ def test_top_k_and_top_p_never_leave_the_kept_set(top_k, top_p):
             assert tokens[b, t] in kept, (b, t, tokens[b, t], kept)
 
 
+@pytest.mark.slow
 def test_min_new_tokens_holds_eos_back():
     module, params = tiny(vocab=8, seed=1)
     prompt = jnp.ones((64, 2), jnp.int32)
@@ -133,6 +138,7 @@ def test_min_new_tokens_holds_eos_back():
     assert np.asarray(out.response_mask)[:, :4].all()
 
 
+@pytest.mark.fast
 def test_second_call_with_the_same_shapes_does_not_trace_again():
     module, params = tiny()
     settings = SamplingConfig(max_new_tokens=5, pad_token_id=PAD, eos_token_id=3)
@@ -154,6 +160,7 @@ def test_second_call_with_the_same_shapes_does_not_trace_again():
         jax.monitoring.clear_event_listeners()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize(
     "kw,message",
     [
@@ -168,6 +175,7 @@ def test_bad_settings_are_named(kw, message):
         SamplingConfig(pad_token_id=PAD, **kw)
 
 
+@pytest.mark.fast
 def test_prompt_plus_budget_over_the_context_is_an_error():
     module, params = tiny(n_positions=16)
     with pytest.raises(ConfigError, match=r"prompt length 10 \+ max_new_tokens 8 = 18 exceeds the model's n_positions=16"):
@@ -175,6 +183,7 @@ def test_prompt_plus_budget_over_the_context_is_an_error():
                  SamplingConfig(max_new_tokens=8, pad_token_id=PAD))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("only", [0, 127, 128, 200, 299])
 def test_inverse_cdf_sampler_draws_only_tokens_with_mass(only):
     from jaxrlhf.sampling import sample_categorical

@@ -26,6 +26,8 @@ from jaxrlhf.sampling import SamplingConfig, generate  # noqa: E402
 from jaxrlhf.stages import gguf as gguf_stage  # noqa: E402
 from jaxrlhf.stages.common import load_policy  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):

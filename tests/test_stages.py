@@ -15,6 +15,7 @@ from jaxrlhf.stages.preferences import make_pairs
 from tests.conftest import ROOT, SHRINK, TINY, interrupt_at_call
 
 
+@pytest.mark.slow
 def test_every_stage_leaves_its_outputs(tiny_run):
     for stage in ("sft", "reward", "ppo", "rloo", "grpo", "dpo", "slic", "online_dpo"):
         assert (tiny_run / stage / "final" / "model.safetensors").is_file(), stage
@@ -42,6 +43,7 @@ def test_every_stage_leaves_its_outputs(tiny_run):
         assert (tiny_run / "eval" / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_ppo_export_loads_in_transformers_and_generates(tiny_run):
     import torch
     import transformers
@@ -55,6 +57,7 @@ def test_ppo_export_loads_in_transformers_and_generates(tiny_run):
     assert out.shape[1] > ids["input_ids"].shape[1]
 
 
+@pytest.mark.slow
 def test_export_script_turns_a_checkpoint_into_hf_layout(tiny_run, tmp_path):
     from jaxrlhf.models import load_pretrained
     from jaxrlhf.stages.export import export_run
@@ -67,6 +70,7 @@ def test_export_script_turns_a_checkpoint_into_hf_layout(tiny_run, tmp_path):
         export_run(tiny_run / "sft", tmp_path / "nope", step=5)
 
 
+@pytest.mark.slow
 def test_chat_keeps_the_conversation_in_the_prompt(tiny_run):
     from jaxrlhf.chat import ChatSession
 
@@ -79,14 +83,15 @@ def test_chat_keeps_the_conversation_in_the_prompt(tiny_run):
     assert session.history == ""
 
 
-def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_run, tmp_path, monkeypatch):
+@pytest.mark.fast
+def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, tmp_path, monkeypatch):
     from jaxrlhf.stages import sft
     from jaxrlhf.models import load_pretrained
 
     def config(out):
         overrides = SHRINK["sft.yaml"] + [f"train.output_dir={out}", "train.steps=8", "train.save_every=3",
-                                          f"tokenizer={tiny_run / 'data' / 'tokenizers' / 'gpt2'}",
-                                          f"data.path={tiny_run / 'data' / 'sft.jsonl'}"]
+                                          f"tokenizer={tiny_data / 'data' / 'tokenizers' / 'gpt2'}",
+                                          f"data.path={tiny_data / 'data' / 'sft.jsonl'}"]
         return cfg.load(sft.SFTConfig, TINY / "sft.yaml", overrides)
 
     sft.run(config(tmp_path / "straight"))
@@ -103,6 +108,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_run, t
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("pipeline", sorted(p.relative_to(ROOT) for p in (ROOT / "configs").glob("*/pipeline.yaml")))
 def test_every_shipped_config_is_valid(pipeline):
     """Every stage config of every shipped pipeline loads and validates (a dry run would also
@@ -111,8 +117,11 @@ def test_every_shipped_config_is_valid(pipeline):
     assert len(stages) == len(yaml.safe_load((ROOT / pipeline).read_text())["stages"])
 
 
-def test_stage_script_dry_run_and_bad_keys(capsys):
-    # The dry run runs the stage's checks: here the policy the config names is not there yet.
+@pytest.mark.fast
+def test_stage_script_dry_run_and_bad_keys(capsys, tmp_path, monkeypatch):
+    # The dry run runs the stage's checks: here the policy the config names (relative to the
+    # working directory, an empty folder, whatever the checkout's runs/ holds) is not there yet.
+    monkeypatch.chdir(tmp_path)
     assert cli.stage_main("ppo", ["--config", str(TINY / "ppo.yaml"), "--dry-run"]) == 2
     said = capsys.readouterr()
     assert "PPO: runs/tiny/sft/final" in said.out and "runs/tiny/sft/final does not exist" in said.err
@@ -122,6 +131,7 @@ def test_stage_script_dry_run_and_bad_keys(capsys):
     assert "steps=-1 must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_reward_model_scores_text_from_another_tokenizer(tiny_run):
     """The policy's GPT-2 BPE and the reward model's WordPiece differ: scoring decodes to text
     and re-encodes, and gives what the reward model gives on that text directly."""
@@ -144,6 +154,7 @@ def test_reward_model_scores_text_from_another_tokenizer(tiny_run):
         make_scorer(RewardSource(model=str(rm), label="POSITIVE"), make_mesh())
 
 
+@pytest.mark.fast
 def test_function_rewards_are_checked():
     from jaxrlhf.parallel import make_mesh
     from jaxrlhf.rewards import make_scorer
@@ -175,6 +186,7 @@ def a_dict(prompts, responses):
     return {"score": [1.0] * len(responses)}
 
 
+@pytest.mark.fast
 def test_pairs_put_the_higher_score_first_and_respect_the_margin():
     responses, scores = ["a", "b", "c", "b"], [0.1, 0.9, 0.5, 0.9]
     pairs = make_pairs("p", responses, scores, "all", 0.0)
@@ -184,6 +196,7 @@ def test_pairs_put_the_higher_score_first_and_respect_the_margin():
     assert [(p["chosen"], p["rejected"]) for p in make_pairs("p", responses, scores, "best_worst", 0.0)] == [("b", "a")]
 
 
+@pytest.mark.fast
 def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
     from jaxrlhf.trainer import MetricLog
 
@@ -195,6 +208,7 @@ def test_metrics_go_to_jsonl_and_tensorboard(tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.fast
 def test_a_missing_eos_costs_the_penalty_and_an_ended_reply_nothing():
     from jaxrlhf.rewards import penalise_missing_eos
     from jaxrlhf.sampling import GenerateOutput
@@ -222,6 +236,7 @@ def pad_less_copy(policy, where):
     return where
 
 
+@pytest.mark.slow
 def test_a_tokenizer_without_a_pad_token_pads_with_eos_in_every_stage(tiny_run, tmp_path):
     """TRL's rule for GPT-2: pad with EOS, and let the masks (from lengths and the sampler's
     done flags, never from ids) tell padding from a real EOS."""
@@ -242,6 +257,7 @@ def test_a_tokenizer_without_a_pad_token_pads_with_eos_in_every_stage(tiny_run, 
     assert load_tokenizer(tmp_path / "ppo" / "final").pad_token == load_tokenizer(policy).eos_token
 
 
+@pytest.mark.slow
 def test_sft_and_reward_inputs_cut_to_fit_keep_what_matters_and_say_how_many(tiny_run, tmp_path, minilm_dir):
     """SFT keeps a cut response's EOS and warns once with the count (counted here from the
     tokenizer directly); a reward model reading prompt + response keeps the end (the response)."""
@@ -269,6 +285,7 @@ def test_sft_and_reward_inputs_cut_to_fit_keep_what_matters_and_say_how_many(tin
     assert list(enc["cut"]) == [True, False]
 
 
+@pytest.mark.slow
 def test_a_reward_function_beside_the_config_or_in_the_working_directory_is_found(tiny_run, tmp_path, monkeypatch,
                                                                                  capsys):
     from tests.test_bad_input import ppo_args

@@ -12,6 +12,7 @@ from jaxrlhf.parallel import AXIS, jit_step, pmap_step, replicate, shard, unrepl
 from jaxrlhf.updates.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.sampling import SamplingConfig, generate
 from jaxrlhf.updates import TrainState, make_dpo_step, make_optimizer, make_reward_step, make_sft_step
+from tests.conftest import tiered
 
 VOCAB, B, T = 32, 8, 12
 GPT2 = dict(model_type="gpt2", n_layer=2, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32,
@@ -95,7 +96,7 @@ def build(kind, tx, axis_name=None, ppo_minibatches=1):
 KINDS = ["sft", "regression", "pairwise", "sigmoid", "hinge", "ipo", "slic", "ppo"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", tiered(KINDS, fast={"sft", "sigmoid", "ppo"}))
 def test_four_devices_give_the_one_device_update(kind):
     assert jax.local_device_count() == 4, "conftest sets 4 fake CPU devices"
     tx = optax.sgd(0.5)  # plain SGD: the update is the gradient itself, nothing rescales it
@@ -114,6 +115,7 @@ def test_four_devices_give_the_one_device_update(kind):
         np.testing.assert_allclose(four_state.kl_coef, one_state.kl_coef, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,minibatches", [("sft", 1), ("pairwise", 1), ("sigmoid", 1), ("ppo", 2)])
 def test_pmap_step_and_the_mesh_path_give_the_one_device_update(kind, minibatches):
     """`pmap_step` (kept for pmap-style users) and the stages' mesh path (`data_parallel`:
@@ -162,12 +164,13 @@ def run(kind, steps, lr=3e-3):
     return history
 
 
-@pytest.mark.parametrize("kind", ["sft", "regression", "pairwise"])
+@pytest.mark.parametrize("kind", tiered(["sft", "regression", "pairwise"], fast={"sft"}))
 def test_supervised_losses_go_down(kind):
     history = run(kind, 40)
     assert history[-1]["loss"] < 0.5 * history[0]["loss"], (history[0]["loss"], history[-1]["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo", "slic"])
 def test_preference_steps_come_to_prefer_the_chosen(kind):
     history = run(kind, 30)
@@ -176,6 +179,7 @@ def test_preference_steps_come_to_prefer_the_chosen(kind):
     assert history[-1]["rewards/margins"] > history[0]["rewards/margins"] + 0.5
 
 
+@pytest.mark.slow
 def test_ppo_raises_a_fixed_reward():
     """Reward: the share of response tokens equal to token 7, scored inside the update."""
     module, params, _ = policy(value_head=True, seed=3)
@@ -203,6 +207,7 @@ def accumulating(state, k):
     return state.replace(grad_accum_steps=k)
 
 
+@pytest.mark.slow
 def test_k_microbatches_give_the_token_weighted_whole_batch_update():
     """Halves with different numbers of loss tokens: the update is the whole batch's mean
     gradient (token-weighted), not the mean of the two halves' means."""
@@ -227,6 +232,7 @@ def test_k_microbatches_give_the_token_weighted_whole_batch_update():
     assert optax.global_norm(jax.tree.map(jnp.subtract, grads, equal_weights)) > 1e-3  # the test can tell
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["regression", "sigmoid", "slic", "ppo"])
 def test_every_update_accumulates_to_its_whole_batch_update(kind):
     tx = optax.sgd(0.5)
@@ -240,6 +246,7 @@ def test_every_update_accumulates_to_its_whole_batch_update(kind):
         np.testing.assert_allclose(two_metrics[name], one_metrics[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_microbatches_on_four_devices_give_the_one_device_update():
     tx = optax.sgd(0.5)
     step, state, batch = build("sft", tx)
@@ -254,6 +261,7 @@ def update_counts(state):
     return {int(c) for _, c in optax.tree_utils.tree_get_all_with_path(state.opt_state, "count")}
 
 
+@pytest.mark.slow
 def test_a_ppo_schedule_counts_every_update_and_ends_with_the_run():
     """3 iterations x 4 epochs x 2 minibatches = 24 updates: warm-up over 4 updates, linear
     decay to 0 at update 24; the logged lr is the lr of the update just taken."""
@@ -276,6 +284,7 @@ def test_a_ppo_schedule_counts_every_update_and_ends_with_the_run():
     np.testing.assert_allclose(lr_at_step(3), 1e-2 / 20, rtol=1e-6)  # the last update's lr, then 0
 
 
+@pytest.mark.fast
 def test_warmup_and_decay_count_updates_under_accumulation():
     """4 steps of 2 microbatches are 4 updates: warm-up over 2 then decay to 0 after the 4th."""
     from jaxrlhf.config import TrainConfig
@@ -305,6 +314,7 @@ def _sft_loss(module, params, batch):
     return losses.sft_loss(logits[:, :-1], batch["input_ids"][:, 1:], mask)
 
 
+@pytest.mark.fast
 def test_schedules_warm_up_then_decay():
     _, lr = make_optimizer(1e-3, schedule="cosine", warmup_steps=10, total_steps=110)
     np.testing.assert_allclose([lr(0), lr(5), lr(10), lr(60), lr(110)], [0, 5e-4, 1e-3, 5e-4, 0], atol=1e-9)
@@ -312,6 +322,7 @@ def test_schedules_warm_up_then_decay():
     np.testing.assert_allclose([lr(0), lr(50), lr(100)], [1e-3, 5e-4, 0], atol=1e-9)
 
 
+@pytest.mark.slow
 def test_dpo_with_precomputed_reference_logps_equals_the_in_step_reference():
     from jaxrlhf import losses
 
@@ -331,6 +342,7 @@ def test_dpo_with_precomputed_reference_logps_equals_the_in_step_reference():
     np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
 
 
+@pytest.mark.fast
 def test_batches_must_split_into_microbatches_on_every_device():
     """Checked when a stage builds its mesh (`stages.common.train_mesh`): every update's rows
     (the batch, or each PPO minibatch) split over the devices, and each device's share over
@@ -356,6 +368,7 @@ def test_batches_must_split_into_microbatches_on_every_device():
         "data": 2, "fsdp": 2}
 
 
+@pytest.mark.slow
 def test_pmap_users_may_name_their_axis_data():
     """The stages' mesh axis is called "data" too; under pmap no mesh of ours is in force, so an
     update pmapped over an axis of that name runs as any other (the one-device update)."""

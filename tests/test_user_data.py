@@ -53,6 +53,7 @@ def users_files(tiny_run, work: Path) -> Path:
     return mine
 
 
+@pytest.mark.slow
 def test_a_users_plain_text_and_csv_run_the_whole_pipeline_through_the_script_dry_run_first(
         tiny_run, tmp_path, monkeypatch, capsys):
     """scripts/pipeline.py on configs/tiny without its data stage, on the user's files:
@@ -90,6 +91,7 @@ def test_a_users_plain_text_and_csv_run_the_whole_pipeline_through_the_script_dr
     assert len(replies) == len(evaluated) * 16 and {r["policy"] for r in replies} == set(evaluated)
 
 
+@pytest.mark.slow
 def test_plain_text_rows_learn_every_token_and_their_eos(tiny_run, tmp_path):
     """SFT's preflight (what its run trains on) against the tokenizer applied directly: each
     text's tokens then EOS, the loss on all of them; padded with EOS, the tokenizer having no
@@ -136,6 +138,7 @@ DRY_RUN_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", DRY_RUN_CASES)
 def test_dry_run_fails_with_the_runs_own_one_line_error_and_writes_nothing(tiny_run, tmp_path, capsys, name):
     _, stage, args, message = CASE[name]
@@ -156,6 +159,7 @@ GOOD = {"sft": sft_args, "reward": reward_args, "ppo": ppo_args, "rloo": rloo_ar
         "online_dpo": online_dpo_args, "preferences": preferences_args, "dpo": dpo_args, "evaluate": evaluate_args}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", list(GOOD))
 def test_dry_run_of_good_input_passes_every_check_and_writes_nothing(tiny_run, tmp_path, capsys, stage):
     out = tmp_path / "out"
@@ -166,6 +170,7 @@ def test_dry_run_of_good_input_passes_every_check_and_writes_nothing(tiny_run, t
     assert not out.exists() and files_under(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_the_pad_token_key_names_the_token_batches_are_padded_with(tiny_run, tmp_path):
     """An explicit pad_token wins over the tokenizer's own; a reward model's tokenizer without
     one pads with the token its RewardSource names."""
@@ -199,6 +204,7 @@ def average_ranks(x):
     return np.array([(x < v).sum() + ((x == v).sum() + 1) / 2 for v in x])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["regression", "pairwise"])
 def test_reward_training_logs_held_out_metrics_of_the_model_at_that_step(tiny_run, tmp_path, kind):
     """eval/* in metrics.jsonl at each log step and at the end, against the checkpoint of that
@@ -251,6 +257,7 @@ def test_reward_training_logs_held_out_metrics_of_the_model_at_that_step(tiny_ru
         assert len({logged[s]["eval/mse"] for s in logged}) == 3
 
 
+@pytest.mark.fast
 def test_reward_metric_helpers_match_numpy_with_ties():
     """Spearman with tied values: the Pearson correlation of average ranks."""
     from jaxrlhf.stages.reward import held_out_metrics
@@ -268,6 +275,7 @@ def test_reward_metric_helpers_match_numpy_with_ties():
 # --- Columns in --help and the README --------------------------------------------------------
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "rloo", "grpo", "online_dpo", "preferences", "dpo", "evaluate"])
 def test_help_and_readme_show_each_stages_columns_with_an_example_row(stage, capsys):
     module, _ = cli.stage(stage)
@@ -285,6 +293,7 @@ def test_help_and_readme_show_each_stages_columns_with_an_example_row(stage, cap
 PLANTED = " Okay. banana banana banana"  # every reply the fine-tuned policy learns
 
 
+@pytest.mark.slow
 def test_evaluation_names_a_planted_phrase_its_share_and_the_references_and_keeps_every_reply(tiny_run, tmp_path,
                                                                                              capsys):
     """A policy fine-tuned to give every prompt one reply: the collapse indicator names an

@@ -62,16 +62,20 @@ def _open(data: DataConfig):
         except Exception as e:
             raise ConfigError(f"cannot load dataset {data.path!r} (split {data.split!r}): {e}") from e
     _check_file(path)
-    quiet = not datasets.are_progress_bars_disabled()  # a local file parses in moments: no bars
-    if quiet:
+    # A local file parses in moments: no bars; and datasets' own log of a parser error would be
+    # a second line beside the one error below that names the file and the cause.
+    bars, verbosity = not datasets.are_progress_bars_disabled(), datasets.logging.get_verbosity()
+    if bars:
         datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         return datasets.load_dataset(_FORMATS.get(path.suffix, "json"), data_files=str(path), split="train")
     except Exception as e:  # datasets wraps the parser's error, which says what is wrong
         cause = (e.__cause__ or e.__context__ or e) if isinstance(e, DatasetGenerationError) else e
         raise ConfigError(f"cannot read data file {path}: {type(cause).__name__}: {cause}") from e
     finally:
-        if quiet:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
             datasets.enable_progress_bars()
 
 

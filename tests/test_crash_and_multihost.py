@@ -58,7 +58,7 @@ def assert_same_model(a, b, tol=0.0):
 
 
 @pytest.mark.parametrize("stage,make_args,steps,save_every,after", [
-    ("sft", sft_args, 300, 20, 20),
+    ("sft", sft_args, 100, 20, 20),
     ("ppo", ppo_args, 8, 2, 2),
 ])
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_run, tmp_path, stage, make_args, steps, save_every,

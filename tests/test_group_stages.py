@@ -44,11 +44,15 @@ def test_a_group_stage_samples_k_per_prompt_and_ends_the_same_on_one_and_four_de
     assert not (groups[0, 0] == groups[1, 0]).all(), "the groups hold different prompts"
     assert len({r.tobytes() for r in responses}) > 4, "each row draws its own sample"
     four = run(name, tiny_run, tmp_path / "four", ["train.mesh.data=4"])
-    for a, b in zip(final_params(one), final_params(four), strict=True):
-        # Adam's steps are about lr x sign(g), so an element whose gradient is near zero may move by
-        # a fraction of lr (3e-4) differently when only the order of float sums changes; a wrong
-        # split of the groups moves most elements by whole steps.
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=5e-5, rtol=1e-5)
+    one, four = (np.concatenate([np.ravel(x) for x in final_params(p)]) for p in (one, four))
+    # Adam's step is about lr x sign(g) per element, so where a gradient is about zero the order
+    # of float sums (1 or 4 devices) can move that element by up to a step or two differently,
+    # and the next updates carry that into the rest at about 1e-5; all but a few elements agree
+    # to a third of one step. A wrong split of the groups moves most elements by whole steps.
+    off = ~np.isclose(four, one, atol=1e-4, rtol=0)
+    assert off.sum() <= 1e-3 * off.size, f"{off.sum()} of {off.size} params differ"
+    lr, updates = 3e-4, 2 * 2 * 2  # configs/tiny; steps x epochs x minibatches (SHARED)
+    np.testing.assert_allclose(four, one, atol=2 * lr * updates, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["rloo", "grpo"])

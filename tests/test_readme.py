@@ -93,6 +93,7 @@ def test_a_test_in_neither_tier_or_in_both_stops_the_collection_naming_it():
         conftest.pytest_collection_modifyitems(None, items)
     assert "t::unmarked: neither" in str(error.value) and "t::both: fast and slow" in str(error.value)
     assert "t::ok" not in str(error.value)
-    tiered = [Item("a", "fast"), Item("b", "slow"), Item("c", "fast"), Item("d", "slow")]
+    tiered = [Item("a", "fast"), Item("b", "slow"), Item("c", "fast"), Item("d", "slow"), Item("e", "slow")]
+    tiered[1].fixturenames = ("tiny_run",)
     conftest.pytest_collection_modifyitems(None, tiered)
-    assert [i.nodeid for i in tiered] == ["b", "d", "a", "c"]  # slow first, each tier in its order
+    assert [i.nodeid for i in tiered] == ["d", "e", "b", "a", "c"]  # slow first, those without a tiny run first

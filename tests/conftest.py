@@ -102,7 +102,8 @@ SHRINK = {
 def run_shrunk_pipeline(work: Path, data: bool) -> None:
     """configs/tiny's pipeline, shrunk, run in `work` (the configs' paths are relative, so
     everything lands under it): only its data stage, or (data=False) every stage after it."""
-    entries = [e for e in yaml.safe_load((TINY / "pipeline.yaml").read_text())["stages"] if (e["stage"] == "data") == data]
+    stages = yaml.safe_load((TINY / "pipeline.yaml").read_text())["stages"]
+    entries = [e for e in stages if (e["stage"] == "data") == data]
     for entry in entries:
         entry["overrides"] = SHRINK[entry["config"]]
         entry["config"] = str(TINY / entry["config"])
@@ -191,8 +192,8 @@ TIERS = ("fast", "slow")
 def tiered(values, fast) -> list:
     """`values` as parametrize cases, those in `fast` in the fast tier and the rest slow (for a
     test whose every case costs a compile, where a few cases show the fast tier enough)."""
-    return [pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.fast if v in fast else pytest.mark.slow)
-            for v in values]
+    return [pytest.param(*(v if isinstance(v, tuple) else (v,)),
+                         marks=pytest.mark.fast if v in fast else pytest.mark.slow) for v in values]
 
 
 @pytest.hookimpl(tryfirst=True)

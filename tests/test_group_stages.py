@@ -51,7 +51,10 @@ def test_a_group_stage_samples_k_per_prompt_and_ends_the_same_on_one_and_four_de
     # to a third of one step. A wrong split of the groups moves most elements by whole steps.
     off = ~np.isclose(four, one, atol=1e-4, rtol=0)
     assert off.sum() <= 1e-3 * off.size, f"{off.sum()} of {off.size} params differ"
-    lr, updates = 3e-4, 2 * 2 * 2  # configs/tiny; steps x epochs x minibatches (SHARED)
+    module = importlib.import_module(f"jaxrlhf.stages.{name}")
+    config = stage_config(module, f"{name}.yaml", tiny_run, tmp_path, SHARED[name])
+    lr, method = config.train.learning_rate, getattr(config, name)
+    updates = config.train.steps * method.epochs * method.num_minibatches
     np.testing.assert_allclose(four, one, atol=2 * lr * updates, rtol=0)
 
 

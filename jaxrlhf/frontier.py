@@ -7,9 +7,10 @@ A method is a config entry `{stage, config, knob, values, overrides}`: any train
 `cli.STAGES` whose config has `train.output_dir`. Best-of-N needs no training: its points are
 evaluation policies (`best_of: {values: [N, ...], scorer: NAME}`) over the reference.
 
-A rerun skips the points whose export exists and continues an interrupted one from its last
-checkpoint (each point's stage refuses a folder whose run was configured differently); the
-evaluation and the report are redone whole.
+A rerun skips the points whose export exists, refusing one trained under another config (its
+`train.steps` included), and continues an interrupted one from its last checkpoint (each point's
+stage refuses a folder whose run was configured differently); the evaluation and the report are
+redone whole.
 """
 
 import dataclasses
@@ -36,6 +37,14 @@ class Sweep:
 
     def __post_init__(self):
         check(bool(self.values), f"values of {self.knob} must name at least one point")
+        # A point's folder and policy are named by its value to 6 significant digits (`:g`): two
+        # values alike in those would be one run, trained once and reported twice.
+        named: dict[str, float] = {}
+        for value in self.values:
+            name = f"{self.knob}={value:g}"
+            check(name not in named, f"values {named.get(name)!r} and {value!r} of {self.knob} are one point "
+                                     f"({name}, its folder's name); give values that differ in 6 significant digits")
+            named[name] = value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,12 +189,25 @@ def plot(path: Path, table_rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def preflight(config: FrontierConfig, resume: bool = False) -> tuple[list[Point], object]:
+def finished(train_points: list[Point]) -> set[str]:
+    """The names of the points whose export exists, each checked to be the run its config
+    describes, length included (a finished point is reused, never retrained)."""
+    done = set()
+    for p in train_points:
+        out = Path(p.config.train.output_dir)
+        if (out / "final" / "config.json").exists():
+            common.check_finished_run(out, p.config)
+            done.add(p.name)
+    return done
+
+
+def preflight(config: FrontierConfig, resume: bool = False) -> tuple[list[Point], set[str], object]:
     """What the run checks before it trains: every point's config (the knob a key of its stage,
-    each value valid) and the evaluation's -> (points, evaluation config)."""
+    each value valid, each naming its own point), the finished points' configs against their
+    runs, and the evaluation's -> (points, names of the finished ones, evaluation config)."""
     del resume
     train_points = points(config)
-    return train_points, evaluation(config, train_points)
+    return train_points, finished(train_points), evaluation(config, train_points)
 
 
 def run(config: FrontierConfig, resume: bool = False) -> Path:
@@ -193,16 +215,12 @@ def run(config: FrontierConfig, resume: bool = False) -> Path:
     always picks up where the last stopped, so `resume` changes nothing."""
     from jaxrlhf import evaluate
 
-    train_points, evaluate_config = preflight(config, resume)
+    train_points, done, evaluate_config = preflight(config, resume)
     report = Path(config.output_dir) / "report"
     outputs.check_replaceable(report, "frontier")
-    finished = {p.name for p in train_points if (Path(p.config.train.output_dir) / "final" / "config.json").exists()}
-    for p in train_points:  # a finished point is reused only if it is this config's run
-        if p.name in finished:
-            common.check_finished_run(Path(p.config.train.output_dir), p.config)
     for i, p in enumerate(train_points, 1):
         head = f"[{i}/{len(train_points)}] {p.name}"
-        if p.name in finished:
+        if p.name in done:
             print(f"{head}: finished ({p.config.train.output_dir}/final), skipped")
             continue
         print(f"\n{head}: {p.module.plan(p.config)}", flush=True)

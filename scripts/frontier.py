@@ -1,5 +1,6 @@
 """The reward-KL frontier: `python scripts/frontier.py --config configs/tiny/frontier.yaml [key=value ...]`
-(--help lists the keys). Rerun to continue: finished points are skipped."""
+(--help lists the keys). Rerun to continue: finished points are skipped (one whose recorded config, train.steps
+included, differs from the one asked for is refused)."""
 
 import sys
 

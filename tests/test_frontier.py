@@ -8,10 +8,11 @@ import math
 import pytest
 
 from jaxrlhf import cli
+from jaxrlhf import config as cfg
+from jaxrlhf import frontier
+from jaxrlhf.stages import common
 from tests.conftest import TINY
 from tests.test_reliability import tiny_overrides
-
-pytestmark = pytest.mark.slow
 
 SWEEPS = {  # method -> (stage, tiny config, knob, values)
     "ppo": ("ppo", "ppo.yaml", "ppo.kl_coef", [0.1]),
@@ -32,6 +33,7 @@ def frontier_config(tiny_run, out):
     return ["--config", str(path)]
 
 
+@pytest.mark.slow
 def test_frontier_sweeps_evaluates_tabulates_and_plots_every_point_and_a_rerun_skips_them(tiny_run, tmp_path, capsys):
     import matplotlib.image
 
@@ -77,3 +79,32 @@ def test_frontier_sweeps_evaluates_tabulates_and_plots_every_point_and_a_rerun_s
     open(changed[1], "w").write(json.dumps(config))
     assert cli.stage_main("frontier", changed) == 2
     assert "changes train.learning_rate (0.0005 -> 0.1)" in capsys.readouterr().err
+
+
+@pytest.mark.fast
+def test_dry_run_refuses_a_finished_point_of_another_length_and_two_values_of_one_name(tmp_path, capsys):
+    """Checked before anything trains, on the config.json a point's run recorded (no training):
+    a finished point is reused only at the length it was trained for, and each value of a knob
+    must name its own point (folder and policy are named by the value to 6 digits)."""
+    def dry_run(values, *overrides):
+        path = tmp_path / "frontier.yaml"
+        path.write_text(json.dumps({"evaluate": str(TINY / "evaluate.yaml"), "output_dir": str(tmp_path / "out"),
+                                    "methods": {"dpo": {"stage": "dpo", "config": str(TINY / "dpo.yaml"),
+                                                        "knob": "beta", "values": values,
+                                                        "overrides": ["train.steps=4", *overrides]}}}))
+        code = cli.stage_main("frontier", ["--config", str(path), "--dry-run"])
+        return code, capsys.readouterr().err, cfg.load(frontier.FrontierConfig, path) if code == 0 else None
+
+    code, _, config = dry_run([0.1])
+    (point,) = frontier.points(config)
+    train = point.config.train  # a finished run: its config.json as the stage records it, and its export
+    common.record_config(common.check_output("dpo", train, point.config, False, train.batch_size))
+    (tmp_path / "out" / "points" / "dpo" / "beta=0.1" / "final").mkdir()
+    (tmp_path / "out" / "points" / "dpo" / "beta=0.1" / "final" / "config.json").write_text("{}")
+    assert dry_run([0.1], "train.log_every=1")[:2] == (0, "")  # what its export does not depend on
+    code, err, _ = dry_run([0.1], "train.steps=8")
+    assert code == 2 and "beta=0.1/final is the export of a finished run, but this config changes train.steps " \
+        "(4 -> 8)" in err, err
+    code, err, _ = dry_run([0.1, 0.1000001])
+    assert code == 2 and "values 0.1 and 0.1000001 of beta are one point (beta=0.1" in err, err
+    assert frontier.finished(frontier.points(config)) == {point.name}  # as reused by the run

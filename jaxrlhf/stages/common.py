@@ -101,6 +101,9 @@ def train_mesh(train: cfg.TrainConfig, minibatches: int = 1, section: str = "ppo
 RESUMABLE = ("train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.tensorboard",
              "train.mesh.data", "train.mesh.fsdp", "train.grad_accum_steps", "train.on_nonfinite",
              "train.output_dir")
+# What a finished run's export does not depend on, so that it may be reused under another value:
+# all of the above but its length (more or fewer steps is another model).
+FINISHED_MAY_CHANGE = tuple(k for k in RESUMABLE if k != "train.steps")
 
 
 def check_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool, rows: int,
@@ -174,12 +177,17 @@ def train_loop(out: Path, state, step_fn, train: cfg.TrainConfig, resume: bool, 
 
 def check_finished_run(out: Path, config: Any) -> None:
     """The finished run in `out` (its export on disk) must be the run `config` describes, as
-    `--resume` checks it (for a caller that skips finished runs rather than resuming them)."""
+    `--resume` checks it but for its length too (for a caller that skips finished runs rather
+    than resuming them: the export it reuses is of the steps config.json records)."""
     saved = _saved_config(out)
     if saved is None:
         raise JaxRLHFError(f"{out / 'final'} exists but {out} holds no jaxrlhf run's config.json; choose another "
                            "output_dir")
-    _check_same_run(out, saved, {"_stage": saved.get("_stage"), **cfg.to_dict(config)})
+    record = {"_stage": saved.get("_stage"), **cfg.to_dict(config)}
+    diffs = _changes(saved, record, FINISHED_MAY_CHANGE)
+    if diffs:
+        raise JaxRLHFError(f"{out / 'final'} is the export of a finished run, but this config changes {diffs}; "
+                           f"undo the change, or delete {out} (or choose another output_dir) to train it anew")
 
 
 def _saved_config(out: Path) -> dict | None:
@@ -201,14 +209,20 @@ def _check_same_run(out: Path, saved: dict, record: dict) -> None:
     if saved.get("_stage", record["_stage"]) != record["_stage"]:
         raise JaxRLHFError(f"{out} holds a {saved['_stage']} run, not a {record['_stage']} run; "
                            "choose another output_dir")
-    before, now = _flat(saved), _flat(record)
-    changed = [k for k in sorted(set(before) | set(now))
-               if not k.startswith("_") and k not in RESUMABLE and before.get(k, "(unset)") != now.get(k, "(unset)")]
-    if changed:
-        diffs = ", ".join(f"{k} ({before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r})" for k in changed)
+    diffs = _changes(saved, record, RESUMABLE)
+    if diffs:
         raise JaxRLHFError(f"--resume continues the run in {out} as it was configured, but this config changes "
                            f"{diffs}; undo the change or choose another output_dir (a resume may change only "
                            f"{', '.join(RESUMABLE)})")
+
+
+def _changes(saved: dict, record: dict, free: tuple[str, ...]) -> str:
+    """The keys `record` changes from the `saved` config.json (but those in `free`), as
+    "key (old -> new), ...", or "" when it changes none."""
+    before, now = _flat(saved), _flat(record)
+    changed = [k for k in sorted(set(before) | set(now))
+               if not k.startswith("_") and k not in free and before.get(k, "(unset)") != now.get(k, "(unset)")]
+    return ", ".join(f"{k} ({before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r})" for k in changed)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:

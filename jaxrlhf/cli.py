@@ -3,10 +3,12 @@
 errors as one clear line."""
 
 import argparse
+import functools
 import importlib
 import inspect
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from jaxrlhf import config as cfg
@@ -100,6 +102,21 @@ def stage_config(name: str, args):
                                        args.config.parent if args.config else None)
 
 
+def one_line_warnings(main):
+    """`main` with each warning on stderr as one line, `warning: MESSAGE`, beside its `error: ...`
+    lines (not Python's file:line and source line, which point into jaxrlhf, not at the input)."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        before, warnings.formatwarning = warnings.formatwarning, lambda message, *_, **__: f"warning: {message}\n"
+        try:
+            return main(*args, **kwargs)
+        finally:
+            warnings.formatwarning = before
+
+    return wrapped
+
+
+@one_line_warnings
 def stage_main(name: str, argv=None) -> int:
     module, args = parse_stage_args(name, argv)
     try:
@@ -138,6 +155,7 @@ def load_pipeline(path: Path) -> list[tuple[str, object, object]]:
     return out
 
 
+@one_line_warnings
 def pipeline_main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="pipeline.py", description="Run every stage of a pipeline file in order (default: the offline tiny one).")

@@ -9,6 +9,7 @@ import difflib
 import re
 import types
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -256,6 +257,9 @@ class TrainConfig:
         # How rows split over the devices is checked when the mesh exists (stages.common.make_mesh).
         check(self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0")
         check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.save_every > self.steps:  # allowed (checkpoints cost time and disk), but rarely meant
+            warnings.warn(f"train.save_every={self.save_every} exceeds train.steps={self.steps}: the only checkpoint "
+                          "is the last step's, so a run stopped before its end leaves nothing to --resume")
 
 
 @dataclasses.dataclass(frozen=True)

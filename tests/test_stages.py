@@ -1,6 +1,8 @@
 """The stages end to end on a shrunken copy of configs/tiny, resume, configs, rewards, pairs."""
 
 import json
+import sys
+import warnings
 
 import jax
 import numpy as np
@@ -115,6 +117,9 @@ def test_every_shipped_config_is_valid(pipeline):
     load the models, which for the hub configs needs the hub)."""
     stages = cli.load_pipeline(ROOT / pipeline)
     assert len(stages) == len(yaml.safe_load((ROOT / pipeline).read_text())["stages"])
+    for name, _, config in stages:  # a run stopped before its end can be resumed
+        train = getattr(config, "train", None)
+        assert train is None or train.save_every <= train.steps, (name, train.save_every, train.steps)
 
 
 @pytest.mark.fast
@@ -129,6 +134,13 @@ def test_stage_script_dry_run_and_bad_keys(capsys, tmp_path, monkeypatch):
     assert "unknown key 'kl_coeff'; did you mean 'kl_coef'?" in capsys.readouterr().err
     assert cli.stage_main("sft", ["--config", str(TINY / "sft.yaml"), "--dry-run", "train.steps=-1"]) == 2
     assert "steps=-1 must be at least 1" in capsys.readouterr().err
+    # A warning is one line on stderr (Python's own showwarning, which pytest replaces, writes it).
+    monkeypatch.setattr(warnings, "showwarning", lambda message, category, filename, lineno, file=None, line=None:
+                        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line)))
+    assert cli.stage_main("sft", ["--config", str(TINY / "sft.yaml"), "--dry-run", "train.save_every=1000"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        "warning: train.save_every=1000 exceeds train.steps=600: the only checkpoint is the last step's, so a run "
+        "stopped before its end leaves nothing to --resume")
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ step k replays exactly what an uninterrupted run would have done from k on.
 """
 
 import contextlib
+import datetime
 import json
 import math
 import shutil
@@ -144,6 +145,54 @@ class Checkpoints:
         return self.manager.restore(step, args=args.Composite(state=args.StandardRestore(target)))["state"]["params"]
 
 
+class Progress:
+    """Steps done, shown by process 0: tqdm's bar on stderr when that is a terminal; anywhere else
+    (nohup, SLURM, CI logs), where tqdm switches its bar off, a plain line on stdout (beside the
+    metric records; stderr keeps what went wrong) when the loop starts, then at most every
+    `every` seconds, and at the end."""
+
+    def __init__(self, desc: str, total: int, start: int, every: float):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr,
+                        disable=None if parallel.is_main() else True, mininterval=1.0)
+        self.plain = parallel.is_main() and self.bar.disable
+        self.desc, self.total, self.start, self.every = desc, total, start, every
+        self.started = self.shown = time.perf_counter()
+        if self.plain:
+            print(progress_line(desc, start, total, 0, 0.0), flush=True)
+
+    def update(self, done: int) -> None:
+        self.bar.update(1)
+        now = time.perf_counter()
+        if self.plain and (done == self.total or now - self.shown >= self.every):
+            self.shown = now
+            print(progress_line(self.desc, done, self.total, done - self.start, now - self.started), flush=True)
+
+    def write(self, line: str) -> None:
+        """A line of its own (a metric record) that leaves the bar intact."""
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress_line(desc: str, done: int, total: int, ran: int, seconds: float) -> str:
+    """"sft: step 40/600 (7%), 0.519 steps/s, 0:01:17 elapsed, ETA 0:17:58" (a slow run's rate as
+    "1.93 s/step"): `ran` of the steps done ran in this process, in `seconds` (the rate and the
+    time left are theirs)."""
+    head = f"{desc}: step {done}/{total} ({100 * done / total:.0f}%)"
+    if ran == 0:
+        return head
+    rate = ran / seconds
+    speed = f"{rate:.3g} steps/s" if rate >= 0.5 else f"{1 / rate:.3g} s/step"
+    return f"{head}, {speed}, {_clock(seconds)} elapsed, ETA {_clock((total - done) / rate)}"
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))  # 0:17:57, 1 day, 2:03:04
+
+
 def run_loop(
     *,
     out_dir: Path,
@@ -159,6 +208,7 @@ def run_loop(
     desc: str = "train",
     extra_metrics: Callable[[int], dict] = lambda step: {},
     evaluate: Callable[[Any], dict] = lambda state: {},
+    progress_every: float = 30.0,
 ) -> Any:
     """Run steps [start, steps) with checkpoints every `save_every` and at the end -> state.
 
@@ -168,9 +218,8 @@ def run_loop(
     before anything is saved over the last good checkpoint. `state` is laid out on the run's
     mesh (`parallel.put_state`); a checkpoint is restored into that layout, so a run may resume
     on another mesh. `evaluate(state)` (held-out metrics) runs where the metrics are logged:
-    every `log_every` steps and at the end."""
-    from tqdm.auto import tqdm
-
+    every `log_every` steps and at the end. Without a terminal, progress is a line at most every
+    `progress_every` seconds (see `Progress`)."""
     checkpoints = Checkpoints(out_dir, keep_checkpoints)
     start = 0
     latest = checkpoints.latest() if resume else None
@@ -180,8 +229,7 @@ def run_loop(
         print(f"resuming {desc} from step {start} ({out_dir / 'checkpoints'})", file=sys.stderr)
     # Process 0 keeps the metrics (the others hold None and never write).
     log = parallel.on_main(lambda: MetricLog(out_dir, tensorboard, start), out_dir / "metrics.jsonl")
-    bar = tqdm(total=steps, initial=start, desc=desc, dynamic_ncols=True, file=sys.stderr,
-               disable=None if parallel.is_main() else True, mininterval=1.0)
+    bar = Progress(desc, steps, start, progress_every)
     started = time.perf_counter()
     for step in range(start, steps):
         state, metrics = step_fn(state, step)
@@ -206,7 +254,7 @@ def run_loop(
             parallel.on_main(write, out_dir / "metrics.jsonl")
         if done % save_every == 0 or done == steps:
             checkpoints.save(done, state, {**record, "step": done})
-        bar.update(1)
+        bar.update(done)
     bar.close()
     return state
 

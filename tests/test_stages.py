@@ -86,7 +86,7 @@ def test_chat_keeps_the_conversation_in_the_prompt(tiny_run):
 
 
 @pytest.mark.fast
-def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, tmp_path, monkeypatch):
+def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, tmp_path, monkeypatch, capsys):
     from jaxrlhf.stages import sft
     from jaxrlhf.models import load_pretrained
 
@@ -97,13 +97,16 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, 
         return cfg.load(sft.SFTConfig, TINY / "sft.yaml", overrides)
 
     sft.run(config(tmp_path / "straight"))
+    assert "sft: step 8/8 (100%), " in capsys.readouterr().out  # no terminal here: progress as plain lines
     interrupt_at_call(monkeypatch, sft, 5)  # after the step-3 checkpoint, before the step-6 one
     with pytest.raises(KeyboardInterrupt):
         sft.run(config(tmp_path / "interrupted"))
     monkeypatch.undo()
     with pytest.raises(JaxRLHFError, match="already holds checkpoints .* pass --resume"):
         sft.run(config(tmp_path / "interrupted"))
+    capsys.readouterr()
     sft.run(config(tmp_path / "interrupted"), resume=True)
+    assert "sft: step 3/8 (38%)" in capsys.readouterr().out.splitlines()  # where it resumed
     _, a, _ = load_pretrained(tmp_path / "straight" / "final")
     _, b, _ = load_pretrained(tmp_path / "interrupted" / "final")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

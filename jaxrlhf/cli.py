@@ -3,6 +3,7 @@
 errors as one clear line."""
 
 import argparse
+import dataclasses
 import functools
 import importlib
 import inspect
@@ -63,6 +64,25 @@ def stage(name: str):
     return module, getattr(module, cls_name)
 
 
+def trains(config_cls) -> bool:
+    """Whether a stage trains (its config has a `train` section: a run folder with checkpoints)."""
+    return any(f.name == "train" for f in dataclasses.fields(config_cls))
+
+
+# What --resume does in a stage that does not train; a stage in neither place writes its output
+# whole every time (data, gguf, evaluate) or always continues (frontier), so it does not offer it.
+RESUMES_WITHOUT_TRAINING = {"preferences": "keep the pairs file already at output (it is only ever written whole, "
+                                           "so one there is finished)"}
+
+
+def resume_help(name: str, config_cls) -> str | None:
+    """The --help of a stage's --resume, or None for a stage where it would change nothing."""
+    if trains(config_cls):
+        return "continue the run in train.output_dir from its latest checkpoint (with a larger train.steps, " \
+               "a finished one)"
+    return RESUMES_WITHOUT_TRAINING.get(name)
+
+
 def describe_columns(module) -> list[str]:
     """The data columns a stage reads (its module's COLUMNS: form -> an example row), for --help."""
     columns = getattr(module, "COLUMNS", None)
@@ -86,7 +106,10 @@ def parse_stage_args(name: str, argv=None):
     parser.add_argument("--dry-run", action="store_true",
                         help="run every check the run makes before it writes (data, columns, models, tokenizers, "
                              "context, reward source, output folder), print the plan, write nothing")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    if resume_help(name, config_cls) is not None:
+        parser.add_argument("--resume", action="store_true", help=resume_help(name, config_cls))
+    else:
+        parser.set_defaults(resume=False)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     add_multihost_flags(parser)
     # Stages that write one output whole (pairs, evaluations) may replace what is there when told.

@@ -92,7 +92,7 @@ def points(config: FrontierConfig) -> list[Point]:
     out = []
     for method, sweep in config.methods.items():
         module, config_cls = cli.stage(sweep.stage)
-        if not any(f.name == "train" for f in dataclasses.fields(config_cls)):
+        if not cli.trains(config_cls):
             raise ConfigError(f"methods.{method}.stage={sweep.stage!r} trains no policy; choose a training stage")
         for value in sweep.values:
             folder = Path(config.output_dir) / "points" / method / f"{sweep.knob}={value:g}"

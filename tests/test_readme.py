@@ -76,6 +76,15 @@ def test_the_readme_override_examples_run_as_written(capsys, monkeypatch):
             assert value == yaml.safe_load(raw) or value == float(raw), (item, value)
 
 
+def test_the_library_section_runs_as_written_and_shows_how_to_make_a_reward_scorer():
+    """The Library section's Python runs as a reader pastes it, and it shows how to make a
+    scorer with every argument `make_scorer` needs (the mesh a reward model scores on)."""
+    section = (ROOT / "README.md").read_text().split("## Library", 1)[1].split("\n## ", 1)[0]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.S))
+    assert "make_scorer(" in code
+    exec(compile(code, "README.md (## Library)", "exec"), {})
+
+
 def test_a_test_in_neither_tier_or_in_both_stops_the_collection_naming_it():
     """The fast tier (`-m fast`) must not lose a test by accident: tests/conftest.py refuses a
     collection in which a test is marked neither fast nor slow, or both."""

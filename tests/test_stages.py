@@ -1,6 +1,7 @@
 """The stages end to end on a shrunken copy of configs/tiny, resume, configs, rewards, pairs."""
 
 import json
+import re
 import sys
 import warnings
 
@@ -144,6 +145,23 @@ def test_stage_script_dry_run_and_bad_keys(capsys, tmp_path, monkeypatch):
     assert capsys.readouterr().err.splitlines()[0] == (
         "warning: train.save_every=1000 exceeds train.steps=600: the only checkpoint is the last step's, so a run "
         "stopped before its end leaves nothing to --resume")
+
+
+@pytest.mark.fast
+def test_each_stage_script_offers_only_the_flags_it_honours(capsys):
+    """--resume where it does something (a training stage continues its run, make_preferences
+    keeps its finished pairs file; evaluate, data and gguf write their output whole, the frontier
+    always continues), --overwrite where the stage replaces its output when told."""
+    resumes = {"sft", "reward", "ppo", "rloo", "grpo", "dpo", "online_dpo", "preferences"}
+    overwrites = {"preferences", "evaluate"}
+    for name in cli.STAGES:
+        with pytest.raises(SystemExit):
+            cli.parse_stage_args(name, ["--help"])
+        flags = set(re.findall(r"(--[a-z-]+)", capsys.readouterr().out.split("config keys")[0]))
+        assert ("--resume" in flags, "--overwrite" in flags) == (name in resumes, name in overwrites), (name, flags)
+    with pytest.raises(SystemExit):
+        cli.parse_stage_args("evaluate", ["--config", "x.yaml", "--resume"])
+    assert "unrecognized arguments: --resume" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -106,10 +106,11 @@ def parse_stage_args(name: str, argv=None):
     parser.add_argument("--dry-run", action="store_true",
                         help="run every check the run makes before it writes (data, columns, models, tokenizers, "
                              "context, reward source, output folder), print the plan, write nothing")
-    if resume_help(name, config_cls) is not None:
-        parser.add_argument("--resume", action="store_true", help=resume_help(name, config_cls))
+    resume = resume_help(name, config_cls)
+    if resume is None:
+        parser.set_defaults(resume=False)  # what the stage's run is passed: it changes nothing there
     else:
-        parser.set_defaults(resume=False)
+        parser.add_argument("--resume", action="store_true", help=resume)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys")
     add_multihost_flags(parser)
     # Stages that write one output whole (pairs, evaluations) may replace what is there when told.

@@ -91,7 +91,7 @@ def test_dry_run_refuses_a_finished_point_of_another_length_and_two_values_of_on
         path.write_text(json.dumps({"evaluate": str(TINY / "evaluate.yaml"), "output_dir": str(tmp_path / "out"),
                                     "methods": {"dpo": {"stage": "dpo", "config": str(TINY / "dpo.yaml"),
                                                         "knob": "beta", "values": values,
-                                                        "overrides": ["train.steps=4", *overrides]}}}))
+                                                        "overrides": ["train.steps=4", "train.save_every=4", *overrides]}}}))
         code = cli.stage_main("frontier", ["--config", str(path), "--dry-run"])
         return code, capsys.readouterr().err, cfg.load(frontier.FrontierConfig, path) if code == 0 else None
 

@@ -88,10 +88,10 @@ def test_dry_run_refuses_a_finished_point_of_another_length_and_two_values_of_on
     must name its own point (folder and policy are named by the value to 6 digits)."""
     def dry_run(values, *overrides):
         path = tmp_path / "frontier.yaml"
+        dpo = {"stage": "dpo", "config": str(TINY / "dpo.yaml"), "knob": "beta", "values": values,
+               "overrides": ["train.steps=4", "train.save_every=4", *overrides]}
         path.write_text(json.dumps({"evaluate": str(TINY / "evaluate.yaml"), "output_dir": str(tmp_path / "out"),
-                                    "methods": {"dpo": {"stage": "dpo", "config": str(TINY / "dpo.yaml"),
-                                                        "knob": "beta", "values": values,
-                                                        "overrides": ["train.steps=4", "train.save_every=4", *overrides]}}}))
+                                    "methods": {"dpo": dpo}}))
         code = cli.stage_main("frontier", ["--config", str(path), "--dry-run"])
         return code, capsys.readouterr().err, cfg.load(frontier.FrontierConfig, path) if code == 0 else None
 

@@ -183,8 +183,7 @@ def check_finished_run(out: Path, config: Any) -> None:
     if saved is None:
         raise JaxRLHFError(f"{out / 'final'} exists but {out} holds no jaxrlhf run's config.json; choose another "
                            "output_dir")
-    record = {"_stage": saved.get("_stage"), **cfg.to_dict(config)}
-    diffs = _changes(saved, record, FINISHED_MAY_CHANGE)
+    diffs = _changes(saved, cfg.to_dict(config), FINISHED_MAY_CHANGE)
     if diffs:
         raise JaxRLHFError(f"{out / 'final'} is the export of a finished run, but this config changes {diffs}; "
                            f"undo the change, or delete {out} (or choose another output_dir) to train it anew")

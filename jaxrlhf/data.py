@@ -160,17 +160,20 @@ def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, length_range=None, seed: int = 0,
-                   pad_to: int | None = None):
-    """Left-padded prompt ids and mask `[B, P]`, P the longest prompt (or `pad_to`). Long
-    prompts keep their last `max_tokens` tokens (the part next to the reply); with
-    `length_range` each prompt is cut to its first L tokens, L drawn uniformly from the range
-    (deterministic in `seed`)."""
+                   pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Left-padded prompt `input_ids` and `attention_mask` `[B, P]`, P the longest prompt (or
+    `pad_to`), and `cut` `[B]` marking the prompts longer than `max_tokens`, which keep their
+    last `max_tokens` tokens (the part next to the reply). With `length_range` each prompt is
+    first cut to its first L tokens, L drawn uniformly from the range (deterministic in `seed`;
+    on purpose, so not marked)."""
     rng = np.random.default_rng(seed)
     rows = []
     for ids in _ids(tokenizer, prompts):
         if length_range is not None:
             ids = ids[: rng.integers(length_range[0], length_range[1] + 1)]
-        rows.append(ids[-max_tokens:])
+        rows.append(ids)
+    cut = np.asarray([len(ids) > max_tokens for ids in rows], bool)
+    rows = [ids[-max_tokens:] for ids in rows]
     width = pad_to or max(len(r) for r in rows)
     out = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
@@ -178,7 +181,7 @@ def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, length_range=
         if ids:
             out[i, width - len(ids):] = ids
             mask[i, width - len(ids):] = 1
-    return out, mask
+    return {"input_ids": out, "attention_mask": mask, "cut": cut}
 
 
 def encode_pairs_of_text(tokenizer, prompts, responses, max_length: int, completion_only: bool = True):

@@ -83,6 +83,19 @@ def test_chat_keeps_the_conversation_in_the_prompt(tiny_run):
     assert session.history == ""
 
 
+@pytest.mark.slow
+def test_chat_script_keeps_the_session_through_a_line_that_is_not_utf8(tiny_run, monkeypatch, capsys):
+    import io
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "scripts" / "chat.py"))["main"]
+    lines = b"Can you walk the \xff\xfe dog?\nThanks!\n/quit\n"
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
+    assert main([str(tiny_run / "sft" / "final"), "--max-new-tokens", "8", "--seed", "3"]) == 0
+    replies = [line for line in capsys.readouterr().out.splitlines() if line.startswith("bot> ")]
+    assert len(replies) == 2
+
+
 @pytest.mark.fast
 def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, tmp_path, monkeypatch):
     from jaxrlhf.stages import sft

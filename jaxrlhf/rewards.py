@@ -104,19 +104,35 @@ def function_scorer(source: RewardSource) -> Scorer:
             values = fn(list(prompts), list(responses))
         except Exception as e:
             raise JaxRLHFError(f"reward function {source.function} raised {type(e).__name__}: {e}") from e
-        try:
-            values = np.asarray(values, dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
-            raise JaxRLHFError(f"reward function {source.function} returned {_shown(values)}; it must return one "
-                               "number per response (a list or array of floats)") from None
-        if values.shape[0] != len(responses):
-            raise JaxRLHFError(f"reward function {source.function} returned {values.shape[0]} scores "
-                               f"for {len(responses)} responses")
-        if not np.isfinite(values).all():
-            raise JaxRLHFError(f"reward function {source.function} returned a non-finite score")
-        return values
+        return _checked_scores(values, len(responses), source.function)
 
     return score
+
+
+def _checked_scores(values, n: int, name: str) -> np.ndarray:
+    """What reward function `name` returned for `n` responses, as float32 `[n]`; else an error
+    saying what is wrong: None (whole, or for some responses: numpy would read it as NaN), not
+    numbers, the wrong count, or a score that is not finite."""
+    must = "it must return one number per response (a list or array of floats)"
+    if values is None:
+        raise JaxRLHFError(f"reward function {name} returned None; {must}")
+    rows = values.tolist() if isinstance(values, np.ndarray) else values
+    if isinstance(rows, (list, tuple)):
+        missing = [i for i, v in enumerate(rows, 1) if v is None]
+        if missing:
+            raise JaxRLHFError(f"reward function {name} returned None for {len(missing)} of its {len(rows)} scores "
+                               f"(the first: response {missing[0]}, counted from 1); {must}")
+    try:
+        scores = np.asarray(values, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise JaxRLHFError(f"reward function {name} returned {_shown(values)}; {must}") from None
+    if scores.shape[0] != n:
+        raise JaxRLHFError(f"reward function {name} returned {scores.shape[0]} scores for {n} responses")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise JaxRLHFError(f"reward function {name} returned a non-finite score for {bad.size} of {n} responses "
+                           f"(the first: response {bad[0] + 1}, counted from 1: {scores[bad[0]]})")
+    return scores
 
 
 def _shown(values, most: int = 60) -> str:

@@ -336,3 +336,16 @@ def test_resuming_with_another_architecture_is_refused(tiny_run, tmp_path, capsy
     assert cli.stage_main("sft", [*sft_args(tiny_run, out, "model_config.n_embd=64"), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "changes model_config.n_embd (32 -> 64)" in err[0], err
+
+
+def test_a_frontier_report_folder_of_user_files_is_refused_saying_what_to_do(tiny_run, tmp_path, capsys):
+    out = tmp_path / "frontier"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "notes.txt").write_text("mine")
+    args = frontier_args(tiny_run, out, {"stage": "ppo", "config": ppo_args(tiny_run, out)[1], "knob": "ppo.kl_coef",
+                                         "values": [0.1]})
+    assert cli.stage_main("frontier", args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out / 'report'} already exists and holds files jaxrlhf did not write (notes.txt); move it "
+                   "aside, or choose another output_dir (the frontier replaces only its own report)"]
+    assert (out / "report" / "notes.txt").read_text() == "mine"

@@ -173,6 +173,8 @@ CASES = [
      r"the tokenizer has \d+ tokens but the model's vocab_size is 100"),
     ("unknown config key", "sft", lambda r, t, o: sft_args(r, o, "train.lerning_rate=0.1"),
      r"unknown key 'lerning_rate'; did you mean 'learning_rate'\?"),
+    ("key of an older version", "sft", lambda r, t, o: sft_args(r, o, "train.devices=2"),
+     r"\.train: key 'devices' was removed; the devices are train\.mesh\.data .* and train\.mesh\.fsdp"),
     ("wrong type", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=lots"),
      r"train.batch_size='lots' must be int"),
     ("out-of-range value", "sft", lambda r, t, o: sft_args(r, o, "train.learning_rate=-1"),

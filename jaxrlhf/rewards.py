@@ -17,7 +17,7 @@ import numpy as np
 from jaxrlhf import parallel
 from jaxrlhf.config import RewardSource
 from jaxrlhf.data import encode_texts, set_pad_token, warn_cut
-from jaxrlhf.errors import ConfigError, JaxRLHFError
+from jaxrlhf.errors import CheckpointError, ConfigError, JaxRLHFError
 from jaxrlhf.models import load_pretrained, load_tokenizer
 
 Scorer = Callable[[list[str], list[str]], np.ndarray]
@@ -27,12 +27,15 @@ def _texts(source: RewardSource, prompts, responses) -> list[str]:
     return list(responses) if source.text == "response" else [p + r for p, r in zip(prompts, responses)]
 
 
-def model_scorer(source: RewardSource, mesh) -> Scorer:
+def model_scorer(source: RewardSource, mesh, key: str = "reward") -> Scorer:
     """Score with a classification checkpoint: column `label` (name or index) of its logits.
     Each device of `mesh` scores its share of every chunk of `source.batch_size` texts (rounded
-    up to a multiple of the devices)."""
-    with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, config = load_pretrained(source.model, head="classification")
+    up to a multiple of the devices). `key` is the source's place in the config, for errors."""
+    try:
+        with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
+            module, params, config = load_pretrained(source.model, head="classification")
+    except CheckpointError as e:  # e.g. a causal LM: no classification head
+        raise CheckpointError(f"{key}.model={source.model}: {e}") from None
     tokenizer = load_tokenizer(source.model, config)
     set_pad_token(tokenizer, source.pad_token, source.model, key="the reward source's pad_token")
     labels = list(config.id2label)
@@ -166,7 +169,7 @@ def replies_ended(rollout, eos_token_id: int) -> np.ndarray:
     return ((response_BxN == eos_token_id) & (np.asarray(rollout.response_mask) == 1)).any(-1)
 
 
-def make_scorer(source: RewardSource, mesh) -> Scorer:
-    """The scorer of a reward source; a model scorer runs on `mesh` (a function runs in every
-    process on all rows, so every process holds every score)."""
-    return model_scorer(source, mesh) if source.model is not None else function_scorer(source)
+def make_scorer(source: RewardSource, mesh, key: str = "reward") -> Scorer:
+    """The scorer of a reward source (at `key` in the config, for errors); a model scorer runs on
+    `mesh` (a function runs in every process on all rows, so every process holds every score)."""
+    return model_scorer(source, mesh, key) if source.model is not None else function_scorer(source)

@@ -220,6 +220,8 @@ CASES = [
      r"give exactly one of model .* or model_config"),
     ("reward label the model lacks", "ppo", lambda r, t, o: ppo_args(r, o, "reward.label=POSITIVE"),
      r"reward label 'POSITIVE' is not one of .*\['LABEL_0'\]"),
+    ("policy folder as the reward model", "ppo", lambda r, t, o: ppo_args(r, o, f"reward.model={r / 'sft' / 'final'}"),
+     r"^error: reward\.model=\S+/sft/final: head='classification' is not available for gpt2"),
     ("reward function that does not import", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=nowhere:f"),
      r"reward function 'nowhere:f' cannot be imported"),
     ("reward function that raises", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:raises"),

@@ -184,12 +184,13 @@ def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, length_range=
     return {"input_ids": out, "attention_mask": mask, "cut": cut}
 
 
-def encode_pairs_of_text(tokenizer, prompts, responses, max_length: int, completion_only: bool = True):
+def encode_pairs_of_text(tokenizer, prompts, responses, max_length: int, completion_only: bool = True,
+                         source: DataConfig | None = None):
     """prompt + response + EOS, right-padded to `max_length` -> input_ids, attention_mask,
     loss_mask `[B, T]` (loss on the response and EOS; on everything if not completion_only),
     and `cut` `[B]`. A response too long to fit loses the end of its body but keeps its EOS,
     so the model still learns to stop (`cut` marks those rows); a prompt that leaves no room
-    for the EOS is an error."""
+    for the EOS is an error naming its row as `load_rows` does (the rows read from `source`)."""
     eos = tokenizer.eos_token_id
     prompt_ids, response_ids = _ids(tokenizer, prompts), _ids(tokenizer, responses)
     ids = np.full((len(prompts), max_length), tokenizer.pad_token_id, np.int32)
@@ -197,7 +198,8 @@ def encode_pairs_of_text(tokenizer, prompts, responses, max_length: int, complet
     cut = np.zeros(len(prompts), bool)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         if len(p) >= max_length:
-            raise ConfigError(f"row {i}: the prompt has {len(p)} tokens, leaving no room for a response "
+            where = f"row {i + 1}" if source is None else f"{source.path}: row {source.skip_rows + i + 1}"
+            raise ConfigError(f"{where}: the prompt has {len(p)} tokens, leaving no room for a response "
                               f"within max_length={max_length}")
         body = r[: max_length - len(p) - 1]
         cut[i] = len(body) < len(r)

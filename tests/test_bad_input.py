@@ -150,8 +150,12 @@ CASES = [
      r"prompts.jsonl: column\(s\) \['response'\] not found; it has \['prompt'\]"),
     ("empty dataset", "sft", lambda r, t, o: sft_args(r, o, f"data.path={r / 'data' / 'sft.jsonl'}", "data.skip_rows=100000"),
      r"sft.jsonl: no rows to use \(it has 400; skip_rows=100000\)"),
-    ("prompt longer than the context", "sft", lambda r, t, o: sft_args(r, o, "max_length=8"),
-     r"row 0: the prompt has \d+ tokens, leaving no room for a response within max_length=8"),
+    ("prompt longer than the context", "sft", lambda r, t, o: sft_args(r, o, "max_length=8", "data.skip_rows=2"),
+     r"sft.jsonl: row 3: the prompt has \d+ tokens, leaving no room for a response within max_length=8"),
+    ("preference pair's prompt longer than the context", "dpo", lambda r, t, o: [
+        "--config", str(TINY / "dpo.yaml"), f"policy={r / 'sft' / 'final'}", f"data.path={r / 'pairs.jsonl'}",
+        "max_length=4", f"train.output_dir={o}"],
+     r"pairs.jsonl: row 1: the prompt has \d+ tokens, leaving no room for a response within max_length=4"),
     ("max_length over the model's context", "sft", lambda r, t, o: sft_args(r, o, "max_length=100"),
      r"max_length=100 exceeds the model's context \(n_positions=64\)"),
     ("response budget over the context", "ppo", lambda r, t, o: ppo_args(r, o, "sampling.max_new_tokens=60"),
@@ -353,3 +357,11 @@ def test_a_frontier_report_folder_of_user_files_is_refused_saying_what_to_do(tin
     assert err == [f"error: {out / 'report'} already exists and holds files jaxrlhf did not write (notes.txt); move it "
                    "aside, or choose another output_dir (the frontier replaces only its own report)"]
     assert (out / "report" / "notes.txt").read_text() == "mine"
+
+
+def test_a_malformed_pipeline_entry_is_named_as_the_plan_counts_stages(tmp_path, capsys):
+    stages = f"stages:\n  - {{stage: sft, config: {TINY / 'sft.yaml'}}}\n  - {{stage: dpo, cfg: dpo.yaml}}\n"
+    path = write(tmp_path / "pipeline.yaml", stages)
+    assert cli.pipeline_main(["--config", str(path), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {path}: stage 2 (counted from 1) must be {{stage: NAME, config: FILE, overrides: [...]}}"]

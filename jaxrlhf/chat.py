@@ -58,7 +58,8 @@ class ChatSession:
     def reply(self, message: str) -> str:
         prompt = self._prompt(message)
         # One fixed prompt width, so every turn reuses the compiled sampler.
-        ids, mask = encode_prompts(self.tokenizer, [prompt], self.prompt_tokens, pad_to=self.prompt_tokens)
+        enc = encode_prompts(self.tokenizer, [prompt], self.prompt_tokens, pad_to=self.prompt_tokens)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
         key = jax.random.fold_in(jax.random.key(self.seed), self.turn)
         out = generate(self.module, self.params, jnp.asarray(ids), jnp.asarray(mask), key, self.settings)
         self.turn += 1

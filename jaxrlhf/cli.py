@@ -170,7 +170,8 @@ def load_pipeline(path: Path) -> list[tuple[str, object, object]]:
     out = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or set(entry) - {"stage", "config", "overrides"} or "stage" not in entry:
-            raise JaxRLHFError(f"{path}: stages[{i}] must be {{stage: NAME, config: FILE, overrides: [...]}}")
+            raise JaxRLHFError(f"{path}: stage {i + 1} (counted from 1) must be {{stage: NAME, config: FILE, "
+                               "overrides: [...]}")
         module, config_cls = stage(entry["stage"])
         config_path = path.parent / entry["config"] if entry.get("config") else None
         config = cfg.load(config_cls, config_path, entry.get("overrides", []))

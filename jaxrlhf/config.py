@@ -88,10 +88,13 @@ def _coerce(value: Any, t, where: str) -> Any:
 
 
 def from_dict(cls, data: dict[str, Any], where: str):
-    """Build dataclass `cls` from `data`; unknown keys are errors that suggest the nearest name."""
+    """Build dataclass `cls` from `data`; unknown keys are errors that suggest the nearest name
+    (or, for a key `cls.REMOVED` names, say what replaced it)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
+        if key in getattr(cls, "REMOVED", {}):
+            raise ConfigError(f"{where}: key {key!r} was removed; {cls.REMOVED[key]}")
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {sorted(fields)}"
@@ -230,6 +233,11 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimizer, schedule, loop length, checkpoints and logs of a training stage."""
+
+    # Keys of older versions, each with what replaced it (for the error that refuses it).
+    REMOVED: typing.ClassVar[dict[str, str]] = {
+        "devices": "the devices are train.mesh.data (how many the rows split over; null: all) and train.mesh.fsdp "
+                   "(how many of those also split the params)"}
 
     output_dir: str = "runs/stage"
     seed: int = 0

@@ -160,17 +160,20 @@ def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, length_range=None, seed: int = 0,
-                   pad_to: int | None = None):
-    """Left-padded prompt ids and mask `[B, P]`, P the longest prompt (or `pad_to`). Long
-    prompts keep their last `max_tokens` tokens (the part next to the reply); with
-    `length_range` each prompt is cut to its first L tokens, L drawn uniformly from the range
-    (deterministic in `seed`)."""
+                   pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Left-padded prompt `input_ids` and `attention_mask` `[B, P]`, P the longest prompt (or
+    `pad_to`), and `cut` `[B]` marking the prompts longer than `max_tokens`, which keep their
+    last `max_tokens` tokens (the part next to the reply). With `length_range` each prompt is
+    first cut to its first L tokens, L drawn uniformly from the range (deterministic in `seed`;
+    on purpose, so not marked)."""
     rng = np.random.default_rng(seed)
     rows = []
     for ids in _ids(tokenizer, prompts):
         if length_range is not None:
             ids = ids[: rng.integers(length_range[0], length_range[1] + 1)]
-        rows.append(ids[-max_tokens:])
+        rows.append(ids)
+    cut = np.asarray([len(ids) > max_tokens for ids in rows], bool)
+    rows = [ids[-max_tokens:] for ids in rows]
     width = pad_to or max(len(r) for r in rows)
     out = np.full((len(rows), width), tokenizer.pad_token_id, np.int32)
     mask = np.zeros((len(rows), width), np.int32)
@@ -178,15 +181,16 @@ def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, length_range=
         if ids:
             out[i, width - len(ids):] = ids
             mask[i, width - len(ids):] = 1
-    return out, mask
+    return {"input_ids": out, "attention_mask": mask, "cut": cut}
 
 
-def encode_pairs_of_text(tokenizer, prompts, responses, max_length: int, completion_only: bool = True):
+def encode_pairs_of_text(tokenizer, prompts, responses, max_length: int, completion_only: bool = True,
+                         source: DataConfig | None = None):
     """prompt + response + EOS, right-padded to `max_length` -> input_ids, attention_mask,
     loss_mask `[B, T]` (loss on the response and EOS; on everything if not completion_only),
     and `cut` `[B]`. A response too long to fit loses the end of its body but keeps its EOS,
     so the model still learns to stop (`cut` marks those rows); a prompt that leaves no room
-    for the EOS is an error."""
+    for the EOS is an error naming its row as `load_rows` does (the rows read from `source`)."""
     eos = tokenizer.eos_token_id
     prompt_ids, response_ids = _ids(tokenizer, prompts), _ids(tokenizer, responses)
     ids = np.full((len(prompts), max_length), tokenizer.pad_token_id, np.int32)
@@ -194,7 +198,8 @@ def encode_pairs_of_text(tokenizer, prompts, responses, max_length: int, complet
     cut = np.zeros(len(prompts), bool)
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         if len(p) >= max_length:
-            raise ConfigError(f"row {i}: the prompt has {len(p)} tokens, leaving no room for a response "
+            where = f"row {i + 1}" if source is None else f"{source.path}: row {source.skip_rows + i + 1}"
+            raise ConfigError(f"{where}: the prompt has {len(p)} tokens, leaving no room for a response "
                               f"within max_length={max_length}")
         body = r[: max_length - len(p) - 1]
         cut[i] = len(body) < len(r)

@@ -106,7 +106,7 @@ def preflight(config: EvaluateConfig, resume: bool = False, overwrite: bool = Fa
         ref_module, ref_params, _, tokenizer = load_policy(config.reference, pad_token=config.pad_token)
     rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
-    scorers = {name: make_scorer(source, mesh) for name, source in config.scorers.items()}
+    scorers = {name: make_scorer(source, mesh, f"scorers.{name}") for name, source in config.scorers.items()}
     return {"mesh": mesh, "reference": (ref_module, ref_params), "tokenizer": tokenizer,
             "prompts": (ids, mask, texts), "scorers": scorers}
 

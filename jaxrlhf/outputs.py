@@ -16,6 +16,9 @@ from typing import Callable, Iterable
 from jaxrlhf.errors import OutputError
 
 MARK = ".jaxrlhf-output.json"
+# What a user can do about a target of these kinds that holds their files: their scripts have
+# no --overwrite (the others' do).
+NOT_FORCED = {"frontier": "move it aside, or choose another output_dir (the frontier replaces only its own report)"}
 
 
 def write_failed(path, error: OSError, last_good: str = "") -> OutputError:
@@ -65,8 +68,8 @@ def check_replaceable(target, kind: str, overwrite: bool = False) -> None:
     if target.is_dir() and (not any(target.iterdir()) or _own(target, kind)):
         return
     held = "a file" if not target.is_dir() else f"files jaxrlhf did not write ({listing(target)})"
-    raise OutputError(f"{target} already exists and holds {held}; choose another path, or pass --overwrite "
-                      "to replace it")
+    remedy = NOT_FORCED.get(kind, "choose another path, or pass --overwrite to replace it")
+    raise OutputError(f"{target} already exists and holds {held}; {remedy}")
 
 
 def listing(folder: Path, most: int = 3) -> str:

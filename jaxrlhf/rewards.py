@@ -17,7 +17,7 @@ import numpy as np
 from jaxrlhf import parallel
 from jaxrlhf.config import RewardSource
 from jaxrlhf.data import encode_texts, set_pad_token, warn_cut
-from jaxrlhf.errors import ConfigError, JaxRLHFError
+from jaxrlhf.errors import CheckpointError, ConfigError, JaxRLHFError
 from jaxrlhf.models import load_pretrained, load_tokenizer
 
 Scorer = Callable[[list[str], list[str]], np.ndarray]
@@ -27,12 +27,15 @@ def _texts(source: RewardSource, prompts, responses) -> list[str]:
     return list(responses) if source.text == "response" else [p + r for p, r in zip(prompts, responses)]
 
 
-def model_scorer(source: RewardSource, mesh) -> Scorer:
+def model_scorer(source: RewardSource, mesh, key: str = "reward") -> Scorer:
     """Score with a classification checkpoint: column `label` (name or index) of its logits.
     Each device of `mesh` scores its share of every chunk of `source.batch_size` texts (rounded
-    up to a multiple of the devices)."""
-    with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, config = load_pretrained(source.model, head="classification")
+    up to a multiple of the devices). `key` is the source's place in the config, for errors."""
+    try:
+        with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
+            module, params, config = load_pretrained(source.model, head="classification")
+    except CheckpointError as e:  # e.g. a causal LM: no classification head
+        raise CheckpointError(f"{key}.model={source.model}: {e}") from None
     tokenizer = load_tokenizer(source.model, config)
     set_pad_token(tokenizer, source.pad_token, source.model, key="the reward source's pad_token")
     labels = list(config.id2label)
@@ -104,19 +107,35 @@ def function_scorer(source: RewardSource) -> Scorer:
             values = fn(list(prompts), list(responses))
         except Exception as e:
             raise JaxRLHFError(f"reward function {source.function} raised {type(e).__name__}: {e}") from e
-        try:
-            values = np.asarray(values, dtype=np.float32).reshape(-1)
-        except (TypeError, ValueError):
-            raise JaxRLHFError(f"reward function {source.function} returned {_shown(values)}; it must return one "
-                               "number per response (a list or array of floats)") from None
-        if values.shape[0] != len(responses):
-            raise JaxRLHFError(f"reward function {source.function} returned {values.shape[0]} scores "
-                               f"for {len(responses)} responses")
-        if not np.isfinite(values).all():
-            raise JaxRLHFError(f"reward function {source.function} returned a non-finite score")
-        return values
+        return _checked_scores(values, len(responses), source.function)
 
     return score
+
+
+def _checked_scores(values, n: int, name: str) -> np.ndarray:
+    """What reward function `name` returned for `n` responses, as float32 `[n]`; else an error
+    saying what is wrong: None (whole, or for some responses: numpy would read it as NaN), not
+    numbers, the wrong count, or a score that is not finite."""
+    must = "it must return one number per response (a list or array of floats)"
+    if values is None:
+        raise JaxRLHFError(f"reward function {name} returned None; {must}")
+    rows = values.tolist() if isinstance(values, np.ndarray) else values
+    if isinstance(rows, (list, tuple)):
+        missing = [i for i, v in enumerate(rows, 1) if v is None]
+        if missing:
+            raise JaxRLHFError(f"reward function {name} returned None for {len(missing)} of its {len(rows)} scores "
+                               f"(the first: response {missing[0]}, counted from 1); {must}")
+    try:
+        scores = np.asarray(values, dtype=np.float32).reshape(-1)
+    except (TypeError, ValueError):
+        raise JaxRLHFError(f"reward function {name} returned {_shown(values)}; {must}") from None
+    if scores.shape[0] != n:
+        raise JaxRLHFError(f"reward function {name} returned {scores.shape[0]} scores for {n} responses")
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if bad.size:
+        raise JaxRLHFError(f"reward function {name} returned a non-finite score for {bad.size} of {n} responses "
+                           f"(the first: response {bad[0] + 1}, counted from 1: {scores[bad[0]]})")
+    return scores
 
 
 def _shown(values, most: int = 60) -> str:
@@ -150,7 +169,7 @@ def replies_ended(rollout, eos_token_id: int) -> np.ndarray:
     return ((response_BxN == eos_token_id) & (np.asarray(rollout.response_mask) == 1)).any(-1)
 
 
-def make_scorer(source: RewardSource, mesh) -> Scorer:
-    """The scorer of a reward source; a model scorer runs on `mesh` (a function runs in every
-    process on all rows, so every process holds every score)."""
-    return model_scorer(source, mesh) if source.model is not None else function_scorer(source)
+def make_scorer(source: RewardSource, mesh, key: str = "reward") -> Scorer:
+    """The scorer of a reward source (at `key` in the config, for errors); a model scorer runs on
+    `mesh` (a function runs in every process on all rows, so every process holds every score)."""
+    return model_scorer(source, mesh, key) if source.model is not None else function_scorer(source)

@@ -1,6 +1,7 @@
 """Chat with any checkpoint: `python scripts/chat.py runs/tiny/ppo/final [--temperature 0.7 ...]`.
 
 Type a message and press Enter; /reset forgets the conversation, /quit (or Ctrl-D) ends it.
+Bytes of a line that do not decode (not UTF-8, say) read as the replacement character U+FFFD.
 """
 
 import argparse
@@ -35,6 +36,10 @@ def main(argv=None) -> int:
     except JaxRLHFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # A line that is not UTF-8 (a terminal in another encoding, pasted binary) would end the session
+    # with a UnicodeDecodeError: its bad bytes read as U+FFFD instead, and the session goes on.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
     interactive = sys.stdin.isatty()
     while True:
         try:

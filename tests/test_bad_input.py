@@ -150,8 +150,12 @@ CASES = [
      r"prompts.jsonl: column\(s\) \['response'\] not found; it has \['prompt'\]"),
     ("empty dataset", "sft", lambda r, t, o: sft_args(r, o, f"data.path={r / 'data' / 'sft.jsonl'}", "data.skip_rows=100000"),
      r"sft.jsonl: no rows to use \(it has 400; skip_rows=100000\)"),
-    ("prompt longer than the context", "sft", lambda r, t, o: sft_args(r, o, "max_length=8"),
-     r"row 0: the prompt has \d+ tokens, leaving no room for a response within max_length=8"),
+    ("prompt longer than the context", "sft", lambda r, t, o: sft_args(r, o, "max_length=8", "data.skip_rows=2"),
+     r"sft.jsonl: row 3: the prompt has \d+ tokens, leaving no room for a response within max_length=8"),
+    ("preference pair's prompt longer than the context", "dpo", lambda r, t, o: [
+        "--config", str(TINY / "dpo.yaml"), f"policy={r / 'sft' / 'final'}", f"data.path={r / 'pairs.jsonl'}",
+        "max_length=4", f"train.output_dir={o}"],
+     r"pairs.jsonl: row 1: the prompt has \d+ tokens, leaving no room for a response within max_length=4"),
     ("max_length over the model's context", "sft", lambda r, t, o: sft_args(r, o, "max_length=100"),
      r"max_length=100 exceeds the model's context \(n_positions=64\)"),
     ("response budget over the context", "ppo", lambda r, t, o: ppo_args(r, o, "sampling.max_new_tokens=60"),
@@ -173,6 +177,8 @@ CASES = [
      r"the tokenizer has \d+ tokens but the model's vocab_size is 100"),
     ("unknown config key", "sft", lambda r, t, o: sft_args(r, o, "train.lerning_rate=0.1"),
      r"unknown key 'lerning_rate'; did you mean 'learning_rate'\?"),
+    ("key of an older version", "sft", lambda r, t, o: sft_args(r, o, "train.devices=2"),
+     r"\.train: key 'devices' was removed; the devices are train\.mesh\.data .* and train\.mesh\.fsdp"),
     ("wrong type", "sft", lambda r, t, o: sft_args(r, o, "train.batch_size=lots"),
      r"train.batch_size='lots' must be int"),
     ("out-of-range value", "sft", lambda r, t, o: sft_args(r, o, "train.learning_rate=-1"),
@@ -218,6 +224,8 @@ CASES = [
      r"give exactly one of model .* or model_config"),
     ("reward label the model lacks", "ppo", lambda r, t, o: ppo_args(r, o, "reward.label=POSITIVE"),
      r"reward label 'POSITIVE' is not one of .*\['LABEL_0'\]"),
+    ("policy folder as the reward model", "ppo", lambda r, t, o: ppo_args(r, o, f"reward.model={r / 'sft' / 'final'}"),
+     r"^error: reward\.model=\S+/sft/final: head='classification' is not available for gpt2"),
     ("reward function that does not import", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=nowhere:f"),
      r"reward function 'nowhere:f' cannot be imported"),
     ("reward function that raises", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:raises"),
@@ -228,6 +236,9 @@ CASES = [
      r"reward function tests.test_stages:words returned a list \['good', .*; it must return one number per response"),
     ("reward function returning a dict", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:a_dict"),
      r"reward function tests.test_stages:a_dict returned a dict \{'score': .*; it must return one number per response"),
+    ("reward function returning None", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null",
+                                                                        "reward.function=tests.test_stages:nothing"),
+     r"reward function tests.test_stages:nothing returned None; it must return one number per response"),
     ("PPO sampling that is off-policy", "ppo", lambda r, t, o: ppo_args(r, o, "sampling.top_k=5", "sampling.min_new_tokens=2"),
      r"sampling.top_k, sampling.min_new_tokens would make PPO off-policy: the update scores .* under the tempered softmax"),
     # Each row of a data file is checked before anything is written: the error names the row and the column.
@@ -313,12 +324,6 @@ CASES = [
 ]
 
 
-# A reward function can only be judged by calling it, on the first rollout: by then the run
-# folder holds its config.json, but no checkpoint and no model.
-FAILS_AT_RUN_TIME = {"reward function that raises", "reward function with the wrong length",
-                     "reward function returning text", "reward function returning a dict"}
-
-
 @pytest.mark.parametrize("name,stage,args,message", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_gives_one_clear_line_and_no_output(tiny_run, tmp_path, capsys, name, stage, args, message):
     out = tmp_path / "out"
@@ -326,10 +331,9 @@ def test_bad_input_gives_one_clear_line_and_no_output(tiny_run, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert re.search(message, err[0]), err[0]
-    if name in FAILS_AT_RUN_TIME:
-        assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == ["config.json"]
-    else:  # found before any work: not even an empty folder
-        assert not out.exists(), sorted(out.rglob("*"))
+    # Not even an empty folder: found before any work, or (a reward function, judged only by
+    # calling it on the first rollout) at the first step, whose run folder is then removed.
+    assert not out.exists(), sorted(out.rglob("*"))
 
 
 def test_resuming_with_another_architecture_is_refused(tiny_run, tmp_path, capsys):
@@ -340,3 +344,24 @@ def test_resuming_with_another_architecture_is_refused(tiny_run, tmp_path, capsy
     assert cli.stage_main("sft", [*sft_args(tiny_run, out, "model_config.n_embd=64"), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "changes model_config.n_embd (32 -> 64)" in err[0], err
+
+
+def test_a_frontier_report_folder_of_user_files_is_refused_saying_what_to_do(tiny_run, tmp_path, capsys):
+    out = tmp_path / "frontier"
+    (out / "report").mkdir(parents=True)
+    (out / "report" / "notes.txt").write_text("mine")
+    args = frontier_args(tiny_run, out, {"stage": "ppo", "config": ppo_args(tiny_run, out)[1], "knob": "ppo.kl_coef",
+                                         "values": [0.1]})
+    assert cli.stage_main("frontier", args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {out / 'report'} already exists and holds files jaxrlhf did not write (notes.txt); move it "
+                   "aside, or choose another output_dir (the frontier replaces only its own report)"]
+    assert (out / "report" / "notes.txt").read_text() == "mine"
+
+
+def test_a_malformed_pipeline_entry_is_named_as_the_plan_counts_stages(tmp_path, capsys):
+    stages = f"stages:\n  - {{stage: sft, config: {TINY / 'sft.yaml'}}}\n  - {{stage: dpo, cfg: dpo.yaml}}\n"
+    path = write(tmp_path / "pipeline.yaml", stages)
+    assert cli.pipeline_main(["--config", str(path), "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {path}: stage 2 (counted from 1) must be {{stage: NAME, config: FILE, overrides: [...]}}"]

@@ -18,25 +18,40 @@ def tokenizer(tiny_data):
 
 def test_prompts_are_left_padded_and_keep_their_end(tokenizer):
     prompts = ["Request: Walk the dog now.\nReply:", "Request: Hi\nReply:"]
-    ids, mask = data.encode_prompts(tokenizer, prompts, max_tokens=5)
+    enc = data.encode_prompts(tokenizer, prompts, max_tokens=5)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
     assert ids.shape == (2, 5) and mask[:, -1].all()
     assert tokenizer.decode(ids[0][mask[0] == 1]).endswith("\nReply:")
     full = tokenizer(prompts[1], add_special_tokens=False)["input_ids"]
     assert list(ids[1][mask[1] == 1]) == full[-5:]
-    wide, wide_mask = data.encode_prompts(tokenizer, prompts, max_tokens=5, pad_to=9)
-    assert wide.shape == (2, 9) and (wide_mask[:, :4] == 0).all()
+    assert list(enc["cut"]) == [len(tokenizer(p, add_special_tokens=False)["input_ids"]) > 5 for p in prompts]
+    wide = data.encode_prompts(tokenizer, prompts, max_tokens=5, pad_to=9)
+    assert wide["input_ids"].shape == (2, 9) and (wide["attention_mask"][:, :4] == 0).all()
+
+
+def test_rollout_prompts_cut_to_fit_are_counted_in_a_warning(tokenizer):
+    """Every stage that samples encodes its prompts here: a prompt longer than
+    sampling.max_prompt_tokens keeps its end, and the count of such prompts is reported, as
+    every other cut to fit is."""
+    from jaxrlhf.config import SamplingSection
+    from jaxrlhf.stages.rollout import encode_prompt_rows
+
+    rows = [{"prompt": "Request: Please walk the dog and feed the cat today.\nReply:"}, {"prompt": "Hi\nReply:"}] * 3
+    with pytest.warns(UserWarning, match=r"^3 of 6 prompts cut to sampling.max_prompt_tokens=6 \(their end kept\)$"):
+        ids, mask, texts = encode_prompt_rows(rows, tokenizer, SamplingSection(max_prompt_tokens=6), seed=0)
+    assert mask.sum(1).max() == 6 and texts[0].endswith("\nReply:") and texts[1] == "Hi\nReply:"
 
 
 def test_prompt_length_range_cuts_each_prompt_to_its_first_tokens(tokenizer):
     prompts = ["Request: Please walk the dog and feed the cat today.\nReply:"] * 50
-    ids, mask = data.encode_prompts(tokenizer, prompts, max_tokens=8, length_range=(2, 4), seed=1)
-    lengths = mask.sum(1)
-    assert set(lengths) == {2, 3, 4}
+    enc = data.encode_prompts(tokenizer, prompts, max_tokens=8, length_range=(2, 4), seed=1)
+    ids, lengths = enc["input_ids"], enc["attention_mask"].sum(1)
+    assert set(lengths) == {2, 3, 4} and not enc["cut"].any()  # cut on purpose, not to fit
     first = tokenizer(prompts[0], add_special_tokens=False)["input_ids"]
-    for row, m, n in zip(ids, mask, lengths):
+    for row, m, n in zip(ids, enc["attention_mask"], lengths):
         assert list(row[m == 1]) == first[:n]
-    again, _ = data.encode_prompts(tokenizer, prompts, max_tokens=8, length_range=(2, 4), seed=1)
-    np.testing.assert_array_equal(again, ids)
+    again = data.encode_prompts(tokenizer, prompts, max_tokens=8, length_range=(2, 4), seed=1)
+    np.testing.assert_array_equal(again["input_ids"], ids)
 
 
 def test_completion_only_masks_cover_the_response_and_eos(tokenizer):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -169,10 +170,28 @@ def train_loop(out: Path, state, step_fn, train: cfg.TrainConfig, resume: bool, 
                desc: str | None = None, **kwargs):
     """`trainer.run_loop` under the run's `train` settings, its records tagged with `stage` and
     its progress bar with `desc` (default: `stage`) -> the final state; `kwargs`
-    (extra_metrics, evaluate) go to it."""
-    return run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
-                    save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
-                    record={"stage": stage}, tensorboard=train.tensorboard, desc=desc or stage, **kwargs)
+    (extra_metrics, evaluate) go to it. A run stopped before it wrote anything but its
+    config.json (a reward function's bad scores at the first step, a Ctrl-C) leaves no folder."""
+    try:
+        return run_loop(out_dir=out, state=state, step_fn=step_fn, steps=train.steps, log_every=train.log_every,
+                        save_every=train.save_every, keep_checkpoints=train.keep_checkpoints, resume=resume,
+                        record={"stage": stage}, tensorboard=train.tensorboard, desc=desc or stage, **kwargs)
+    except BaseException:
+        if parallel.is_main():  # the process that wrote the folder
+            _remove_if_empty_run(out)
+        raise
+
+
+def _remove_if_empty_run(out: Path) -> None:
+    """Remove `out` if it holds nothing but a config.json and an empty checkpoints/ folder: a
+    run's start with nothing to resume (any other file, a checkpoint or a metric record, keeps
+    it). Best effort: the error that stopped the run is the one to report."""
+    try:
+        if {p.name for p in out.iterdir()} <= {"config.json", "checkpoints"} and \
+                not any((out / "checkpoints").iterdir() if (out / "checkpoints").is_dir() else ()):
+            shutil.rmtree(out)
+    except OSError:
+        pass
 
 
 def check_finished_run(out: Path, config: Any) -> None:

@@ -51,11 +51,11 @@ def plan(config: DPOConfig) -> str:
     return f"{method}, {config.train.steps} steps of batch {config.train.batch_size} -> {config.train.output_dir}/final"
 
 
-def _pair_arrays(rows, tokenizer, max_length):
+def _pair_arrays(rows, tokenizer, max_length, source: DataConfig):
     prompts = [r["prompt"] for r in rows]
     out, cut = {}, np.zeros(len(rows), bool)
     for side in ("chosen", "rejected"):
-        enc = data.encode_pairs_of_text(tokenizer, prompts, [r[side] for r in rows], max_length)
+        enc = data.encode_pairs_of_text(tokenizer, prompts, [r[side] for r in rows], max_length, source=source)
         out |= {f"{side}_ids": enc["input_ids"], f"{side}_mask": enc["attention_mask"],
                 f"{side}_loss_mask": enc["loss_mask"]}
         cut |= enc["cut"]
@@ -89,7 +89,7 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
         module, params, model_config, tokenizer = common.load_policy(config.policy, pad_token=config.pad_token)
     common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
     rows = data.load_rows(config.data, tuple(COLUMNS["pairs"]))
-    arrays = _pair_arrays(rows, tokenizer, config.max_length)
+    arrays = _pair_arrays(rows, tokenizer, config.max_length, config.data)
     mesh = common.train_mesh(train)
     ref_params = None if config.loss_type == "slic" else params
     if config.reference is not None and config.loss_type != "slic":

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from jaxrlhf import outputs, parallel
 from jaxrlhf.config import check
-from jaxrlhf.models.gguf import gguf_to_hf, packaged_gguf
+from jaxrlhf.models.gguf import check_complete, gguf_to_hf, packaged_gguf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +29,13 @@ def plan(config: GGUFConfig) -> str:
 
 
 def preflight(config: GGUFConfig, resume: bool = False) -> Path:
-    """What the run checks before it writes: the GGUF file is there -> its path."""
+    """What the run checks before it writes: the GGUF file is there, whole, and output_dir may
+    take the conversion -> its path."""
     del resume
     gguf = source(config)
     check(gguf.is_file(), f"gguf={gguf} is not a file")
+    check_complete(gguf)
+    outputs.check_replaceable(config.output_dir, "export")
     return gguf
 
 

@@ -43,9 +43,12 @@ def sampling_config(section: SamplingSection, tokenizer, model_config) -> Sampli
 
 def encode_prompt_rows(rows, tokenizer, section: SamplingSection, seed: int):
     """All prompts, left-padded to one width (one compiled shape) -> ids, mask, the texts the
-    policy actually sees (after any truncation)."""
-    ids, mask = data.encode_prompts(tokenizer, [r["prompt"] for r in rows], section.max_prompt_tokens,
-                                    section.prompt_length_range, seed)
+    policy actually sees (after any truncation: the prompts cut to fit are counted in a warning)."""
+    enc = data.encode_prompts(tokenizer, [r["prompt"] for r in rows], section.max_prompt_tokens,
+                              section.prompt_length_range, seed)
+    data.warn_cut(enc["cut"], f"prompts cut to sampling.max_prompt_tokens={section.max_prompt_tokens} "
+                              "(their end kept)")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
     texts = [tokenizer.decode(i[m == 1]) for i, m in zip(ids, mask)]
     return ids, mask, texts
 

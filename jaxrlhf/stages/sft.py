@@ -60,7 +60,7 @@ def preflight(config: SFTConfig, resume: bool = False) -> dict:
         what = "texts"
     else:
         arrays = data.encode_pairs_of_text(tokenizer, [r["prompt"] for r in rows], [r["response"] for r in rows],
-                                           config.max_length, config.completion_only)
+                                           config.max_length, config.completion_only, config.data)
         what = "responses"
     data.warn_cut(arrays.pop("cut"), f"{what} cut to fit max_length={config.max_length} (each keeps its EOS)")
     mesh = common.train_mesh(train)

@@ -45,13 +45,17 @@ def kl_bound(n: int) -> float:
 
 def kl_plugin(scores_N) -> float:
     """The exact KL(best-of-N || base) over the empirical distribution of one prompt's N scored
-    samples (see the module docstring)."""
+    samples (see the module docstring). In logs: F_g^N underflows to 0 for N above about 145,
+    so log q_g = N log F_g + log(1 - (F_g- / F_g)^N), which stays finite; a term whose q_g
+    underflows to 0 adds 0 (0 times a finite log ratio), never 0 * log 0."""
     scores_N = np.asarray(scores_N, np.float64)
     n = len(scores_N)
     _, counts_G = np.unique(scores_N, return_counts=True)  # groups of equal scores, ascending
-    upto_G = np.cumsum(counts_G) / n
-    q_G = upto_G ** n - (upto_G - counts_G / n) ** n
-    return float(np.sum(q_G * np.log(q_G / (counts_G / n))))
+    upto_G = np.cumsum(counts_G)
+    with np.errstate(divide="ignore"):  # the first group's F_g- = 0: log 0 = -inf, so 1 - 0^N = 1 as meant
+        below_G = n * np.log1p(-counts_G / upto_G)  # N log(F_g- / F_g)
+    log_q_G = n * np.log(upto_G / n) + np.log(-np.expm1(below_G))
+    return float(np.sum(np.exp(log_q_G) * (log_q_G - np.log(counts_G / n))))
 
 
 def pick_best(scores_PxN) -> np.ndarray:

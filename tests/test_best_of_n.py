@@ -5,6 +5,7 @@ evaluation keeps, of each prompt's N samples, the one its scorer rates highest."
 import itertools
 import json
 import math
+from fractions import Fraction
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
@@ -43,6 +44,32 @@ def test_kl_estimate_is_never_above_log_n_minus_n_minus_one_over_n(scores):
     """Scores drawn from a few values, so ties (which lower the KL) are common."""
     n = len(scores)
     assert 0.0 <= best_of_n.kl_plugin(scores) <= math.log(n) - (n - 1) / n + 1e-12
+
+
+def exact_kl(scores_N) -> float:
+    """KL(best-of-N || uniform over the N samples) from the group formula in exact rationals
+    (q_g = F_g^N - F_g-^N, no rounding), each term then in floats (a q_g below the smallest
+    float adds less than 1e-300)."""
+    n = len(scores_N)
+    _, counts = np.unique(scores_N, return_counts=True)
+    upto = np.cumsum(counts).tolist()
+    total = 0.0
+    for c, f in zip(counts.tolist(), upto):
+        q = float(Fraction(f, n) ** n - Fraction(f - c, n) ** n)
+        total += q * math.log(q * n / c) if q > 0 else 0.0
+    return total
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("n", [256, 1024])
+@pytest.mark.parametrize("ties", ["none", "three values", "one repeated"])
+def test_kl_estimate_stays_finite_and_below_the_bound_for_large_n(n, ties):
+    """Above about N = 145, F^N underflows to 0 in floats; the estimate is the exact value,
+    finite and at most log N - (N - 1) / N."""
+    scores = {"none": np.arange(n), "three values": np.arange(n) % 3, "one repeated": np.r_[np.zeros(n - 1), 1]}[ties]
+    got = best_of_n.kl_plugin(scores)
+    assert math.isfinite(got) and 0.0 <= got <= best_of_n.kl_bound(n)
+    np.testing.assert_allclose(got, exact_kl(scores), rtol=1e-9)
 
 
 @pytest.mark.fast

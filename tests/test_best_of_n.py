@@ -95,8 +95,10 @@ def test_evaluation_keeps_each_prompts_best_of_n_samples_by_its_scorer(tiny_run,
 
     monkeypatch.setattr(best_of_n, "sample", recording)
     out = tmp_path / "eval"
-    args = evaluate_args(tiny_run, out, best_of={"best_of_1": {"best_of": 1, "policy": "sft", "scorer": "judge"},
-                                                 "best_of_4": {"best_of": 4, "policy": "sft", "scorer": "judge"}})
+    # The base policy named with a trailing slash is still the reference (an estimate, not NaN).
+    args = evaluate_args(tiny_run, out, f"policies.sft={tiny_run / 'sft' / 'final'}/",
+                         best_of={"best_of_1": {"best_of": 1, "policy": "sft", "scorer": "judge"},
+                                  "best_of_4": {"best_of": 4, "policy": "sft", "scorer": "judge"}})
     assert cli.stage_main("evaluate", args) == 0
     results = json.loads((out / "results.json").read_text())
     np.testing.assert_allclose(results["best_of_1"]["_scores"]["judge"], results["sft"]["_scores"]["judge"])
@@ -115,4 +117,10 @@ def test_evaluation_keeps_each_prompts_best_of_n_samples_by_its_scorer(tiny_run,
     assert info["kl_bound"] == pytest.approx(math.log(4) - 0.75)
     assert info["kl_estimate"] == pytest.approx(np.mean([enumerated_kl(s) for s in scores_PxN]))
     assert results["best_of_4"]["kl_to_reference"] == pytest.approx(info["kl_estimate"])
-    assert "| best_of_4 | 4 | sft | judge | 0.636 |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| KL bound: log N - (N - 1) / N (the frontier's KL) | KL plug-in estimate (its kl_to_reference) |" in md
+    assert "| best_of_4 | 4 | sft | judge | 0.636 |" in md
+    assert "kl_to_reference of best_of_1, best_of_4 is the plug-in estimate over each prompt's N samples" in md
+    replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert {(r["policy"], r["kl_estimator"]) for r in replies} == {("sft", "log_ratio"), ("best_of_1", "best_of_n_plugin"),
+                                                                  ("best_of_4", "best_of_n_plugin")}

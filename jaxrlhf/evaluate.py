@@ -199,7 +199,8 @@ def _write_so_far(out_dir, config, samples, results, overwrite, off_policy) -> N
     results, samples = {n: results[n] for n in done}, {n: samples[n] for n in done}
     notes = _notes(config, results, off_policy)
     on_main(lambda: outputs.replace_folder(
-        out_dir, "evaluation", lambda d: _write(d, config, results, samples, _tables(results, config), notes),
+        out_dir, "evaluation", lambda d: _write(d, config, results, samples, _tables(results, config), notes,
+                                                plot=len(done) == len(config.policies)),
         overwrite=overwrite), out_dir)
 
 
@@ -264,9 +265,10 @@ def _notes(config, results, off_policy) -> list[str]:
     return notes
 
 
-def _write(out_dir: Path, config, results, samples, tables, notes) -> None:
-    """results.md, results.json, replies.jsonl, samples.md and rewards.png of `results` (name ->
-    row) from `samples` (name -> prompt texts as the policy saw them, then what
+def _write(out_dir: Path, config, results, samples, tables, notes, plot: bool) -> None:
+    """results.md, results.json, replies.jsonl, samples.md and (`plot`: once every policy is
+    done, as drawing it after each would cost a second per policy) rewards.png of `results`
+    (name -> row) from `samples` (name -> prompt texts as the policy saw them, then what
     `_sample_policy` returns)."""
     names, scorer_names = list(results), list(config.scorers)
     (out_dir / "results.md").write_text(
@@ -299,7 +301,8 @@ def _write(out_dir: Path, config, results, samples, tables, notes) -> None:
                          + f" | {int(lengths[i])} |")
         lines.append("")
     (out_dir / "samples.md").write_text("\n".join(lines))
-    _plot(out_dir / "rewards.png", results, scorer_names)
+    if plot:
+        _plot(out_dir / "rewards.png", results, scorer_names)
 
 
 def _plot(path: Path, results, scorer_names) -> None:

@@ -152,3 +152,4 @@ def test_replies_follow_the_prompt_not_the_batch_and_a_failed_policy_keeps_the_f
     assert seen != [p for p, _ in pipeline]
     assert list(json.loads((out / "results.json").read_text())) == ["sft", "lower"]
     assert "Partial: broken not evaluated (yet)" in (out / "results.md").read_text()
+    assert not (out / "rewards.png").exists()  # drawn once every policy is done

@@ -122,5 +122,5 @@ def test_evaluation_keeps_each_prompts_best_of_n_samples_by_its_scorer(tiny_run,
     assert "| best_of_4 | 4 | sft | judge | 0.636 |" in md
     assert "kl_to_reference of best_of_1, best_of_4 is the plug-in estimate over each prompt's N samples" in md
     replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
-    assert {(r["policy"], r["kl_estimator"]) for r in replies} == {("sft", "log_ratio"), ("best_of_1", "best_of_n_plugin"),
-                                                                  ("best_of_4", "best_of_n_plugin")}
+    assert {(r["policy"], r["kl_estimator"]) for r in replies} == {
+        ("sft", "log_ratio"), ("best_of_1", "best_of_n_plugin"), ("best_of_4", "best_of_n_plugin")}

@@ -16,6 +16,7 @@ highest (ties: the first drawn). In evaluation it is a policy of its own,
 
 import dataclasses
 import math
+import os
 
 import jax
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from jaxrlhf import diagnostics
 from jaxrlhf.config import check
 from jaxrlhf.errors import ConfigError
+from jaxrlhf.models.layers import init_cache
 from jaxrlhf.parallel import on_host, put_state
 from jaxrlhf.stages.common import load_policy
 from jaxrlhf.stages.rollout import decode_responses, sample, sampling_config
@@ -45,13 +47,17 @@ def kl_bound(n: int) -> float:
 
 def kl_plugin(scores_N) -> float:
     """The exact KL(best-of-N || base) over the empirical distribution of one prompt's N scored
-    samples (see the module docstring)."""
+    samples (see the module docstring). In logs: F_g^N underflows to 0 for N above about 145,
+    so log q_g = N log F_g + log(1 - (F_g- / F_g)^N), which stays finite; a term whose q_g
+    underflows to 0 adds 0 (0 times a finite log ratio), never 0 * log 0."""
     scores_N = np.asarray(scores_N, np.float64)
     n = len(scores_N)
     _, counts_G = np.unique(scores_N, return_counts=True)  # groups of equal scores, ascending
-    upto_G = np.cumsum(counts_G) / n
-    q_G = upto_G ** n - (upto_G - counts_G / n) ** n
-    return float(np.sum(q_G * np.log(q_G / (counts_G / n))))
+    upto_G = np.cumsum(counts_G)
+    with np.errstate(divide="ignore"):  # the first group's F_g- = 0: log 0 = -inf, so 1 - 0^N = 1 as meant
+        below_G = n * np.log1p(-counts_G / upto_G)  # N log(F_g- / F_g)
+    log_q_G = n * np.log(upto_G / n) + np.log(-np.expm1(below_G))
+    return float(np.sum(np.exp(log_q_G) * (log_q_G - np.log(counts_G / n))))
 
 
 def pick_best(scores_PxN) -> np.ndarray:
@@ -72,29 +78,58 @@ def check_entries(policies: dict, scorers: dict) -> None:
             raise ConfigError(f"policies.{name}.scorer={entry.scorer!r} is not one of scorers {list(scorers)}")
 
 
-def evaluate(entry: BestOfN, path: str, config, ids_PxT, mask_PxT, texts, scorers, mesh):
-    """Best-of-`entry.best_of` from the policy at `path` on every prompt, `config.batch_size`
-    prompts per call (x N rows), picked by `scorers[entry.scorer]`, the kept replies then scored
-    by every scorer -> (replies, their token ids without EOS, {scorer: scores [P]}, KL to the
-    reference [P], response lengths [P], info), as `evaluate._sample_policy` plus `info`. The KL
-    of a prompt is its plug-in estimate when the base policy is the evaluation's reference
-    (else NaN: unknown).
+def device_memory(device) -> int:
+    """Bytes `device` can hold: its allocator's limit (GPU, TPU), else (CPU devices report
+    none) its share of the host's memory, which the host's devices split."""
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if limit is not None:
+        return limit
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
 
-    Rows are sample-major (row j * B + b is sample j of prompt b) with the key the evaluation
-    samples a policy's batch with, so sample 0 is the base policy's own evaluation sample and
-    best-of-N's samples are the first N of best-of-N' for N' > N (common random numbers:
-    the frontier's points differ by N alone)."""
+
+def check_memory(name: str, entry: BestOfN, batch_size: int, section, model_config, mesh) -> None:
+    """Best-of-N samples `batch_size` x N rows in one call, split over the mesh's devices:
+    refuse, before anything is sampled, an N whose rows' KV cache and float32 logits alone (a
+    lower bound on that call's memory: the weights, activations and host copies come on top)
+    exceed a device's memory."""
+    rows, tokens = batch_size * entry.best_of, section.max_prompt_tokens + section.max_new_tokens
+    cache = jax.eval_shape(lambda: init_cache(model_config, rows, tokens))  # shapes only: nothing allocated
+    need = (sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+            + rows * model_config.vocab_size * np.dtype(np.float32).itemsize) / mesh.size
+    have = device_memory(mesh.devices.flat[0])
+    check(need <= have, f"policies.{name}: best_of={entry.best_of} x batch_size={batch_size} = {rows} rows of "
+                        f"{tokens} tokens need at least {need / 2**30:.1f} GiB a device to sample (their KV cache "
+                        f"and logits, over {mesh.size} device(s)), more than its {have / 2**30:.1f} GiB; "
+                        "lower best_of or batch_size")
+
+
+def evaluate(entry: BestOfN, path: str, config, prompts, scorers, mesh, score_kl: bool):
+    """Best-of-`entry.best_of` from the policy at `path` on every prompt (`prompts`: its ids,
+    mask and texts), `config.batch_size` prompts per call (x N rows), picked by
+    `scorers[entry.scorer]`, the kept replies then scored by every scorer -> (replies, their
+    token ids without EOS, {scorer: scores [P]}, KL to the reference [P], response lengths
+    [P], info), as `evaluate._sample_policy` plus `info`. The KL of a prompt is its plug-in
+    estimate when `score_kl` (the base policy is the evaluation's reference, sampled from its
+    tempered softmax), else NaN: unknown.
+
+    Rows are sample-major (row j * B + b is sample j of prompt b), and sample j of prompt i is
+    keyed by j * P + i with the key the evaluation samples every policy with, so sample 0 is
+    the base policy's own evaluation sample and best-of-N's samples are the first N of
+    best-of-N' for N' > N (common random numbers: the frontier's points differ by N alone),
+    whatever the batch size or the devices."""
     with on_host():
         module, params, model_config, tokenizer = load_policy(path, pad_token=config.pad_token)
     params = put_state(params, mesh)
     settings = sampling_config(config.sampling, tokenizer, model_config)
+    ids_PxT, mask_PxT, texts = prompts
     n, b, p = entry.best_of, config.batch_size, len(texts)
     replies, tokens, lengths, scores_PxN = [], [], [], []
     for start in range(0, p, b):
         idx = np.arange(start, start + b) % p  # full batches: one compiled shape
         rows = np.tile(idx, n)
-        key = jax.random.fold_in(jax.random.key(config.seed), start)
-        out = sample(module, params, ids_PxT[rows], mask_PxT[rows], key, settings, mesh)
+        keys = np.repeat(np.arange(n), b) * p + rows
+        out = sample(module, params, ids_PxT[rows], mask_PxT[rows], jax.random.key(config.seed), settings, mesh,
+                     keys)
         texts_out = decode_responses(tokenizer, out)
         tokens_out = diagnostics.reply_tokens(out, tokenizer.eos_token_id)
         s_BxN = scorers[entry.scorer]([texts[j] for j in rows], texts_out).reshape(n, b).T
@@ -108,17 +143,20 @@ def evaluate(entry: BestOfN, path: str, config, ids_PxT, mask_PxT, texts, scorer
     kls_P = np.asarray([kl_plugin(s) for s in scores_PxN])
     info = {"best_of": n, "policy": entry.policy, "scorer": entry.scorer, "kl_bound": kl_bound(n),
             "kl_estimate": float(kls_P.mean())}
-    kls_P = kls_P if path == config.reference else np.full(p, np.nan)
+    kls_P = kls_P if score_kl else np.full(p, np.nan)
     scores = {s: scorer(texts, replies) for s, scorer in scorers.items()}
     return replies, tokens, scores, kls_P, np.asarray(lengths), info
 
 
 def report_lines(results: dict) -> list[str]:
-    """The results.md section on the best-of-N policies of an evaluation (none: no lines)."""
+    """The results.md section on the best-of-N policies of an evaluation (none: no lines). The
+    bound is the KL the frontier plots for the policy; the estimate is what the evaluation's
+    `kl_to_reference` column shows for it (when its base policy is the reference)."""
     rows = [(name, r["_best_of_n"]) for name, r in results.items() if "_best_of_n" in r]
     if not rows:
         return []
     return ["", "## Best-of-N: KL to the base policy", "",
-            "| policy | N | of | picked by | log N - (N - 1) / N (bound) | plug-in estimate |", "|---|---|---|---|---|---|",
-            *(f"| {name} | {i['best_of']} | {i['policy']} | {i['scorer']} | {i['kl_bound']:.3f} | {i['kl_estimate']:.3f} |"
-              for name, i in rows)]
+            "| policy | N | of | picked by | KL bound: log N - (N - 1) / N (the frontier's KL) "
+            "| KL plug-in estimate (its kl_to_reference) |", "|---|---|---|---|---|---|",
+            *(f"| {name} | {i['best_of']} | {i['policy']} | {i['scorer']} | {i['kl_bound']:.3f} "
+              f"| {i['kl_estimate']:.3f} |" for name, i in rows)]

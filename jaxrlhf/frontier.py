@@ -143,7 +143,8 @@ def rows(config: FrontierConfig, train_points: list[Point], results: dict) -> li
 
 def table(table_rows: list[dict]) -> list[str]:
     scorers = [k for k in table_rows[0] if k not in ("method", "knob", "value", "policy", "kl", "kl_estimate")]
-    head = ["| method | knob | value | KL to SFT | KL estimate | " + " | ".join(scorers) + " |",
+    head = ["| method | knob | value | KL to SFT (best-of-N: the bound log N - (N - 1) / N) | best-of-N KL plug-in "
+            "estimate (the evaluation's kl_to_reference) | " + " | ".join(scorers) + " |",
             "|---|---|---|---|---|" + "---|" * len(scorers)]
     return head + [
         f"| {r['method']} | {r['knob'] or ''} | {'' if r['value'] is None else format(r['value'], 'g')} | "
@@ -170,11 +171,12 @@ def plot(path: Path, table_rows: list[dict]) -> None:
         for i, m in enumerate(methods):
             rs = sorted((r for r in table_rows if r["method"] == m), key=lambda r: r["kl"])
             color = f"C{i}"
+            bound = " at the KL bound log N - (N-1)/N" if m == "best_of_n" else ""
             ax.plot([r["kl"] for r in rs], [r[s] for r in rs], "o-", color=color,
-                    label=f"{m} ({rs[0]['knob']})")
+                    label=f"{m} ({rs[0]['knob']}){bound}")
             if m == "best_of_n":
                 ax.plot([r["kl_estimate"] for r in rs], [r[s] for r in rs], "o:", color=color, alpha=0.6,
-                        label="best_of_n (plug-in KL)")
+                        label="best_of_n at the plug-in KL estimate (the evaluation's kl_to_reference)")
             for r in rs:
                 ax.annotate(f"{r['value']:g}", (r["kl"], r[s]), textcoords="offset points", xytext=(3, 3),
                             fontsize=7, color=color)

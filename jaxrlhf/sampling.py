@@ -131,6 +131,7 @@ def generate(
     prompt_mask_BxP: jax.Array,
     key: jax.Array,
     settings: SamplingConfig,
+    rows_B: jax.Array | None = None,
 ) -> GenerateOutput:
     """Sample `settings.max_new_tokens` tokens after each left-padded prompt.
 
@@ -138,8 +139,10 @@ def generate(
     and donated to the compiled call, which updates it in place. Same shapes and settings
     reuse the compiled program. Prompts given as global arrays with rows split over a mesh
     (`parallel.put_rows`) are sampled where they are, each device its own rows. Row b draws
-    token t with `fold_in(fold_in(key, b), t)`: its sample depends on its place in the batch,
-    never on how the batch is split over devices or hosts.
+    token t with `fold_in(fold_in(key, r_b), t)`, r_b = `rows_B[b]` (int32, laid out like the
+    prompts), by default b: its sample depends on its index (its place in the batch, or the
+    index of its prompt in the data when `rows_B` says so), never on how the batch is split
+    over devices or hosts.
     """
     b, p = prompt_ids_BxP.shape
     if prompt_mask_BxP.shape != (b, p):
@@ -155,7 +158,9 @@ def generate(
         cache = _rows_cache(module.config, b, total, module.dtype, sharding)()
     else:
         cache = init_cache(module.config, b, total, module.dtype)
-    out, _ = _generate(module, settings, params, cache, prompt_ids_BxP, prompt_mask_BxP, key)
+    if rows_B is None:
+        rows_B = jnp.arange(b, dtype=jnp.int32)
+    out, _ = _generate(module, settings, params, cache, prompt_ids_BxP, prompt_mask_BxP, key, rows_B)
     return out
 
 
@@ -171,7 +176,7 @@ def _rows_cache(config, batch: int, max_len: int, dtype, rows: NamedSharding):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_mask_BxP, key):
+def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_mask_BxP, key, rows_B):
     """-> (GenerateOutput, final cache). Returning the cache lets XLA alias the donated input
     buffers to it, so the loop updates them in place instead of allocating a second cache."""
     b, n = prompt_ids_BxP.shape[0], settings.max_new_tokens
@@ -180,7 +185,7 @@ def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_m
     prefill = module.apply({"params": params}, prompt_ids_BxP, prompt_mask_BxP, cache=cache,
                            head_slice=slice(-1, None))
 
-    row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(b))
+    row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, rows_B)
 
     def record(carry, step, logits_BxV):
         """Pick token `step` from `logits_BxV` and write it into the buffers."""

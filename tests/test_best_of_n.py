@@ -5,6 +5,7 @@ evaluation keeps, of each prompt's N samples, the one its scorer rates highest."
 import itertools
 import json
 import math
+from fractions import Fraction
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
@@ -45,6 +46,32 @@ def test_kl_estimate_is_never_above_log_n_minus_n_minus_one_over_n(scores):
     assert 0.0 <= best_of_n.kl_plugin(scores) <= math.log(n) - (n - 1) / n + 1e-12
 
 
+def exact_kl(scores_N) -> float:
+    """KL(best-of-N || uniform over the N samples) from the group formula in exact rationals
+    (q_g = F_g^N - F_g-^N, no rounding), each term then in floats (a q_g below the smallest
+    float adds less than 1e-300)."""
+    n = len(scores_N)
+    _, counts = np.unique(scores_N, return_counts=True)
+    upto = np.cumsum(counts).tolist()
+    total = 0.0
+    for c, f in zip(counts.tolist(), upto):
+        q = float(Fraction(f, n) ** n - Fraction(f - c, n) ** n)
+        total += q * math.log(q * n / c) if q > 0 else 0.0
+    return total
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("n", [256, 1024])
+@pytest.mark.parametrize("ties", ["none", "three values", "one repeated"])
+def test_kl_estimate_stays_finite_and_below_the_bound_for_large_n(n, ties):
+    """Above about N = 145, F^N underflows to 0 in floats; the estimate is the exact value,
+    finite and at most log N - (N - 1) / N."""
+    scores = {"none": np.arange(n), "three values": np.arange(n) % 3, "one repeated": np.r_[np.zeros(n - 1), 1]}[ties]
+    got = best_of_n.kl_plugin(scores)
+    assert math.isfinite(got) and 0.0 <= got <= best_of_n.kl_bound(n)
+    np.testing.assert_allclose(got, exact_kl(scores), rtol=1e-9)
+
+
 @pytest.mark.fast
 def test_kl_bound_and_the_estimate_without_ties_approach_each_other_with_n():
     assert best_of_n.kl_bound(1) == 0.0
@@ -68,8 +95,10 @@ def test_evaluation_keeps_each_prompts_best_of_n_samples_by_its_scorer(tiny_run,
 
     monkeypatch.setattr(best_of_n, "sample", recording)
     out = tmp_path / "eval"
-    args = evaluate_args(tiny_run, out, best_of={"best_of_1": {"best_of": 1, "policy": "sft", "scorer": "judge"},
-                                                 "best_of_4": {"best_of": 4, "policy": "sft", "scorer": "judge"}})
+    # The base policy named with a trailing slash is still the reference (an estimate, not NaN).
+    args = evaluate_args(tiny_run, out, f"policies.sft={tiny_run / 'sft' / 'final'}/",
+                         best_of={"best_of_1": {"best_of": 1, "policy": "sft", "scorer": "judge"},
+                                  "best_of_4": {"best_of": 4, "policy": "sft", "scorer": "judge"}})
     assert cli.stage_main("evaluate", args) == 0
     results = json.loads((out / "results.json").read_text())
     np.testing.assert_allclose(results["best_of_1"]["_scores"]["judge"], results["sft"]["_scores"]["judge"])
@@ -88,4 +117,10 @@ def test_evaluation_keeps_each_prompts_best_of_n_samples_by_its_scorer(tiny_run,
     assert info["kl_bound"] == pytest.approx(math.log(4) - 0.75)
     assert info["kl_estimate"] == pytest.approx(np.mean([enumerated_kl(s) for s in scores_PxN]))
     assert results["best_of_4"]["kl_to_reference"] == pytest.approx(info["kl_estimate"])
-    assert "| best_of_4 | 4 | sft | judge | 0.636 |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| KL bound: log N - (N - 1) / N (the frontier's KL) | KL plug-in estimate (its kl_to_reference) |" in md
+    assert "| best_of_4 | 4 | sft | judge | 0.636 |" in md
+    assert "kl_to_reference of best_of_1, best_of_4 is the plug-in estimate over each prompt's N samples" in md
+    replies = [json.loads(line) for line in (out / "replies.jsonl").read_text().splitlines()]
+    assert {(r["policy"], r["kl_estimator"]) for r in replies} == {
+        ("sft", "log_ratio"), ("best_of_1", "best_of_n_plugin"), ("best_of_4", "best_of_n_plugin")}

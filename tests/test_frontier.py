@@ -47,6 +47,8 @@ def test_frontier_sweeps_evaluates_tabulates_and_plots_every_point_and_a_rerun_s
         [("best_of_n", 1), ("best_of_n", 4)]
     assert [(r["method"], r["value"]) for r in rows] == want
     assert rows[0]["kl"] == 0.0
+    assert ("| KL to SFT (best-of-N: the bound log N - (N - 1) / N) | best-of-N KL plug-in estimate (the evaluation's "
+            "kl_to_reference) |") in md
     for r in rows[1:]:
         got = results[r["policy"]]
         for scorer in ("ground_truth", "reward_model"):

@@ -298,8 +298,9 @@ def test_evaluation_reports_the_kl_and_distinct_n_of_the_responses_it_sampled(ti
     got = json.loads((tmp_path / "eval" / "results.json").read_text())["noisy"]
 
     tokenizer, models = load_tokenizer(reference), [load_pretrained(path)[:2] for path in (noisy_policy, reference)]
+    # The policy's two batches; the reference's two, its collapse baseline, are sampled first.
     seq, attn, resp = (np.concatenate(parts)[: len(PROMPTS)] for parts in zip(
-        *((out.sequences, out.attention_mask, out.response_mask) for out in outputs)))
+        *((out.sequences, out.attention_mask, out.response_mask) for out in outputs[-2:])))
     n = resp.shape[1]
     prompts, responses = zip(*split_rollout(tokenizer, seq, attn, n))
     assert list(prompts) == PROMPTS, "the first 16 samples are of the prompts in order"

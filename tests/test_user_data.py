@@ -323,7 +323,8 @@ def test_evaluation_names_a_planted_phrase_its_share_and_the_references_and_keep
     assert [r["policy"] for r in replies] == ["sft"] * len(prompts) + ["final"] * len(prompts)
     assert all(q.endswith(r["prompt"]) for r, q in zip(replies, prompts * 2))
     for r in replies:
-        assert set(r) == {"policy", "prompt", "reply", "tokens", "kl_to_reference", "scores"}
+        assert set(r) == {"policy", "prompt", "reply", "tokens", "kl_to_reference", "kl_estimator", "scores"}
+        assert r["kl_to_reference"] is None  # greedy replies: no KL
         assert set(r["scores"]) == {"judge", "reward_model"}
     for name in ("sft", "final"):
         mine = [r for r in replies if r["policy"] == name]

@@ -22,12 +22,19 @@ def check_on_policy(section: SamplingSection, temperature: float, method: str, k
     check(temperature == section.temperature,
           f"{key}.temperature={temperature} must equal sampling.temperature={section.temperature} "
           "(the update must score tokens under the distribution that sampled them)")
-    off_policy = {"sampling.top_k": section.top_k != 0, "sampling.top_p": section.top_p != 1.0,
-                  "sampling.greedy": section.greedy, "sampling.min_new_tokens": section.min_new_tokens != 0}
-    changed = [k for k, on in off_policy.items() if on]
+    changed = off_policy_settings(section)
     check(not changed, f"{', '.join(changed)} would make {method} off-policy: the update scores old, reference and "
                        "new logprobs under the tempered softmax, so rollouts must be drawn from it (set "
                        "top_k: 0, top_p: 1.0, greedy: false, min_new_tokens: 0)")
+
+
+def off_policy_settings(section: SamplingSection) -> list[str]:
+    """The keys of `section` set to draw replies from other than the tempered softmax (top-k,
+    top-p, greedy, min_new_tokens): under them the logprobs of that softmax are not the
+    sampler's."""
+    off_policy = {"sampling.top_k": section.top_k != 0, "sampling.top_p": section.top_p != 1.0,
+                  "sampling.greedy": section.greedy, "sampling.min_new_tokens": section.min_new_tokens != 0}
+    return [k for k, on in off_policy.items() if on]
 
 
 def sampling_config(section: SamplingSection, tokenizer, model_config) -> SamplingConfig:
@@ -87,12 +94,15 @@ def decode_responses(tokenizer, out) -> list[str]:
     return [tokenizer.decode(s[m == 1], skip_special_tokens=True) for s, m in zip(seqs, masks)]
 
 
-def sample(module, params, ids_BxP, mask_BxP, key, settings: SamplingConfig, mesh) -> GenerateOutput:
+def sample(module, params, ids_BxP, mask_BxP, key, settings: SamplingConfig, mesh, rows_B=None) -> GenerateOutput:
     """Sample responses for host prompt arrays (the whole batch, on every process), each
     device sampling its own rows; `params` laid out on `mesh` -> the rollout as numpy arrays,
-    whole, on every process."""
-    ids, mask = parallel.put_rows((ids_BxP, mask_BxP), mesh)
-    return parallel.gather(generate(module, params, ids, mask, parallel.put_replicated(key, mesh), settings))
+    whole, on every process. Row b's sample is keyed by `rows_B[b]` (default: b; see
+    `sampling.generate`)."""
+    if rows_B is None:
+        rows_B = np.arange(len(ids_BxP))
+    ids, mask, rows = parallel.put_rows((ids_BxP, mask_BxP, np.asarray(rows_B, np.int32)), mesh)
+    return parallel.gather(generate(module, params, ids, mask, parallel.put_replicated(key, mesh), settings, rows))
 
 
 def scored_batch(rollout: GenerateOutput, prompt_texts: list[str], tokenizer, scorer,

@@ -50,7 +50,16 @@ def assert_params_close(got, want, atol=2e-5):
 
 def sgd_step(params, loss_fn, lr):
     """What one plain SGD step on `loss_fn` makes of `params`."""
-    return jax.tree.map(lambda p, g: p - lr * g, params, jax.jit(jax.grad(loss_fn))(params))
+    return sgd_steps(params, loss_fn, lr, 1)[-1]
+
+
+def sgd_steps(params, loss_fn, lr, steps):
+    """The params after each of `steps` plain SGD steps on `loss_fn` (its gradient compiled once)."""
+    grad, out = jax.jit(jax.grad(loss_fn)), []
+    for _ in range(steps):
+        params = jax.tree.map(lambda p, g: p - lr * g, params, grad(params))
+        out.append(params)
+    return out
 
 
 # --- PPO: per-token rewards, GAE, whitening, the first gradient -------------------------------

@@ -11,7 +11,7 @@ import pytest
 from jaxrlhf import parallel
 from jaxrlhf.parallel import AXIS, jit_step, pmap_step, replicate, shard, unreplicate
 from jaxrlhf.updates import GRPOConfig, RLOOConfig, TrainState, make_grpo_update, make_rloo_update
-from tests.test_glue import assert_params_close, next_token_logps, noisy, sgd_step
+from tests.test_glue import assert_params_close, next_token_logps, noisy, sgd_step, sgd_steps
 from tests.test_steps import B, policy, rollout_batch
 
 
@@ -65,37 +65,48 @@ def test_rloo_update_equals_a_numpy_derivation_of_shaped_rewards_advantages_and_
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("scale,level", [("group", "token"), ("batch", "sequence"), ("none", "token")])
-def test_grpo_update_equals_a_numpy_derivation_of_group_advantages_the_k3_kl_and_the_first_step(scale, level):
+@pytest.mark.parametrize("scale,level,bias_correction,epochs", [("group", "token", True, 2),
+                                                                ("batch", "sequence", True, 1),
+                                                                ("none", "token", False, 1)])
+def test_grpo_update_equals_a_numpy_derivation_of_group_advantages_the_k3_kl_and_the_rollouts_steps(
+        scale, level, bias_correction, epochs):
     """Advantages: the score minus its group's mean, over the group's (or the batch's) std +
-    1e-4, or not scaled; the loss TRL's dapo over the rollout's tokens: -A * ratio (per token
-    or per sequence) + beta * k3(pi, ref), whose gradient at ratio 1 the first step takes."""
+    1e-4, or not scaled; the loss TRL's dapo over the rollout's tokens: -min(A w, A clip(w)),
+    w the ratio to the rollout's logprobs (per token or per sequence), + beta * k3(pi, ref),
+    times w by default (TRL's `use_bias_correction_kl`). The first step is at w = 1, where w's
+    gradient still moves the KL term; a second epoch over the rollout steps where w is not 1."""
     module, params, ref_params, batch, logps, ref_logps = setup()
-    resp = batch["response_mask"]
-    beta, k, lr = 0.3, 4, 1.0
+    seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"]
+    beta, k, lr = 0.3, 4, 0.2
     grouped = batch["scores"].astype(np.float64).reshape(-1, k)
     centred = (grouped - grouped.mean(1, keepdims=True)).reshape(-1)
     std = {"group": np.repeat(grouped.std(1, ddof=1), k), "batch": np.full(B, batch["scores"].std(ddof=1)),
            "none": np.full(B, 1.0 - 1e-4)}[scale]
-    advantages = centred / (std + 1e-4)
+    advantages = (centred / (std + 1e-4))[:, None]
 
-    def surrogate(params):
-        lp = response_logps(module, params, batch)
+    def kl_and_ratio(lp):
         if level == "token":
             ratio = jnp.exp(lp - logps)
         else:
             ratio = jnp.exp(jnp.sum((lp - logps) * resp, 1, keepdims=True) / resp.sum(1, keepdims=True))
         k3 = jnp.exp(ref_logps - lp) - (ref_logps - lp) - 1
-        return jnp.sum((-advantages[:, None] * ratio + beta * k3) * resp) / resp.sum()
+        return (k3 * ratio if bias_correction else k3), ratio
 
-    want = sgd_step(params, surrogate, lr)
+    def surrogate(params):
+        kl, ratio = kl_and_ratio(response_logps(module, params, batch))
+        policy = -jnp.minimum(advantages * ratio, advantages * jnp.clip(ratio, 0.8, 1.2))
+        return jnp.sum((policy + beta * kl) * resp) / resp.sum()
+
+    steps = sgd_steps(params, surrogate, lr, epochs)
+    kls = [np.sum(kl_and_ratio(next_token_logps(module, p, seq, attn)[:, -resp.shape[1]:])[0] * resp) / resp.sum()
+           for p in [params, *steps[:-1]]]  # the KL term at each step's params, before its update
     state = TrainState.create(module, params, optax.sgd(lr), ref_params=ref_params)
-    config = GRPOConfig(num_generations=k, beta=beta, scale_rewards=scale, importance_sampling_level=level)
+    config = GRPOConfig(num_generations=k, beta=beta, scale_rewards=scale, importance_sampling_level=level,
+                        epochs=epochs, **({} if bias_correction else {"use_bias_correction_kl": False}))  # on: default
     state, metrics = jit_step(make_grpo_update(config))(state, batch, jax.random.key(0))
-    lr_ = ref_logps - logps
-    np.testing.assert_allclose(metrics["kl"], np.sum((np.exp(lr_) - lr_ - 1) * resp) / resp.sum(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["kl"], np.mean(kls), rtol=1e-4)  # TRL's: the KL term's mean per token
     np.testing.assert_allclose(metrics["reward"], batch["scores"].mean(), rtol=1e-6)
-    assert_params_close(state.params, want, atol=1e-4)  # float32 steps of size ~1
+    assert_params_close(state.params, steps[-1], atol=1e-4)
 
 
 @pytest.mark.slow

@@ -30,6 +30,9 @@ class GRPOConfig:
     # sum / active tokens of the rollout per optimizer update; bnpo: sum / the minibatch's tokens.
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
+    # The KL term times the (unclipped, differentiable) ratio: the unbiased reverse-KL gradient
+    # (DeepSeek-V3.2). TRL's name and default; it changes the gradient whenever beta > 0.
+    use_bias_correction_kl: bool = True
     temperature: float = 1.0  # must equal the sampling temperature of the rollout
 
     @property
@@ -75,8 +78,8 @@ def make_grpo_update(config: GRPOConfig, axis_name: str | None = None):
                 logprobs, old_logprobs, batch.get("ref_logprobs"), batch["advantages"], batch["resp"],
                 clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, beta=config.beta,
                 loss_type=config.loss_type, importance_sampling_level=config.importance_sampling_level,
-                max_completion_length=n, num_items=common.rows(batch) * devices * tokens_per_row,
-                axis_name=axis_name)
+                use_bias_correction_kl=config.use_bias_correction_kl, max_completion_length=n,
+                num_items=common.rows(batch) * devices * tokens_per_row, axis_name=axis_name)
             entropy = losses.masked_mean(losses.entropy(logits, config.temperature), batch["resp"],
                                          axis_name=axis_name)
             return loss, {**loss_metrics, "entropy": entropy}

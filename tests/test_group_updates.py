@@ -2,16 +2,21 @@
 batch, the loss normalisations, the first step) against an independent NumPy derivation on
 the model applied directly, and 4 devices (pmap or the mesh) give the one-device update."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jaxrlhf import parallel
+from jaxrlhf import cli, parallel
+from jaxrlhf import config as cfg
+from jaxrlhf.errors import ConfigError
 from jaxrlhf.parallel import AXIS, jit_step, pmap_step, replicate, shard, unreplicate
 from jaxrlhf.updates import GRPOConfig, RLOOConfig, TrainState, make_grpo_update, make_rloo_update
 from tests.test_glue import assert_params_close, next_token_logps, noisy, sgd_step, sgd_steps
+from tests.conftest import TINY
 from tests.test_steps import B, policy, rollout_batch
 
 
@@ -131,6 +136,39 @@ def test_grpo_losses_over_two_minibatches_keep_their_whole_rollout_normaliser(lo
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-4)
 
 
+@pytest.mark.fast
+def test_group_configs_refuse_settings_that_would_silently_change_the_objective():
+    """Checked as the config is built, in Python as from YAML: a choice that is none of a key's
+    (an RLOO `kl_penalty` of "rewards" would drop the KL), and RLOO's REINFORCE (no ratio, so
+    no importance weight) on the stale samples of a second update per rollout."""
+    with pytest.raises(ConfigError, match=r"^kl_penalty='rewards' is not allowed; choose one of \['reward', 'loss'\]$"):
+        RLOOConfig(kl_penalty="rewards")
+    with pytest.raises(ConfigError, match=r"^scale_rewards='std' is not allowed; choose one of \['group', 'batch',"):
+        GRPOConfig(scale_rewards="std")
+    stale = r"clip_eps=null \(REINFORCE, no importance weight\) needs one update per rollout, not epochs x "
+    for updates, shown in (({"epochs": 2}, "2 x 1"), ({"num_minibatches": 3}, "1 x 3")):
+        with pytest.raises(ConfigError, match=rf"^{stale}num_minibatches = {shown}: .* set clip_eps or epochs=1"):
+            RLOOConfig(clip_eps=None, **updates)
+    with pytest.raises(ConfigError, match=rf"rloo.yaml.rloo: {stale}num_minibatches = 2 x 2"):
+        cfg.load(cli.stage("rloo")[1], TINY / "rloo.yaml", ["rloo.clip_eps=null"])
+    RLOOConfig(clip_eps=None)  # one update per rollout: on-policy REINFORCE
+    RLOOConfig(epochs=2, num_minibatches=2)  # the clipped ratio weighs the stale samples
+
+
+@pytest.mark.fast
+def test_gspo_with_a_loss_that_sums_tokens_warns_as_trl_does():
+    """One ratio per sequence with a token-sum loss weights each sequence by its length, not
+    GSPO's objective: TRL warns for dapo (the default), dr_grpo and bnpo; so do we."""
+    for loss_type in ("dapo", "dr_grpo", "bnpo"):
+        with pytest.warns(UserWarning, match=rf"importance_sampling_level='sequence' with loss_type='{loss_type}' "
+                                             r"sums per-token .* by its completion length .* set loss_type='grpo'"):
+            GRPOConfig(importance_sampling_level="sequence", loss_type=loss_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GRPOConfig(importance_sampling_level="sequence", loss_type="grpo")
+        GRPOConfig(importance_sampling_level="token", loss_type="dapo")
+
+
 def build(kind, tx, axis_name=None, **overrides):
     module, params, _ = policy()
     state = TrainState.create(module, params, tx, ref_params=noisy(params, 3, 0.05))
@@ -142,7 +180,10 @@ def build(kind, tx, axis_name=None, **overrides):
     return make_grpo_update(config, axis_name), state, batch
 
 
-CASES = [("rloo", {}), ("rloo", {"kl_penalty": "loss", "normalize_advantages": True, "clip_eps": None}),
+CASES = [("rloo", {}),
+         # REINFORCE has no ratio for stale samples: one update per rollout.
+         ("rloo", {"kl_penalty": "loss", "normalize_advantages": True, "clip_eps": None, "epochs": 1,
+                   "num_minibatches": 1}),
          ("grpo", {}),
          ("grpo", {"loss_type": "bnpo", "scale_rewards": "batch", "importance_sampling_level": "sequence"})]
 

@@ -5,6 +5,7 @@ function scores the rollout, takes the advantages over the global batch and runs
 minibatches. Defaults follow TRL's."""
 
 import dataclasses
+import warnings
 from typing import Literal
 
 import jax.numpy as jnp
@@ -14,6 +15,10 @@ from jaxrlhf import group_losses, losses
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.updates import common
 from jaxrlhf.updates.common import TrainState
+
+
+# The token-sum losses: under GSPO's one ratio per sequence they weight a sequence by its length.
+LENGTH_WEIGHTED = ("dr_grpo", "dapo", "bnpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +46,11 @@ class GRPOConfig:
 
     def __post_init__(self):
         common.check_group_config(self, "advantages compare the samples of a prompt")
+        if self.importance_sampling_level == "sequence" and self.loss_type in LENGTH_WEIGHTED:
+            # TRL warns about the same pairing (GRPOTrainer.__init__).
+            warnings.warn(f"importance_sampling_level='sequence' with loss_type={self.loss_type!r} sums per-token "
+                          "contributions, which weights each sequence by its completion length instead of optimizing "
+                          "the per-sequence objective; for the GSPO paper's setup set loss_type='grpo'", stacklevel=3)
 
 
 def make_grpo_update(config: GRPOConfig, axis_name: str | None = None):

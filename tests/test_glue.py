@@ -79,19 +79,30 @@ def numpy_gae(rewards_BxN, values_BxN, lengths_B, gamma, lam):
     return advantages, (advantages + values_BxN) * real_BxN
 
 
-def test_ppo_update_equals_a_numpy_derivation_of_rewards_advantages_and_the_first_step():
+def numpy_whiten(x_BxN, real_BxN, shift_mean=True):
+    """(x - mean) / sqrt(var + 1e-8) over the real entries (var with Bessel's correction, as
+    TRL's `masked_whiten`), the mean added back unless `shift_mean`; 0 elsewhere."""
+    mean, var = x_BxN[real_BxN].mean(), x_BxN[real_BxN].var(ddof=1)
+    return ((x_BxN - mean) / np.sqrt(var + 1e-8) + (0.0 if shift_mean else mean)) * real_BxN
+
+
+@pytest.mark.parametrize("whiten_rewards", [False, True])
+def test_ppo_update_equals_a_numpy_derivation_of_rewards_advantages_and_the_first_step(whiten_rewards):
     """Rewards are -kl_coef * (logp - ref_logp) on every response token plus the score on each
-    row's last *real* token (rows end early here); then GAE, whitened advantages, and the
-    clipped losses, whose gradient at ratio 1 is the unclipped one. All re-derived from the
-    model applied directly; the reported value loss (which sees the returns) and the params
-    after one epoch of one minibatch of plain SGD must match. A reference that differs by
-    about half a nat a token makes the KL term's sign count; scores of a few units on rows
-    that mostly end early make the score's position count (each moves the value loss ~20%)."""
+    row's last *real* token (rows end early here); with `whiten_rewards` they are scaled to std
+    1 over the response tokens, their mean kept (TRL's shift_mean=False); then GAE, whitened
+    advantages, and the clipped losses, whose gradient at ratio 1 is the unclipped one. All
+    re-derived from the model applied directly; the reported value loss (which sees the returns)
+    and the params after one epoch of one minibatch of plain SGD must match. A reference that
+    differs by about half a nat a token makes the KL term's sign count; scores of a few units on
+    rows that mostly end early make the score's position count (each moves the value loss ~20%),
+    and make the rewards' mean far from 0, so removing it would move the returns."""
     module, params0, _ = policy(value_head=True)
     params, ref_params = noisy(params0, 1, 0.3), noisy(params0, 2, 0.3)
     batch = rollout_batch(seed=2)
     batch["scores"] = np.array([3.0, -2.0, 2.5, -3.0, 1.0, 2.0, -1.0, 3.0], np.float32)
-    config, kl_coef, lr = PPOConfig(epochs=1, gamma=0.9, lam=0.8, vf_coef=0.5), 0.5, 1.0
+    config = PPOConfig(epochs=1, gamma=0.9, lam=0.8, vf_coef=0.5, whiten_rewards=whiten_rewards)
+    kl_coef, lr = 0.5, 1.0
     seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"]
     p, lengths = seq.shape[1] - resp.shape[1], resp.sum(1)
     assert (lengths < resp.shape[1]).sum() >= 4, "rows that end early make the score's position matter"
@@ -100,10 +111,12 @@ def test_ppo_update_equals_a_numpy_derivation_of_rewards_advantages_and_the_firs
     kl = (logps - next_token_logps(module, ref_params, seq, attn)[:, p - 1:]) * resp
     rewards = -kl_coef * kl
     rewards[np.arange(B), lengths - 1] += batch["scores"]
+    real = resp == 1
+    if whiten_rewards:
+        rewards = numpy_whiten(rewards, real, shift_mean=False)
     values = np.asarray(forward(module.apply, params, seq, attn).values, np.float64)[:, p - 1:-1] * resp
     advantages, returns = numpy_gae(rewards, values, lengths, config.gamma, config.lam)
-    real = resp == 1
-    whitened = (advantages - advantages[real].mean()) / np.sqrt(advantages[real].var(ddof=1) + 1e-8) * resp
+    whitened = numpy_whiten(advantages, real)
 
     def surrogate(params):
         out = module.apply({"params": params}, seq, attn)

@@ -16,6 +16,7 @@ import pytest
 
 from jaxrlhf.config import DataConfig, RewardSource, TrainConfig
 from jaxrlhf.parallel import jit_step
+from jaxrlhf.stages.online_dpo import trl_metrics
 from jaxrlhf.updates.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.updates import TrainState, make_dpo_step, make_reward_step
 from tests.test_steps import B, pair_batch, policy, reward_model, rollout_batch
@@ -261,7 +262,11 @@ def test_preference_step_loss_and_metrics_follow_the_papers_on_the_model_applied
     step. A swap of chosen and rejected, a reference scored with the policy's params, a
     missing length average in the IPO loss, or metrics from averaged logprobs (TRL logs sums:
     `logps/*` the summed logprobs, `rewards/*` beta times the summed log ratios) all change
-    them; so does SLiC's regulariser per token where the paper sums over the sequence."""
+    them; so does SLiC's regulariser per token where the paper sums over the sequence. Online
+    DPO's TRL metrics come from these step metrics (the pairs are the 2B sampled replies, each
+    chosen or rejected once): `objective/kl` the mean over the replies of the summed log ratio
+    policy / reference, `objective/non_score_reward` -beta times it, `objective/rlhf_reward`
+    the mean score plus that."""
     module, params0, _ = policy()
     params, ref_params, beta = noisy(params0, 5, 0.2), noisy(params0, 6, 0.2), 0.5
     batch = pair_batch()
@@ -279,5 +284,12 @@ def test_preference_step_loss_and_metrics_follow_the_papers_on_the_model_applied
     kind, _, regularizer = loss_type.partition("-")
     step = make_dpo_step(kind, beta, **({"slic_regularizer": regularizer} if regularizer else {}))
     _, metrics = jit_step(step)(state, batch, jax.random.key(0))
+    if kind in ("sigmoid", "ipo"):  # online DPO's losses (and hinge)
+        scores = np.concatenate([np.linspace(1.0, 3.0, B), np.linspace(-1.0, 0.5, B)])  # the first replies chosen
+        metrics |= trl_metrics(metrics, scores, np.ones(B, bool), np.ones(2 * B, bool), beta)
+        kl = np.mean(np.concatenate([pi_c - ref_c, pi_r - ref_r]))
+        want |= {"objective/kl": kl, "objective/non_score_reward": -beta * kl,
+                 "objective/rlhf_reward": np.mean(scores) - beta * kl,
+                 "objective/entropy": -np.mean(np.concatenate([pi_c, pi_r]))}
     for name, value in want.items():
         np.testing.assert_allclose(metrics[name], value, rtol=1e-4, atol=1e-5, err_msg=name)

@@ -61,8 +61,7 @@ def _coerce(value: Any, t, where: str) -> Any:
                 continue
         raise ConfigError(f"{where}={value!r} must be {_type_name(t)}")
     if origin is Literal:
-        if value not in typing.get_args(t):
-            raise ConfigError(f"{where}={value!r} is not allowed; choose one of {list(typing.get_args(t))}")
+        _check_choice(value, t, where)
         return value
     if origin is dict:
         if not isinstance(value, dict):
@@ -85,6 +84,19 @@ def _coerce(value: Any, t, where: str) -> Any:
     if not isinstance(value, t) or (t is int and isinstance(value, bool)):
         raise ConfigError(f"{where}={value!r} must be {_type_name(t)}")
     return value
+
+
+def _check_choice(value: Any, t, where: str) -> None:
+    if value not in typing.get_args(t):
+        raise ConfigError(f"{where}={value!r} is not allowed; choose one of {list(typing.get_args(t))}")
+
+
+def check_choices(config) -> None:
+    """Every `Literal` key of dataclass `config` holds one of its choices: what loading from YAML
+    checks, for a config built in Python (where a misspelt choice would otherwise pass)."""
+    for name, t in typing.get_type_hints(type(config)).items():
+        if typing.get_origin(t) is Literal:
+            _check_choice(getattr(config, name), t, name)
 
 
 def from_dict(cls, data: dict[str, Any], where: str):

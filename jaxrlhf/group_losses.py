@@ -72,13 +72,17 @@ def _sequence_mean(x_BxT, mask_BxT):
 
 def grpo_loss(logprobs_BxT, old_logprobs_BxT, ref_logprobs_BxT, advantages_B, mask_BxT, *, clip_eps: float = 0.2,
               clip_eps_high: float | None = None, beta: float = 0.0, loss_type: str = "dapo",
-              importance_sampling_level: str = "token", max_completion_length: int | None = None,
-              num_items: jax.Array | float | None = None, axis_name: str | None = None):
+              importance_sampling_level: str = "token", use_bias_correction_kl: bool = True,
+              max_completion_length: int | None = None, num_items: jax.Array | float | None = None,
+              axis_name: str | None = None):
     """GRPO's clipped surrogate with a k3 KL to the reference in the loss, as TRL computes it.
 
-    Per token: -min(w A, clip(w, 1 - eps, 1 + eps_high) A) + beta * k3(pi, ref), with w =
+    Per token: -min(w A, clip(w, 1 - eps, 1 + eps_high) A) + beta * w * k3(pi, ref), with w =
     exp(logprobs - old_logprobs) (`importance_sampling_level="token"`) or, GSPO, one weight per
-    sequence, exp of the mean log ratio over its tokens (`"sequence"`). Aggregated by
+    sequence, exp of the mean log ratio over its tokens (`"sequence"`). The KL's factor w (TRL's
+    `use_bias_correction_kl`, its default; DeepSeek-V3.2) is neither clipped nor detached, so it
+    moves the gradient even where w = 1: beta * (grad k3 + k3 * grad logprobs), the unbiased
+    gradient of the reverse KL to the reference; without it the KL term is beta * k3. Aggregated by
     `loss_type`:
     - `grpo`: mean over each sequence's tokens, then over sequences;
     - `dr_grpo`: sum over all tokens / (sequences * `max_completion_length`);
@@ -86,7 +90,7 @@ def grpo_loss(logprobs_BxT, old_logprobs_BxT, ref_logprobs_BxT, advantages_B, ma
       optimizer step belongs to; default: this batch's active tokens);
     - `bnpo`: sum over all tokens / this batch's active tokens.
     Counts are global (over `axis_name`). `ref_logprobs` is ignored when beta is 0.
-    Metrics under TRL's names: `kl` (mean k3 per token), `clip_ratio/low_mean`,
+    Metrics under TRL's names: `kl` (mean per token of the KL term, w * k3 or k3), `clip_ratio/low_mean`,
     `clip_ratio/high_mean`, `clip_ratio/region_mean` (the share of tokens, or of sequences for
     GSPO, whose ratio is clipped where it would have moved the loss).
     """
@@ -111,6 +115,8 @@ def grpo_loss(logprobs_BxT, old_logprobs_BxT, ref_logprobs_BxT, advantages_B, ma
     per_token = jnp.broadcast_to(per_token, mask.shape)  # GSPO's is [B, 1]
     if beta != 0.0:
         kl_BxT = kl_penalty(logprobs, ref, "k3")
+        if use_bias_correction_kl:
+            kl_BxT = kl_BxT * weight  # GSPO's [B, 1] weight broadcast onto every token, as TRL
         per_token = per_token + beta * kl_BxT
 
     rows = _global_count(jnp.ones_like(mask[:, 0]), axis_name=axis_name)

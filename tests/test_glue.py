@@ -16,6 +16,7 @@ import pytest
 
 from jaxrlhf.config import DataConfig, RewardSource, TrainConfig
 from jaxrlhf.parallel import jit_step
+from jaxrlhf.stages.online_dpo import trl_metrics
 from jaxrlhf.updates.ppo import PPOConfig, make_ppo_update
 from jaxrlhf.updates import TrainState, make_dpo_step, make_reward_step
 from tests.test_steps import B, pair_batch, policy, reward_model, rollout_batch
@@ -50,7 +51,16 @@ def assert_params_close(got, want, atol=2e-5):
 
 def sgd_step(params, loss_fn, lr):
     """What one plain SGD step on `loss_fn` makes of `params`."""
-    return jax.tree.map(lambda p, g: p - lr * g, params, jax.jit(jax.grad(loss_fn))(params))
+    return sgd_steps(params, loss_fn, lr, 1)[-1]
+
+
+def sgd_steps(params, loss_fn, lr, steps):
+    """The params after each of `steps` plain SGD steps on `loss_fn` (its gradient compiled once)."""
+    grad, out = jax.jit(jax.grad(loss_fn)), []
+    for _ in range(steps):
+        params = jax.tree.map(lambda p, g: p - lr * g, params, grad(params))
+        out.append(params)
+    return out
 
 
 # --- PPO: per-token rewards, GAE, whitening, the first gradient -------------------------------
@@ -70,19 +80,30 @@ def numpy_gae(rewards_BxN, values_BxN, lengths_B, gamma, lam):
     return advantages, (advantages + values_BxN) * real_BxN
 
 
-def test_ppo_update_equals_a_numpy_derivation_of_rewards_advantages_and_the_first_step():
+def numpy_whiten(x_BxN, real_BxN, shift_mean=True):
+    """(x - mean) / sqrt(var + 1e-8) over the real entries (var with Bessel's correction, as
+    TRL's `masked_whiten`), the mean added back unless `shift_mean`; 0 elsewhere."""
+    mean, var = x_BxN[real_BxN].mean(), x_BxN[real_BxN].var(ddof=1)
+    return ((x_BxN - mean) / np.sqrt(var + 1e-8) + (0.0 if shift_mean else mean)) * real_BxN
+
+
+@pytest.mark.parametrize("whiten_rewards", [False, True])
+def test_ppo_update_equals_a_numpy_derivation_of_rewards_advantages_and_the_first_step(whiten_rewards):
     """Rewards are -kl_coef * (logp - ref_logp) on every response token plus the score on each
-    row's last *real* token (rows end early here); then GAE, whitened advantages, and the
-    clipped losses, whose gradient at ratio 1 is the unclipped one. All re-derived from the
-    model applied directly; the reported value loss (which sees the returns) and the params
-    after one epoch of one minibatch of plain SGD must match. A reference that differs by
-    about half a nat a token makes the KL term's sign count; scores of a few units on rows
-    that mostly end early make the score's position count (each moves the value loss ~20%)."""
+    row's last *real* token (rows end early here); with `whiten_rewards` they are scaled to std
+    1 over the response tokens, their mean kept (TRL's shift_mean=False); then GAE, whitened
+    advantages, and the clipped losses, whose gradient at ratio 1 is the unclipped one. All
+    re-derived from the model applied directly; the reported value loss (which sees the returns)
+    and the params after one epoch of one minibatch of plain SGD must match. A reference that
+    differs by about half a nat a token makes the KL term's sign count; scores of a few units on
+    rows that mostly end early make the score's position count (each moves the value loss ~20%),
+    and make the rewards' mean far from 0, so removing it would move the returns."""
     module, params0, _ = policy(value_head=True)
     params, ref_params = noisy(params0, 1, 0.3), noisy(params0, 2, 0.3)
     batch = rollout_batch(seed=2)
     batch["scores"] = np.array([3.0, -2.0, 2.5, -3.0, 1.0, 2.0, -1.0, 3.0], np.float32)
-    config, kl_coef, lr = PPOConfig(epochs=1, gamma=0.9, lam=0.8, vf_coef=0.5), 0.5, 1.0
+    config = PPOConfig(epochs=1, gamma=0.9, lam=0.8, vf_coef=0.5, whiten_rewards=whiten_rewards)
+    kl_coef, lr = 0.5, 1.0
     seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"]
     p, lengths = seq.shape[1] - resp.shape[1], resp.sum(1)
     assert (lengths < resp.shape[1]).sum() >= 4, "rows that end early make the score's position matter"
@@ -91,10 +112,12 @@ def test_ppo_update_equals_a_numpy_derivation_of_rewards_advantages_and_the_firs
     kl = (logps - next_token_logps(module, ref_params, seq, attn)[:, p - 1:]) * resp
     rewards = -kl_coef * kl
     rewards[np.arange(B), lengths - 1] += batch["scores"]
+    real = resp == 1
+    if whiten_rewards:
+        rewards = numpy_whiten(rewards, real, shift_mean=False)
     values = np.asarray(forward(module.apply, params, seq, attn).values, np.float64)[:, p - 1:-1] * resp
     advantages, returns = numpy_gae(rewards, values, lengths, config.gamma, config.lam)
-    real = resp == 1
-    whitened = (advantages - advantages[real].mean()) / np.sqrt(advantages[real].var(ddof=1) + 1e-8) * resp
+    whitened = numpy_whiten(advantages, real)
 
     def surrogate(params):
         out = module.apply({"params": params}, seq, attn)
@@ -239,7 +262,11 @@ def test_preference_step_loss_and_metrics_follow_the_papers_on_the_model_applied
     step. A swap of chosen and rejected, a reference scored with the policy's params, a
     missing length average in the IPO loss, or metrics from averaged logprobs (TRL logs sums:
     `logps/*` the summed logprobs, `rewards/*` beta times the summed log ratios) all change
-    them; so does SLiC's regulariser per token where the paper sums over the sequence."""
+    them; so does SLiC's regulariser per token where the paper sums over the sequence. Online
+    DPO's TRL metrics come from these step metrics (the pairs are the 2B sampled replies, each
+    chosen or rejected once): `objective/kl` the mean over the replies of the summed log ratio
+    policy / reference, `objective/non_score_reward` -beta times it, `objective/rlhf_reward`
+    the mean score plus that."""
     module, params0, _ = policy()
     params, ref_params, beta = noisy(params0, 5, 0.2), noisy(params0, 6, 0.2), 0.5
     batch = pair_batch()
@@ -257,5 +284,12 @@ def test_preference_step_loss_and_metrics_follow_the_papers_on_the_model_applied
     kind, _, regularizer = loss_type.partition("-")
     step = make_dpo_step(kind, beta, **({"slic_regularizer": regularizer} if regularizer else {}))
     _, metrics = jit_step(step)(state, batch, jax.random.key(0))
+    if kind in ("sigmoid", "ipo"):  # online DPO's losses (and hinge)
+        scores = np.concatenate([np.linspace(1.0, 3.0, B), np.linspace(-1.0, 0.5, B)])  # the first replies chosen
+        metrics |= trl_metrics(metrics, scores, np.ones(B, bool), np.ones(2 * B, bool), beta)
+        kl = np.mean(np.concatenate([pi_c - ref_c, pi_r - ref_r]))
+        want |= {"objective/kl": kl, "objective/non_score_reward": -beta * kl,
+                 "objective/rlhf_reward": np.mean(scores) - beta * kl,
+                 "objective/entropy": -np.mean(np.concatenate([pi_c, pi_r]))}
     for name, value in want.items():
         np.testing.assert_allclose(metrics[name], value, rtol=1e-4, atol=1e-5, err_msg=name)

@@ -64,7 +64,8 @@ def test_frac_reward_zero_std_counts_the_groups_with_no_signal():
     np.testing.assert_allclose(gl.frac_zero_std(gl.group_std(rewards, 2)), 2 / 3)
 
 
-def numpy_grpo(logp, old, ref, adv, mask, eps_low, eps_high, beta, loss_type, level, max_len, num_items):
+def numpy_grpo(logp, old, ref, adv, mask, eps_low, eps_high, beta, loss_type, level, max_len, num_items,
+               bias_correction):
     """TRL's GRPOTrainer._compute_loss (trl 1.16), transcribed in NumPy."""
     log_ratio = logp - old
     if level == "token":
@@ -76,6 +77,8 @@ def numpy_grpo(logp, old, ref, adv, mask, eps_low, eps_high, beta, loss_type, le
     a = adv[:, None]
     per_token = -np.minimum(coef_1 * a, coef_2 * a)
     kl = np.exp(ref - logp) - (ref - logp) - 1
+    if bias_correction:  # use_bias_correction_kl
+        kl = kl * coef_1
     per_token = per_token + beta * kl
     if loss_type == "grpo":
         loss = ((per_token * mask).sum(-1) / np.maximum(mask.sum(-1), 1.0)).mean()
@@ -106,13 +109,17 @@ def random_logps(b, t, rng, spread=0.4):
 
 @pytest.mark.parametrize("loss_type", gl.GRPO_LOSS_TYPES)
 @pytest.mark.parametrize("level", gl.IMPORTANCE_SAMPLING_LEVELS)
-def test_grpo_loss_its_gradient_and_metrics_equal_trls_formula(loss_type, level):
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_grpo_loss_its_gradient_and_metrics_equal_trls_formula(loss_type, level, bias_correction):
+    """TRL's default multiplies the k3 KL by the importance weight (`use_bias_correction_kl`);
+    off, the KL term is beta * k3. The default must be TRL's."""
     rng = np.random.default_rng(1)
     b, t = 8, 7
     logp, old, ref = random_logps(b, t, rng)
     adv, mask = rng.normal(size=b), ragged_mask(b, t, rng)
     kwargs = dict(eps_low=0.2, eps_high=0.28, beta=0.07, loss_type=loss_type, level=level, max_len=t,
-                  num_items=mask.sum() * 0.75)
+                  num_items=mask.sum() * 0.75, bias_correction=bias_correction)
+    off = {} if bias_correction else {"use_bias_correction_kl": False}  # on: the default
     want_loss, want_metrics = numpy_grpo(logp, old, ref, adv, mask, **kwargs)
     # Junk past the mask (even inf) must not reach the loss.
     junk = np.where(mask > 0, logp, -np.inf)
@@ -121,7 +128,7 @@ def test_grpo_loss_its_gradient_and_metrics_equal_trls_formula(loss_type, level)
         return gl.grpo_loss(logp_, jnp.asarray(old), jnp.asarray(ref), jnp.asarray(adv), jnp.asarray(mask),
                             clip_eps=0.2, clip_eps_high=0.28, beta=0.07, loss_type=loss_type,
                             importance_sampling_level=level, max_completion_length=t,
-                            num_items=kwargs["num_items"])
+                            num_items=kwargs["num_items"], **off)
 
     got_loss, got_metrics = loss(jnp.asarray(junk, jnp.float32))
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)

@@ -2,16 +2,21 @@
 batch, the loss normalisations, the first step) against an independent NumPy derivation on
 the model applied directly, and 4 devices (pmap or the mesh) give the one-device update."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from jaxrlhf import parallel
+from jaxrlhf import cli, parallel
+from jaxrlhf import config as cfg
+from jaxrlhf.errors import ConfigError
 from jaxrlhf.parallel import AXIS, jit_step, pmap_step, replicate, shard, unreplicate
 from jaxrlhf.updates import GRPOConfig, RLOOConfig, TrainState, make_grpo_update, make_rloo_update
-from tests.test_glue import assert_params_close, next_token_logps, noisy, sgd_step
+from tests.test_glue import assert_params_close, next_token_logps, noisy, sgd_step, sgd_steps
+from tests.conftest import TINY
 from tests.test_steps import B, policy, rollout_batch
 
 
@@ -65,37 +70,48 @@ def test_rloo_update_equals_a_numpy_derivation_of_shaped_rewards_advantages_and_
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("scale,level", [("group", "token"), ("batch", "sequence"), ("none", "token")])
-def test_grpo_update_equals_a_numpy_derivation_of_group_advantages_the_k3_kl_and_the_first_step(scale, level):
+@pytest.mark.parametrize("scale,level,bias_correction,epochs", [("group", "token", True, 2),
+                                                                ("batch", "sequence", True, 1),
+                                                                ("none", "token", False, 2)])
+def test_grpo_update_equals_a_numpy_derivation_of_group_advantages_the_k3_kl_and_the_rollouts_steps(
+        scale, level, bias_correction, epochs):
     """Advantages: the score minus its group's mean, over the group's (or the batch's) std +
-    1e-4, or not scaled; the loss TRL's dapo over the rollout's tokens: -A * ratio (per token
-    or per sequence) + beta * k3(pi, ref), whose gradient at ratio 1 the first step takes."""
+    1e-4, or not scaled; the loss TRL's dapo over the rollout's tokens: -min(A w, A clip(w)),
+    w the ratio to the rollout's logprobs (per token or per sequence), + beta * k3(pi, ref),
+    times w by default (TRL's `use_bias_correction_kl`). The first step is at w = 1, where w's
+    gradient still moves the KL term; a second epoch over the rollout steps where w is not 1."""
     module, params, ref_params, batch, logps, ref_logps = setup()
-    resp = batch["response_mask"]
-    beta, k, lr = 0.3, 4, 1.0
+    seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"]
+    beta, k, lr = 0.3, 4, 0.2
     grouped = batch["scores"].astype(np.float64).reshape(-1, k)
     centred = (grouped - grouped.mean(1, keepdims=True)).reshape(-1)
     std = {"group": np.repeat(grouped.std(1, ddof=1), k), "batch": np.full(B, batch["scores"].std(ddof=1)),
            "none": np.full(B, 1.0 - 1e-4)}[scale]
-    advantages = centred / (std + 1e-4)
+    advantages = (centred / (std + 1e-4))[:, None]
 
-    def surrogate(params):
-        lp = response_logps(module, params, batch)
+    def kl_and_ratio(lp):
         if level == "token":
             ratio = jnp.exp(lp - logps)
         else:
             ratio = jnp.exp(jnp.sum((lp - logps) * resp, 1, keepdims=True) / resp.sum(1, keepdims=True))
         k3 = jnp.exp(ref_logps - lp) - (ref_logps - lp) - 1
-        return jnp.sum((-advantages[:, None] * ratio + beta * k3) * resp) / resp.sum()
+        return (k3 * ratio if bias_correction else k3), ratio
 
-    want = sgd_step(params, surrogate, lr)
+    def surrogate(params):
+        kl, ratio = kl_and_ratio(response_logps(module, params, batch))
+        policy = -jnp.minimum(advantages * ratio, advantages * jnp.clip(ratio, 0.8, 1.2))
+        return jnp.sum((policy + beta * kl) * resp) / resp.sum()
+
+    steps = sgd_steps(params, surrogate, lr, epochs)
+    kls = [np.sum(kl_and_ratio(next_token_logps(module, p, seq, attn)[:, -resp.shape[1]:])[0] * resp) / resp.sum()
+           for p in [params, *steps[:-1]]]  # the KL term at each step's params, before its update
     state = TrainState.create(module, params, optax.sgd(lr), ref_params=ref_params)
-    config = GRPOConfig(num_generations=k, beta=beta, scale_rewards=scale, importance_sampling_level=level)
+    config = GRPOConfig(num_generations=k, beta=beta, scale_rewards=scale, importance_sampling_level=level,
+                        epochs=epochs, **({} if bias_correction else {"use_bias_correction_kl": False}))  # on: default
     state, metrics = jit_step(make_grpo_update(config))(state, batch, jax.random.key(0))
-    lr_ = ref_logps - logps
-    np.testing.assert_allclose(metrics["kl"], np.sum((np.exp(lr_) - lr_ - 1) * resp) / resp.sum(), rtol=1e-4)
+    np.testing.assert_allclose(metrics["kl"], np.mean(kls), rtol=1e-4)  # TRL's: the KL term's mean per token
     np.testing.assert_allclose(metrics["reward"], batch["scores"].mean(), rtol=1e-6)
-    assert_params_close(state.params, want, atol=1e-4)  # float32 steps of size ~1
+    assert_params_close(state.params, steps[-1], atol=1e-4)
 
 
 @pytest.mark.slow
@@ -120,6 +136,39 @@ def test_grpo_losses_over_two_minibatches_keep_their_whole_rollout_normaliser(lo
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-4)
 
 
+@pytest.mark.fast
+def test_group_configs_refuse_settings_that_would_silently_change_the_objective():
+    """Checked as the config is built, in Python as from YAML: a choice that is none of a key's
+    (an RLOO `kl_penalty` of "rewards" would drop the KL), and RLOO's REINFORCE (no ratio, so
+    no importance weight) on the stale samples of a second update per rollout."""
+    with pytest.raises(ConfigError, match=r"^kl_penalty='rewards' is not allowed; choose one of \['reward', 'loss'\]$"):
+        RLOOConfig(kl_penalty="rewards")
+    with pytest.raises(ConfigError, match=r"^scale_rewards='std' is not allowed; choose one of \['group', 'batch',"):
+        GRPOConfig(scale_rewards="std")
+    stale = r"clip_eps=null \(REINFORCE, no importance weight\) needs one update per rollout, not epochs x "
+    for updates, shown in (({"epochs": 2}, "2 x 1"), ({"num_minibatches": 3}, "1 x 3")):
+        with pytest.raises(ConfigError, match=rf"^{stale}num_minibatches = {shown}: .* set clip_eps or epochs=1"):
+            RLOOConfig(clip_eps=None, **updates)
+    with pytest.raises(ConfigError, match=rf"rloo.yaml.rloo: {stale}num_minibatches = 2 x 2"):
+        cfg.load(cli.stage("rloo")[1], TINY / "rloo.yaml", ["rloo.clip_eps=null"])
+    RLOOConfig(clip_eps=None)  # one update per rollout: on-policy REINFORCE
+    RLOOConfig(epochs=2, num_minibatches=2)  # the clipped ratio weighs the stale samples
+
+
+@pytest.mark.fast
+def test_gspo_with_a_loss_that_sums_tokens_warns_as_trl_does():
+    """One ratio per sequence with a token-sum loss weights each sequence by its length, not
+    GSPO's objective: TRL warns for dapo (the default), dr_grpo and bnpo; so do we."""
+    for loss_type in ("dapo", "dr_grpo", "bnpo"):
+        with pytest.warns(UserWarning, match=rf"importance_sampling_level='sequence' with loss_type='{loss_type}' "
+                                             r"sums per-token .* by its completion length .* set loss_type='grpo'"):
+            GRPOConfig(importance_sampling_level="sequence", loss_type=loss_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GRPOConfig(importance_sampling_level="sequence", loss_type="grpo")
+        GRPOConfig(importance_sampling_level="token", loss_type="dapo")
+
+
 def build(kind, tx, axis_name=None, **overrides):
     module, params, _ = policy()
     state = TrainState.create(module, params, tx, ref_params=noisy(params, 3, 0.05))
@@ -131,7 +180,10 @@ def build(kind, tx, axis_name=None, **overrides):
     return make_grpo_update(config, axis_name), state, batch
 
 
-CASES = [("rloo", {}), ("rloo", {"kl_penalty": "loss", "normalize_advantages": True, "clip_eps": None}),
+CASES = [("rloo", {}),
+         # REINFORCE has no ratio for stale samples: one update per rollout.
+         ("rloo", {"kl_penalty": "loss", "normalize_advantages": True, "clip_eps": None, "epochs": 1,
+                   "num_minibatches": 1}),
          ("grpo", {}),
          ("grpo", {"loss_type": "bnpo", "scale_rewards": "batch", "importance_sampling_level": "sequence"})]
 

@@ -1,5 +1,6 @@
 """Our Llama against transformers' LlamaForCausalLM on random configs (GQA and MHA, tied and
-untied embeddings, both paddings): logits, greedy generation, the export round trip."""
+untied embeddings, both paddings): logits, greedy generation, the export round trip, and
+RMSNorm's eps at the shipped values on activations small enough for it to count."""
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,26 @@ def test_left_padding_gives_the_unpadded_logits(tmp_path):
     padded = np.asarray(module.apply({"params": params}, ids, mask).logits)[0, 3:]
     alone = np.asarray(module.apply({"params": params}, ids[:, 3:]).logits)[0]
     np.testing.assert_allclose(padded, alone, atol=1e-5)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("eps", [1e-5, 1e-6])  # SmolLM2's rms_norm_eps, and transformers' default
+def test_rms_norm_eps_sits_under_the_root_at_the_shipped_values(tmp_path, eps):
+    """transformers' RMSNorm is x / sqrt(mean(x^2) + eps). At ordinary activations eps is lost
+    in the mean, so here the residual stream is shrunk to an rms near sqrt(eps) (embeddings and
+    the blocks' output projections scaled down): eps outside the root, added to another
+    quantity, or not the one in config.json then moves every norm's output by tens of percent."""
+    ref = make_llama(tmp_path, **{**CONFIGS["gqa-untied"], "rms_norm_eps": eps})
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith(("embed_tokens.weight", "o_proj.weight", "down_proj.weight")):
+                p.mul_(eps ** 0.5 / 0.08)  # randomize's std 0.08 -> sqrt(eps)
+    ref.save_pretrained(tmp_path)
+    module, params, _ = load_pretrained(tmp_path)
+    ids, mask = padded_batch(97, lengths=[9, 5], total=9, side="right")
+    ours = np.asarray(module.apply({"params": params}, ids, mask).logits)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], reference_logits(ref, ids, mask)[real], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", tiered(["gqa-untied", "mha-tied"], fast={"gqa-untied"}))

@@ -13,6 +13,7 @@ from flax import struct
 from jax import lax
 
 from jaxrlhf import group_losses, losses
+from jaxrlhf.config import check_choices
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.parallel import constrain_rows, psum
 
@@ -203,6 +204,7 @@ sequence_logps_jit = jax.jit(sequence_logps, static_argnames=("apply_fn",))
 def check_group_config(config, why_two: str) -> None:
     """The checks RLOO's and GRPO's configs share; `why_two`: why the method needs at least two
     samples per prompt."""
+    check_choices(config)  # e.g. RLOO's kl_penalty: any other value would silently drop the KL
     if config.num_generations < 2:
         raise ConfigError(f"num_generations={config.num_generations} must be at least 2: {why_two}")
     for name in ("epochs", "num_minibatches"):

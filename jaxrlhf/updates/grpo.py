@@ -5,6 +5,7 @@ function scores the rollout, takes the advantages over the global batch and runs
 minibatches. Defaults follow TRL's."""
 
 import dataclasses
+import warnings
 from typing import Literal
 
 import jax.numpy as jnp
@@ -14,6 +15,10 @@ from jaxrlhf import group_losses, losses
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.updates import common
 from jaxrlhf.updates.common import TrainState
+
+
+# The token-sum losses: under GSPO's one ratio per sequence they weight a sequence by its length.
+LENGTH_WEIGHTED = ("dr_grpo", "dapo", "bnpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +35,9 @@ class GRPOConfig:
     # sum / active tokens of the rollout per optimizer update; bnpo: sum / the minibatch's tokens.
     loss_type: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = "dapo"
     importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
+    # The KL term times the (unclipped, differentiable) ratio: the unbiased reverse-KL gradient
+    # (DeepSeek-V3.2). TRL's name and default; it changes the gradient whenever beta > 0.
+    use_bias_correction_kl: bool = True
     temperature: float = 1.0  # must equal the sampling temperature of the rollout
 
     @property
@@ -38,6 +46,11 @@ class GRPOConfig:
 
     def __post_init__(self):
         common.check_group_config(self, "advantages compare the samples of a prompt")
+        if self.importance_sampling_level == "sequence" and self.loss_type in LENGTH_WEIGHTED:
+            # TRL warns about the same pairing (GRPOTrainer.__init__).
+            warnings.warn(f"importance_sampling_level='sequence' with loss_type={self.loss_type!r} sums per-token "
+                          "contributions, which weights each sequence by its completion length instead of optimizing "
+                          "the per-sequence objective; for the GSPO paper's setup set loss_type='grpo'", stacklevel=3)
 
 
 def make_grpo_update(config: GRPOConfig, axis_name: str | None = None):
@@ -75,8 +88,8 @@ def make_grpo_update(config: GRPOConfig, axis_name: str | None = None):
                 logprobs, old_logprobs, batch.get("ref_logprobs"), batch["advantages"], batch["resp"],
                 clip_eps=config.clip_eps, clip_eps_high=config.clip_eps_high, beta=config.beta,
                 loss_type=config.loss_type, importance_sampling_level=config.importance_sampling_level,
-                max_completion_length=n, num_items=common.rows(batch) * devices * tokens_per_row,
-                axis_name=axis_name)
+                use_bias_correction_kl=config.use_bias_correction_kl, max_completion_length=n,
+                num_items=common.rows(batch) * devices * tokens_per_row, axis_name=axis_name)
             entropy = losses.masked_mean(losses.entropy(logits, config.temperature), batch["resp"],
                                          axis_name=axis_name)
             return loss, {**loss_metrics, "entropy": entropy}

@@ -22,7 +22,8 @@ class RLOOConfig:
     num_generations: int = 2  # k samples per prompt (TRL's name and default)
     epochs: int = 1  # passes over each rollout (TRL's num_iterations)
     num_minibatches: int = 1
-    clip_eps: float | None = 0.2  # the sequence ratio's clip; null: plain REINFORCE (-A log pi)
+    # The sequence ratio's clip; null: plain REINFORCE (-A log pi), on-policy only (one update per rollout).
+    clip_eps: float | None = 0.2
     clip_eps_high: float | None = None  # the upper clip, when it differs (DAPO's clip-higher)
     beta: float = 0.05  # the KL coefficient
     # "reward": TRL's and the paper's sequence-level shaping, score - beta * sum of k1 over the
@@ -36,7 +37,12 @@ class RLOOConfig:
         return self.epochs * self.num_minibatches
 
     def __post_init__(self):
-        common.check_group_config(self, "the leave-one-out baseline of a sample is the mean of the others of its prompt")
+        common.check_group_config(self, "the leave-one-out baseline of a sample is the mean of the others of its "
+                                        "prompt")
+        if self.clip_eps is None and self.updates_per_step > 1:
+            raise ConfigError(f"clip_eps=null (REINFORCE, no importance weight) needs one update per rollout, not "
+                              f"epochs x num_minibatches = {self.epochs} x {self.num_minibatches}: later updates "
+                              f"would use stale samples unweighted; set clip_eps or epochs=1 and num_minibatches=1")
 
 
 def make_rloo_update(config: RLOOConfig, axis_name: str | None = None):

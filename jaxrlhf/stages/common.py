@@ -201,7 +201,7 @@ def _check_same_run(out: Path, saved: dict, record: dict) -> None:
     if saved.get("_stage", record["_stage"]) != record["_stage"]:
         raise JaxRLHFError(f"{out} holds a {saved['_stage']} run, not a {record['_stage']} run; "
                            "choose another output_dir")
-    before, now = _flat(saved), _flat(record)
+    before, now = cfg.flat(saved), cfg.flat(record)
     changed = [k for k in sorted(set(before) | set(now))
                if not k.startswith("_") and k not in RESUMABLE and before.get(k, "(unset)") != now.get(k, "(unset)")]
     if changed:
@@ -209,13 +209,6 @@ def _check_same_run(out: Path, saved: dict, record: dict) -> None:
         raise JaxRLHFError(f"--resume continues the run in {out} as it was configured, but this config changes "
                            f"{diffs}; undo the change or choose another output_dir (a resume may change only "
                            f"{', '.join(RESUMABLE)})")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
 
 
 def export(out: Path, module, params, tokenizer) -> Path:

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from jaxrlhf import config as cfg
+from jaxrlhf import parallel
 from jaxrlhf.errors import JaxRLHFError
-from jaxrlhf.parallel import initialize_multihost
 
 
 def add_multihost_flags(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +32,26 @@ def join_processes(args) -> None:
     if given and not args.multihost:
         raise JaxRLHFError(f"--{given[0].replace('_', '-')} is for multi-process runs; add --multihost")
     if args.multihost:
-        initialize_multihost(args.coordinator, args.num_processes, args.process_id)
+        parallel.initialize_multihost(args.coordinator, args.num_processes, args.process_id)
+
+
+# The flags every process of a run must share (besides the config): the multi-process ones differ.
+RUN_FLAGS = ("dry_run", "resume", "overwrite")
+
+
+def agreed(load, settings, args):
+    """`load()` (a stage's config, a pipeline's stages), refused on every process of a
+    multi-process run unless all loaded the same `settings(loaded)` and `RUN_FLAGS` (or one
+    failed to load: the others then stop too, pointing at its error)."""
+    try:
+        loaded = load()
+    except JaxRLHFError as e:
+        parallel.check_same_settings(e)
+        raise
+    flags = {f"--{f.replace('_', '-')}": getattr(args, f) for f in RUN_FLAGS if hasattr(args, f)}
+    parallel.check_same_settings({**settings(loaded), **flags})
+    return loaded
+
 
 # stage name -> module holding its config class, `plan(config)`, `preflight(config, resume)` (every
 # check `run` makes before it writes; run calls it) and `run(config, resume)`
@@ -104,7 +123,7 @@ def stage_main(name: str, argv=None) -> int:
     module, args = parse_stage_args(name, argv)
     try:
         join_processes(args)
-        config = stage_config(name, args)
+        config = agreed(lambda: stage_config(name, args), lambda c: {"stage": name, **cfg.flat(cfg.to_dict(c))}, args)
         print(module.plan(config))
         options = {"overwrite": args.overwrite} if hasattr(args, "overwrite") else {}
         if args.dry_run:
@@ -150,7 +169,7 @@ def pipeline_main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         join_processes(args)
-        stages = load_pipeline(args.config)
+        stages = agreed(lambda: load_pipeline(args.config), pipeline_settings, args)
         for i, (name, module, config) in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {module.plan(config)}")
         if args.dry_run:
@@ -167,6 +186,12 @@ def pipeline_main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def pipeline_settings(stages) -> dict:
+    """What every process of a multi-process pipeline must agree on: each stage and its config."""
+    return {f"stages[{i}].{k}": v for i, (name, _, config) in enumerate(stages)
+            for k, v in {"stage": name, **cfg.flat(cfg.to_dict(config))}.items()}
 
 
 def dry_run(stages, resume: bool) -> None:

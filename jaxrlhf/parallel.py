@@ -11,13 +11,17 @@ Update functions also take `axis_name` for `pmap` (see `losses` for why they sum
 the global mean); `pmap_step` keeps that style working on local devices.
 """
 
+import hashlib
+import json
 import math
+from itertools import count
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src import distributed  # the runtime's client and its key-value store, which jax does not export
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -253,3 +257,39 @@ def initialize_multihost(coordinator: str | None = None, num_processes: int | No
     gloo, so CPU processes can sum across each other (GPU and TPU collectives are untouched)."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+_settings_round = count()  # each call of `check_same_settings` reads and writes its own keys
+
+
+def check_same_settings(settings: dict[str, Any] | Exception) -> None:
+    """Refuse, on every process of a multi-process run, unless all hold the same `settings` (flat
+    key -> JSON value: the config and flags each was started with): processes with different
+    settings would train a different model in lockstep, or wait for each other forever. Pass
+    the error met making them instead, and the others stop pointing at it. Runs on the
+    runtime's key-value store (each process posts a hash of each value), so nothing is compiled.
+    Keys that may differ between processes (the process id, the coordinator) are not settings."""
+    client = distributed.global_state.client
+    if client is None:
+        return
+    n, me, prefix = distributed.global_state.num_processes, distributed.global_state.process_id, \
+        f"jaxrlhf/settings/{next(_settings_round)}"
+    if isinstance(settings, Exception):
+        client.key_value_set(f"{prefix}/{me}", json.dumps({"error": str(settings)}))
+        return
+    digests = {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in settings.items()}
+    client.key_value_set(f"{prefix}/{me}", json.dumps({"settings": digests}))
+    # As long as JAX waits for the processes to join.
+    posted = [json.loads(client.blocking_key_value_get(f"{prefix}/{p}", 300_000)) for p in range(n)]
+    for p, post in enumerate(posted):
+        if "error" in post:
+            raise ConfigError(f"process {p} of this run could not start: {post['error']}")
+    first = posted[0]["settings"]
+    differ = {p: sorted(k for k in first.keys() | post["settings"].keys() if first.get(k) != post["settings"].get(k))
+              for p, post in enumerate(posted)}
+    differ = {p: keys for p, keys in differ.items() if keys}
+    if differ:
+        keys = sorted({k for ks in differ.values() for k in ks})
+        raise ConfigError(f"the processes of this run were started with different settings (process 0 and "
+                          f"process {', '.join(map(str, differ))} differ in {', '.join(keys)}); start every process "
+                          "with the same config, overrides and flags")

@@ -97,26 +97,27 @@ def multihost_flags(port, process_id, processes=2):
 
 
 @contextlib.contextmanager
-def processes(cmds, env, logs, timeout=600):
+def processes(cmds, env, logs, timeout=600, expect=0):
     """Start `cmds` at once (e.g. the processes of one multi-process run), each logging to a file
-    in `logs`; leaving the block waits for them all and fails with the log of the first that
-    fails. A process whose peer died may wait for it in a collective for a long time, so they are
+    in `logs`, -> their Popen objects; leaving the block waits for them all and fails with the
+    log of the first that ends otherwise than `expect` (an exit code, or one per command). A
+    process whose peer died may wait for it in a collective for a long time, so they are
     watched together and, if anything fails (in the block too), every one still running is
     killed."""
-    procs = []
+    procs, expect = [], [expect] * len(cmds) if isinstance(expect, int) else expect
     try:
         for n, cmd in enumerate(cmds):
             with open(logs / f"process_{n}.log", "w") as log:
                 procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-        yield
+        yield procs
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             for n, p in enumerate(procs):
-                assert p.returncode in (None, 0), (logs / f"process_{n}.log").read_text()[-3000:]
+                assert p.returncode in (None, expect[n]), (logs / f"process_{n}.log").read_text()[-3000:]
             assert time.monotonic() < deadline, f"still running after {timeout} s: {cmds}"
             time.sleep(0.1)
         for n, p in enumerate(procs):
-            assert p.wait(timeout=1) == 0, (logs / f"process_{n}.log").read_text()[-3000:]
+            assert p.wait(timeout=1) == expect[n], (logs / f"process_{n}.log").read_text()[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -139,3 +140,24 @@ def test_two_processes_of_a_script_end_with_the_one_process_model(tiny_run, tmp_
                    ENV, tmp_path):
         pass
     assert_same_model(tmp_path / "one", tmp_path / "two", tol=1e-5)
+
+
+def test_processes_started_with_different_settings_all_refuse_before_compiling(tiny_data, tmp_path):
+    """Two processes of one run given different learning rates and batch sizes (which trained a
+    model neither one-process run gives, or hung after the export): every process refuses in one
+    line naming the keys, in seconds, and writes nothing."""
+    port, run = free_port(), tmp_path / "run"
+    overrides = [["train.learning_rate=1e-3"], ["train.learning_rate=2e-3", "train.batch_size=16"]]
+    started = time.monotonic()
+    with processes([script("sft", [*sft_args(tiny_data, run, *overrides[i]), *multihost_flags(port, i)])
+                    for i in range(2)], ENV, tmp_path, timeout=120, expect=2):
+        pass
+    took = time.monotonic() - started
+    for i in range(2):
+        assert (tmp_path / f"process_{i}.log").read_text().splitlines() == [
+            "error: the processes of this run were started with different settings (process 0 and process 1 differ "
+            "in train.batch_size, train.learning_rate); start every process with the same config, overrides and "
+            "flags"]
+    assert not run.exists()
+    assert took < 60, took
+

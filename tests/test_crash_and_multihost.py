@@ -1,6 +1,6 @@
 """kill -9 at a random point, then --resume: the same params as an uninterrupted run, bit for
 bit. And two processes of a stage script, joined by jax.distributed, end with the one-process
-model."""
+model; started with different settings, they all refuse; one lost, the other stops in one line."""
 
 import contextlib
 import os
@@ -161,3 +161,29 @@ def test_processes_started_with_different_settings_all_refuse_before_compiling(t
     assert not run.exists()
     assert took < 60, took
 
+
+def test_a_lost_process_stops_the_other_in_one_line_naming_it_and_the_checkpoint(tiny_data, tmp_path):
+    """Two processes of `scripts/sft.py` checkpointing every step; process 1 is killed: process 0
+    stops within the heartbeat timeout with one line naming process 1 and the last complete
+    checkpoint (the one on disk), no runtime fatal log or traceback (it used to abort 100 s
+    later with both)."""
+    port, run, timeout = free_port(), tmp_path / "run", 5
+    args = sft_args(tiny_data, run, "train.steps=1000", "train.save_every=1", "train.log_every=1000",
+                    "train.keep_checkpoints=2")
+    cmds = [script("sft", [*args, *multihost_flags(port, i), "--heartbeat-timeout", str(timeout)]) for i in range(2)]
+    with processes(cmds, ENV, tmp_path, timeout=180, expect=[2, -9]) as procs:
+        for _ in range(7500):  # polls 20 ms apart, for up to 2.5 minutes
+            if finished_steps(run):
+                break
+            assert procs[0].poll() is None and procs[1].poll() is None, (tmp_path / "process_0.log").read_text()
+            time.sleep(0.02)
+        procs[1].kill()
+        killed = time.monotonic()
+        procs[0].wait(timeout=60)
+        assert time.monotonic() - killed < 3 * timeout, time.monotonic() - killed
+    log = (tmp_path / "process_0.log").read_text()
+    assert "Traceback" not in log and "Check failure" not in log, log[-3000:]
+    assert [line for line in log.splitlines() if line.startswith("error")] == [
+        f"error: process 1 (of 2) of this run was lost: no heartbeat for {timeout} s (--heartbeat-timeout); the last "
+        f"good checkpoint is step {finished_steps(run)[-1]} in {run / 'checkpoints'}; start every process again with "
+        "--resume"], log[-3000:]

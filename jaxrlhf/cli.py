@@ -29,7 +29,7 @@ def add_multihost_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
     group.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
                        help="a process silent this long is lost: the others stop, naming it and the checkpoint "
-                            f"to --resume from (default {parallel.HEARTBEAT_TIMEOUT}, JAX's)")
+                            f"to --resume from (default {parallel.HEARTBEAT_TIMEOUT})")
 
 
 def join_processes(args) -> None:
@@ -84,6 +84,7 @@ def runtime_failure(error: Exception) -> int:
     parallel.await_lost_process()
     print(f"error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}", file=sys.stderr)
     return 2
+
 
 # stage name -> module holding its config class, `plan(config)`, `preflight(config, resume)` (every
 # check `run` makes before it writes; run calls it) and `run(config, resume)`

@@ -12,9 +12,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import jax
+
 from jaxrlhf import config as cfg
+from jaxrlhf import parallel
 from jaxrlhf.errors import JaxRLHFError
-from jaxrlhf.parallel import initialize_multihost
 
 
 def add_multihost_flags(parser: argparse.ArgumentParser) -> None:
@@ -27,15 +29,64 @@ def add_multihost_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
     group.add_argument("--num-processes", type=int, metavar="N", help="how many processes take part")
     group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
+    group.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
+                       help="a process silent this long is lost: the others stop, naming it and the checkpoint "
+                            f"to --resume from (default {parallel.HEARTBEAT_TIMEOUT})")
 
 
 def join_processes(args) -> None:
     """Join a multi-process run as the flags say (before anything starts JAX)."""
-    given = [f for f in ("coordinator", "num_processes", "process_id") if getattr(args, f) is not None]
+    given = [f for f in ("coordinator", "num_processes", "process_id", "heartbeat_timeout")
+             if getattr(args, f) is not None]
     if given and not args.multihost:
         raise JaxRLHFError(f"--{given[0].replace('_', '-')} is for multi-process runs; add --multihost")
+    if args.heartbeat_timeout is not None and args.heartbeat_timeout < 1:
+        raise JaxRLHFError(f"--heartbeat-timeout {args.heartbeat_timeout}: must be at least 1 (seconds)")
     if args.multihost:
-        initialize_multihost(args.coordinator, args.num_processes, args.process_id)
+        parallel.initialize_multihost(args.coordinator, args.num_processes, args.process_id,
+                                      args.heartbeat_timeout or parallel.HEARTBEAT_TIMEOUT)
+
+
+# The flags every process of a run must share (besides the config): the multi-process ones differ.
+RUN_FLAGS = ("dry_run", "resume", "overwrite")
+
+
+def agreed(load, settings, args):
+    """`load()` (a stage's config, a pipeline's stages), refused on every process of a
+    multi-process run unless all loaded the same `settings(loaded)` and `RUN_FLAGS` (or one
+    failed to load: the others then stop too, pointing at its error)."""
+    try:
+        loaded = load()
+    except JaxRLHFError as e:
+        parallel.check_same_settings(e)
+        raise
+    flags = {f"--{f.replace('_', '-')}": getattr(args, f) for f in RUN_FLAGS if hasattr(args, f)}
+    parallel.check_same_settings({**settings(loaded), **flags})
+    return loaded
+
+
+def resume_advice(config) -> str:
+    """What to do after a process of the run was lost, from where its stage stands now. Read
+    from the folder, not through orbax, whose calls wait for every process."""
+    train = getattr(config, "train", None)
+    if train is None:
+        return "start every process again"
+    folder = Path(train.output_dir) / "checkpoints"
+    # orbax names a step's folder by its number only once the step is complete.
+    steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
+    where = f"the last good checkpoint is step {max(steps)} in {folder}" if steps else \
+        f"no checkpoint was written yet in {folder}"
+    return f"{where}; start every process again with --resume"
+
+
+def runtime_failure(error: Exception) -> int:
+    """A multi-process run's runtime error is most often a collective cut short by a lost
+    process: its heartbeat stops, and this process ends with the line naming it; otherwise the
+    error itself, in one line. -> the exit code."""
+    parallel.await_lost_process()
+    print(f"error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}", file=sys.stderr)
+    return 2
+
 
 # stage name -> module holding its config class, `plan(config)`, `preflight(config, resume)` (every
 # check `run` makes before it writes; run calls it) and `run(config, resume)`
@@ -145,7 +196,8 @@ def stage_main(name: str, argv=None) -> int:
     module, args = parse_stage_args(name, argv)
     try:
         join_processes(args)
-        config = stage_config(name, args)
+        config = agreed(lambda: stage_config(name, args), lambda c: {"stage": name, **cfg.flat(cfg.to_dict(c))}, args)
+        parallel.when_a_process_is_lost(functools.partial(resume_advice, config))
         print(module.plan(config))
         options = {"overwrite": args.overwrite} if hasattr(args, "overwrite") else {}
         if args.dry_run:
@@ -156,6 +208,10 @@ def stage_main(name: str, argv=None) -> int:
     except JaxRLHFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as e:
+        if not args.multihost:
+            raise
+        return runtime_failure(e)
     except KeyboardInterrupt:
         print("interrupted; the latest checkpoint is kept (use --resume)", file=sys.stderr)
         return 130
@@ -193,7 +249,7 @@ def pipeline_main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         join_processes(args)
-        stages = load_pipeline(args.config)
+        stages = agreed(lambda: load_pipeline(args.config), pipeline_settings, args)
         for i, (name, module, config) in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {module.plan(config)}")
         if args.dry_run:
@@ -205,11 +261,22 @@ def pipeline_main(argv=None) -> int:
                 print(f"[{i}/{len(stages)}] {name}: already finished ({train.output_dir}/final), skipped")
                 continue
             print(f"\n[{i}/{len(stages)}] {name}", flush=True)
+            parallel.when_a_process_is_lost(functools.partial(resume_advice, config))
             module.run(config, resume=args.resume)
     except JaxRLHFError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except jax.errors.JaxRuntimeError as e:
+        if not args.multihost:
+            raise
+        return runtime_failure(e)
     return 0
+
+
+def pipeline_settings(stages) -> dict:
+    """What every process of a multi-process pipeline must agree on: each stage and its config."""
+    return {f"stages[{i}].{k}": v for i, (name, _, config) in enumerate(stages)
+            for k, v in {"stage": name, **cfg.flat(cfg.to_dict(config))}.items()}
 
 
 def dry_run(stages, resume: bool) -> None:

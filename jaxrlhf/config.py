@@ -197,6 +197,14 @@ def to_dict(config) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"steps": 2}} -> {"train.steps": 2}: the keys as the command line names them."""
+    out = {}
+    for k, v in tree.items():
+        out |= flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
 def check(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition: for range checks in __post_init__."""
     if not condition:

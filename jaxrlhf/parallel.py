@@ -11,13 +11,22 @@ Update functions also take `axis_name` for `pmap` (see `losses` for why they sum
 the global mean); `pmap_step` keeps that style working on local devices.
 """
 
+import atexit
+import hashlib
+import json
 import math
+import os
+import sys
+import threading
+import time
+from itertools import count
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax._src import distributed  # the runtime's client and its key-value store, which jax does not export
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -245,11 +254,133 @@ def jit_step(step: Callable) -> Callable:
     return jax.jit(step, donate_argnums=(0,))
 
 
+# Seconds a process may go without a heartbeat before the others count it lost.
+HEARTBEAT_TIMEOUT = 60
+_ALIVE, _STOPPING, _DONE = "jaxrlhf/alive/", "stopping", "done"  # a heartbeat's key and its last two values
+_watchdog = None  # this process's `_Watchdog`, once it has joined a multi-process run
+
+
 def initialize_multihost(coordinator: str | None = None, num_processes: int | None = None,
-                         process_id: int | None = None) -> None:
+                         process_id: int | None = None, heartbeat_timeout: int = HEARTBEAT_TIMEOUT) -> None:
     """Join the processes of a multi-process run (`jax.distributed.initialize`); call it before
     anything else touches JAX. On GPU/TPU clusters with a scheduler (SLURM, Cloud TPU) the
     arguments are discovered and may be omitted. The CPU backend's collectives are switched to
-    gloo, so CPU processes can sum across each other (GPU and TPU collectives are untouched)."""
+    gloo, so CPU processes can sum across each other (GPU and TPU collectives are untouched).
+    A process silent for `heartbeat_timeout` seconds is lost: see `_Watchdog`."""
+    global _watchdog
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes, process_id)
+    # JAX's own heartbeat ends the others with a C++ fatal log that names no process and no way on
+    # (jaxlib takes a Python callback for it but cannot call one: std::bad_cast). Give it twice as
+    # long, so that ours speaks first.
+    jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=2 * heartbeat_timeout)
+    _watchdog = _Watchdog(heartbeat_timeout)
+    _watchdog.start()
+    atexit.register(_watchdog.stop)  # before JAX's own exit handler (atexit runs last-registered first)
+
+
+def when_a_process_is_lost(advice: Callable[[], str]) -> None:
+    """`advice()` (called when a process is lost, e.g. naming the checkpoint to resume from) ends
+    the line every remaining process prints then."""
+    if _watchdog is not None:
+        _watchdog.advice = advice
+
+
+def await_lost_process() -> None:
+    """After a collective failed in a multi-process run: wait until a lost process would have
+    been noticed (which ends this process with its line); returns if none was."""
+    if _watchdog is not None:
+        time.sleep(2 * _watchdog.timeout + 5)
+
+
+class _Watchdog(threading.Thread):
+    """Every process posts a heartbeat (a count) to the runtime's key-value store four times per
+    `timeout` and watches the others': one whose count stands still for `timeout` seconds is
+    lost, and this process says so in one line (which process, and `advice()`) and exits with 2,
+    at once: its collectives would fail or wait for the lost one. If process 0, which holds the
+    runtime's service, is the one lost, the others cannot reach the store (and JAX ends them at
+    once with its own fatal error)."""
+
+    def __init__(self, timeout: int):
+        super().__init__(name="jaxrlhf-heartbeat", daemon=True)
+        self.timeout, self.stopped, self.advice = timeout, threading.Event(), lambda: "start every process again"
+        self.client, self.me = distributed.global_state.client, distributed.global_state.process_id
+        self.others = sorted(set(range(distributed.global_state.num_processes)) - {self.me})
+
+    def run(self) -> None:
+        seen = {p: (None, time.monotonic()) for p in self.others}  # p -> (its last beat, when that changed)
+        beat = 0
+        while True:
+            beats = self.post(str(beat))
+            if beats is None:
+                self.exit_lost([0], "the runtime's service there stopped answering")
+            now = time.monotonic()
+            seen = {p: seen[p] if beats.get(p) == seen[p][0] else (beats.get(p), now) for p in self.others}
+            lost = [p for p, (last, since) in seen.items() if last != _DONE and now - since > self.timeout]
+            if lost:
+                self.exit_lost(lost, f"no heartbeat for {self.timeout} s (--heartbeat-timeout)")
+            beat += 1
+            if self.stopped.wait(self.timeout / 4):
+                break
+        self.post(_DONE)  # this process is leaving at its own end: not lost
+
+    def post(self, value: str) -> dict[int, str] | None:
+        """Post this process's `value` -> every process's latest, or None if the store is gone."""
+        try:
+            self.client.key_value_set(f"{_ALIVE}{self.me}", value, allow_overwrite=True)
+            return {int(key.rsplit("/", 1)[1]): v for key, v in self.client.key_value_dir_get(_ALIVE)}
+        except Exception:  # the runtime raises one type for every failure; the store lives in process 0
+            return None
+
+    def exit_lost(self, lost: list[int], why: str) -> None:
+        print(f"error: process {', '.join(map(str, lost))} (of {len(self.others) + 1}) of this run was lost: "
+              f"{why}; {self.advice()}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        beats = self.post(_STOPPING)
+        if self.me == 0:
+            # The others lose the runtime's service when this process ends: let them speak first.
+            deadline = time.monotonic() + self.timeout
+            while beats and time.monotonic() < deadline and \
+                    any(beats.get(p) not in (_STOPPING, _DONE) for p in self.others if p not in lost):
+                time.sleep(0.1)
+                beats = self.post(_STOPPING)
+        os._exit(2)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join()
+
+
+_settings_round = count()  # each call of `check_same_settings` reads and writes its own keys
+
+
+def check_same_settings(settings: dict[str, Any] | Exception) -> None:
+    """Refuse, on every process of a multi-process run, unless all hold the same `settings` (flat
+    key -> JSON value: the config and flags each was started with): processes with different
+    settings would train a different model in lockstep, or wait for each other forever. Pass
+    the error met making them instead, and the others stop pointing at it. Runs on the
+    runtime's key-value store (each process posts a hash of each value), so nothing is compiled.
+    Keys that may differ between processes (the process id, the coordinator) are not settings."""
+    client = distributed.global_state.client
+    if client is None:
+        return
+    n, me, prefix = distributed.global_state.num_processes, distributed.global_state.process_id, \
+        f"jaxrlhf/settings/{next(_settings_round)}"
+    if isinstance(settings, Exception):
+        client.key_value_set(f"{prefix}/{me}", json.dumps({"error": str(settings)}))
+        return
+    digests = {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in settings.items()}
+    client.key_value_set(f"{prefix}/{me}", json.dumps({"settings": digests}))
+    # As long as JAX waits for the processes to join (a lost one ends this sooner: see above).
+    posted = [json.loads(client.blocking_key_value_get(f"{prefix}/{p}", 300_000)) for p in range(n)]
+    for p, post in enumerate(posted):
+        if "error" in post:
+            raise ConfigError(f"process {p} of this run could not start: {post['error']}")
+    first = posted[0]["settings"]
+    differ = {p: sorted(k for k in first.keys() | post["settings"].keys() if first.get(k) != post["settings"].get(k))
+              for p, post in enumerate(posted)}
+    differ = {p: keys for p, keys in differ.items() if keys}
+    if differ:
+        keys = sorted({k for ks in differ.values() for k in ks})
+        raise ConfigError(f"the processes of this run were started with different settings (process 0 and "
+                          f"process {', '.join(map(str, differ))} differ in {', '.join(keys)}); start every process "
+                          "with the same config, overrides and flags")

@@ -1,6 +1,6 @@
 """kill -9 at a random point, then --resume: the same params as an uninterrupted run, bit for
 bit. And two processes of a stage script, joined by jax.distributed, end with the one-process
-model."""
+model; started with different settings, they all refuse; one lost, the other stops in one line."""
 
 import contextlib
 import os
@@ -97,26 +97,27 @@ def multihost_flags(port, process_id, processes=2):
 
 
 @contextlib.contextmanager
-def processes(cmds, env, logs, timeout=600):
+def processes(cmds, env, logs, timeout=600, expect=0):
     """Start `cmds` at once (e.g. the processes of one multi-process run), each logging to a file
-    in `logs`; leaving the block waits for them all and fails with the log of the first that
-    fails. A process whose peer died may wait for it in a collective for a long time, so they are
+    in `logs`, -> their Popen objects; leaving the block waits for them all and fails with the
+    log of the first that ends otherwise than `expect` (an exit code, or one per command). A
+    process whose peer died may wait for it in a collective for a long time, so they are
     watched together and, if anything fails (in the block too), every one still running is
     killed."""
-    procs = []
+    procs, expect = [], [expect] * len(cmds) if isinstance(expect, int) else expect
     try:
         for n, cmd in enumerate(cmds):
             with open(logs / f"process_{n}.log", "w") as log:
                 procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
-        yield
+        yield procs
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             for n, p in enumerate(procs):
-                assert p.returncode in (None, 0), (logs / f"process_{n}.log").read_text()[-3000:]
+                assert p.returncode in (None, expect[n]), (logs / f"process_{n}.log").read_text()[-3000:]
             assert time.monotonic() < deadline, f"still running after {timeout} s: {cmds}"
             time.sleep(0.1)
         for n, p in enumerate(procs):
-            assert p.wait(timeout=1) == 0, (logs / f"process_{n}.log").read_text()[-3000:]
+            assert p.wait(timeout=1) == expect[n], (logs / f"process_{n}.log").read_text()[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -139,3 +140,50 @@ def test_two_processes_of_a_script_end_with_the_one_process_model(tiny_run, tmp_
                    ENV, tmp_path):
         pass
     assert_same_model(tmp_path / "one", tmp_path / "two", tol=1e-5)
+
+
+def test_processes_started_with_different_settings_all_refuse_before_compiling(tiny_data, tmp_path):
+    """Two processes of one run given different learning rates and batch sizes (which trained a
+    model neither one-process run gives, or hung after the export): every process refuses in one
+    line naming the keys, in seconds, and writes nothing."""
+    port, run = free_port(), tmp_path / "run"
+    overrides = [["train.learning_rate=1e-3"], ["train.learning_rate=2e-3", "train.batch_size=16"]]
+    started = time.monotonic()
+    with processes([script("sft", [*sft_args(tiny_data, run, *overrides[i]), *multihost_flags(port, i)])
+                    for i in range(2)], ENV, tmp_path, timeout=120, expect=2):
+        pass
+    took = time.monotonic() - started
+    for i in range(2):
+        assert (tmp_path / f"process_{i}.log").read_text().splitlines() == [
+            "error: the processes of this run were started with different settings (process 0 and process 1 differ "
+            "in train.batch_size, train.learning_rate); start every process with the same config, overrides and "
+            "flags"]
+    assert not run.exists()
+    assert took < 60, took
+
+
+def test_a_lost_process_stops_the_other_in_one_line_naming_it_and_the_checkpoint(tiny_data, tmp_path):
+    """Two processes of `scripts/sft.py` checkpointing every step; process 1 is killed: process 0
+    stops within the heartbeat timeout with one line naming process 1 and the last complete
+    checkpoint (the one on disk), no runtime fatal log or traceback (it used to abort 100 s
+    later with both)."""
+    port, run, timeout = free_port(), tmp_path / "run", 5
+    args = sft_args(tiny_data, run, "train.steps=1000", "train.save_every=1", "train.log_every=1000",
+                    "train.keep_checkpoints=2")
+    cmds = [script("sft", [*args, *multihost_flags(port, i), "--heartbeat-timeout", str(timeout)]) for i in range(2)]
+    with processes(cmds, ENV, tmp_path, timeout=180, expect=[2, -9]) as procs:
+        for _ in range(7500):  # polls 20 ms apart, for up to 2.5 minutes
+            if finished_steps(run):
+                break
+            assert procs[0].poll() is None and procs[1].poll() is None, (tmp_path / "process_0.log").read_text()
+            time.sleep(0.02)
+        procs[1].kill()
+        killed = time.monotonic()
+        procs[0].wait(timeout=60)
+        assert time.monotonic() - killed < 3 * timeout, time.monotonic() - killed
+    log = (tmp_path / "process_0.log").read_text()
+    assert "Traceback" not in log and "Check failure" not in log, log[-3000:]
+    assert [line for line in log.splitlines() if line.startswith("error")] == [
+        f"error: process 1 (of 2) of this run was lost: no heartbeat for {timeout} s (--heartbeat-timeout); the last "
+        f"good checkpoint is step {finished_steps(run)[-1]} in {run / 'checkpoints'}; start every process again with "
+        "--resume"], log[-3000:]

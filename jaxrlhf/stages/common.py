@@ -237,17 +237,10 @@ def _check_same_run(out: Path, saved: dict, record: dict) -> None:
 def _changes(saved: dict, record: dict, free: tuple[str, ...]) -> str:
     """The keys `record` changes from the `saved` config.json (but those in `free`), as
     "key (old -> new), ...", or "" when it changes none."""
-    before, now = _flat(saved), _flat(record)
+    before, now = cfg.flat(saved), cfg.flat(record)
     changed = [k for k in sorted(set(before) | set(now))
                if not k.startswith("_") and k not in free and before.get(k, "(unset)") != now.get(k, "(unset)")]
     return ", ".join(f"{k} ({before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r})" for k in changed)
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
 
 
 def export(out: Path, module, params, tokenizer) -> Path:

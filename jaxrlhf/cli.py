@@ -65,18 +65,18 @@ def agreed(load, settings, args):
     return loaded
 
 
-def resume_advice(config) -> str:
-    """What to do after a process of the run was lost, from where its stage stands now. Read
-    from the folder, not through orbax, whose calls wait for every process."""
+def resume_advice(config, who: str = "every process") -> str:
+    """What to do after the run stopped (a process lost, a Ctrl-C), from where its stage stands
+    now. Read from the folder, not through orbax, whose calls wait for every process."""
     train = getattr(config, "train", None)
     if train is None:
-        return "start every process again"
+        return f"start {who} again"
     folder = Path(train.output_dir) / "checkpoints"
     # orbax names a step's folder by its number only once the step is complete.
     steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
     where = f"the last good checkpoint is step {max(steps)} in {folder}" if steps else \
         f"no checkpoint was written yet in {folder}"
-    return f"{where}; start every process again with --resume"
+    return f"{where}; start {who} again with --resume"
 
 
 def runtime_failure(error: Exception) -> int:
@@ -194,6 +194,7 @@ def one_line_warnings(main):
 @one_line_warnings
 def stage_main(name: str, argv=None) -> int:
     module, args = parse_stage_args(name, argv)
+    config = None
     try:
         join_processes(args)
         config = agreed(lambda: stage_config(name, args), lambda c: {"stage": name, **cfg.flat(cfg.to_dict(c))}, args)
@@ -213,7 +214,8 @@ def stage_main(name: str, argv=None) -> int:
             raise
         return runtime_failure(e)
     except KeyboardInterrupt:
-        print("interrupted; the latest checkpoint is kept (use --resume)", file=sys.stderr)
+        print(f"interrupted; {resume_advice(config, 'it') if config is not None else 'nothing was written'}",
+              file=sys.stderr)
         return 130
     return 0
 

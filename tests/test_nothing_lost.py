@@ -155,7 +155,8 @@ def test_ctrl_c_during_a_checkpoint_write_lets_it_finish_then_stops(tiny_run, tm
     monkeypatch.setattr(ocp.CheckpointManager, "save", ctrl_c_while_writing)
     out = tmp_path / "run"
     assert cli.stage_main("sft", sft_args(tiny_run, out, "train.steps=4", "train.save_every=1")) == 130
-    assert capsys.readouterr().err.strip().splitlines() == ["interrupted; the latest checkpoint is kept (use --resume)"]
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"interrupted; the last good checkpoint is step 2 in {out / 'checkpoints'}; start it again with --resume"]
     assert Checkpoints.latest_in(out) == 2
     monkeypatch.undo()
     assert cli.stage_main("sft", [*sft_args(tiny_run, out, "train.steps=4", "train.save_every=1"), "--resume"]) == 0

@@ -78,13 +78,14 @@ def check_entries(policies: dict, scorers: dict) -> None:
             raise ConfigError(f"policies.{name}.scorer={entry.scorer!r} is not one of scorers {list(scorers)}")
 
 
-def device_memory(device) -> int:
-    """Bytes `device` can hold: its allocator's limit (GPU, TPU), else (CPU devices report
-    none) its share of the host's memory, which the host's devices split."""
-    limit = (device.memory_stats() or {}).get("bytes_limit")
+def device_memory(mesh) -> int:
+    """Bytes a device of `mesh` can hold: its allocator's limit (GPU, TPU), else (CPU devices
+    report none) its share of the host's memory, which this host's devices in the mesh split."""
+    here = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    limit = (here[0].memory_stats() or {}).get("bytes_limit")
     if limit is not None:
         return limit
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(here)
 
 
 def check_memory(name: str, entry: BestOfN, batch_size: int, section, model_config, mesh) -> None:
@@ -96,7 +97,7 @@ def check_memory(name: str, entry: BestOfN, batch_size: int, section, model_conf
     cache = jax.eval_shape(lambda: init_cache(model_config, rows, tokens))  # shapes only: nothing allocated
     need = (sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
             + rows * model_config.vocab_size * np.dtype(np.float32).itemsize) / mesh.size
-    have = device_memory(mesh.devices.flat[0])
+    have = device_memory(mesh)
     check(need <= have, f"policies.{name}: best_of={entry.best_of} x batch_size={batch_size} = {rows} rows of "
                         f"{tokens} tokens need at least {need / 2**30:.1f} GiB a device to sample (their KV cache "
                         f"and logits, over {mesh.size} device(s)), more than its {have / 2**30:.1f} GiB; "

@@ -277,7 +277,7 @@ def _write(out_dir: Path, config, results, samples, tables, notes, plot: bool) -
         f"distinct-n over words and over the policy's tokens; collapse: the share of a policy's replies that "
         f"carry its most shared {config.collapse_ngram}-token n-gram, and the reference's share of the same "
         "n-gram.\n\n" + "\n".join(tables[1] + best_of_n.report_lines(results)) + "\n")
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.json").write_text(outputs.json_text(results))
     with (out_dir / "replies.jsonl").open("w") as f:
         for name, (prompts, responses, _, scores, kls, lengths) in samples.items():
             # A best-of-N reply's KL is its prompt's plug-in estimate; any other's, its summed log ratio.

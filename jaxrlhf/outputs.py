@@ -8,6 +8,7 @@ write knows the folder is its own to replace.
 """
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,21 @@ MARK = ".jaxrlhf-output.json"
 # What a user can do about a target of these kinds that holds their files: their scripts have
 # no --overwrite (the others' do).
 NOT_FORCED = {"frontier": "move it aside, or choose another output_dir (the frontier replaces only its own report)"}
+
+
+def json_text(value) -> str:
+    """`value` as indented JSON, every NaN or infinite float as null: JSON has no NaN (Python
+    writes a bare `NaN` that other readers refuse), and a NaN here means unknown."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), indent=2, allow_nan=False) + "\n"
 
 
 def write_failed(path, error: OSError, last_good: str = "") -> OutputError:

@@ -11,12 +11,14 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import jax
 
 from jaxrlhf import config as cfg
 from jaxrlhf import parallel
 from jaxrlhf.errors import JaxRLHFError
+from jaxrlhf.trainer import last_good
 
 
 def add_multihost_flags(parser: argparse.ArgumentParser) -> None:
@@ -74,18 +76,35 @@ def resume_advice(config, who: str = "every process") -> str:
     folder = Path(train.output_dir) / "checkpoints"
     # orbax names a step's folder by its number only once the step is complete.
     steps = [int(d.name) for d in folder.iterdir() if d.name.isdigit()] if folder.is_dir() else []
-    where = f"the last good checkpoint is step {max(steps)} in {folder}" if steps else \
-        f"no checkpoint was written yet in {folder}"
-    return f"{where}; start {who} again with --resume"
+    if not steps:
+        return f"no checkpoint was written; start {who} again"
+    return f"{last_good(folder, max(steps))}; start {who} again with --resume"
 
 
-def runtime_failure(error: Exception) -> int:
-    """A multi-process run's runtime error is most often a collective cut short by a lost
-    process: its heartbeat stops, and this process ends with the line naming it; otherwise the
-    error itself, in one line. -> the exit code."""
-    parallel.await_lost_process()
-    print(f"error: {(str(error).strip().splitlines() or [type(error).__name__])[0]}", file=sys.stderr)
-    return 2
+def finish(body: Callable[[], None], multihost: bool, advice: Callable[[], str]) -> int:
+    """Run a script's `body` -> its exit code: 0; 2 with one error line; 130 on a Ctrl-C, saying
+    where the run stands (`advice()`). The other processes of a multi-process run are told how
+    this one ended (`parallel.finished`, `parallel.stopped`), so they stop naming it rather than
+    wait for it. There a runtime error is most often a collective cut short by a lost process,
+    whose line ends this process first (`parallel.await_lost_process`); otherwise it is
+    reported in one line."""
+    try:
+        body()
+    except JaxRLHFError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return parallel.stopped(2, str(e))
+    except jax.errors.JaxRuntimeError as e:
+        if not multihost:
+            raise
+        parallel.await_lost_process()
+        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: {line}", file=sys.stderr)
+        return parallel.stopped(2, line)
+    except KeyboardInterrupt:
+        print(f"interrupted; {advice()}", file=sys.stderr)
+        return parallel.stopped(130, "interrupted (Ctrl-C)")
+    parallel.finished()
+    return 0
 
 
 # stage name -> module holding its config class, `plan(config)`, `preflight(config, resume)` (every
@@ -194,10 +213,13 @@ def one_line_warnings(main):
 @one_line_warnings
 def stage_main(name: str, argv=None) -> int:
     module, args = parse_stage_args(name, argv)
-    config = None
-    try:
+    loaded = []  # the config, once loaded: what a Ctrl-C's line says of the run
+
+    def body():
         join_processes(args)
-        config = agreed(lambda: stage_config(name, args), lambda c: {"stage": name, **cfg.flat(cfg.to_dict(c))}, args)
+        config = agreed(lambda: stage_config(name, args), lambda c: {"stage": name, **cfg.flat(cfg.to_dict(c))},
+                        args)
+        loaded.append(config)
         parallel.when_a_process_is_lost(functools.partial(resume_advice, config))
         print(module.plan(config))
         options = {"overwrite": args.overwrite} if hasattr(args, "overwrite") else {}
@@ -206,18 +228,8 @@ def stage_main(name: str, argv=None) -> int:
             print("dry run: every check passed; nothing written")
         else:
             module.run(config, resume=args.resume, **options)
-    except JaxRLHFError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except jax.errors.JaxRuntimeError as e:
-        if not args.multihost:
-            raise
-        return runtime_failure(e)
-    except KeyboardInterrupt:
-        print(f"interrupted; {resume_advice(config, 'it') if config is not None else 'nothing was written'}",
-              file=sys.stderr)
-        return 130
-    return 0
+
+    return finish(body, args.multihost, lambda: resume_advice(loaded[-1], "it") if loaded else "nothing was written")
 
 
 def load_pipeline(path: Path) -> list[tuple[str, object, object]]:
@@ -249,30 +261,31 @@ def pipeline_main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="skip finished stages, resume the interrupted one")
     add_multihost_flags(parser)
     args = parser.parse_args(argv)
-    try:
+    running = []  # the stage running, once one is: what a Ctrl-C's line says of the run
+
+    def body():
+        from jaxrlhf.stages import common  # as the stage modules: loaded when run
+
         join_processes(args)
         stages = agreed(lambda: load_pipeline(args.config), pipeline_settings, args)
         for i, (name, module, config) in enumerate(stages, 1):
             print(f"[{i}/{len(stages)}] {module.plan(config)}")
         if args.dry_run:
             dry_run(stages, args.resume)
-            return 0
+            return
         for i, (name, module, config) in enumerate(stages, 1):
             train = getattr(config, "train", None)
             if args.resume and train is not None and (Path(train.output_dir) / "final" / "config.json").exists():
+                common.check_finished_run(Path(train.output_dir), config)  # this config's run, its length too
                 print(f"[{i}/{len(stages)}] {name}: already finished ({train.output_dir}/final), skipped")
                 continue
             print(f"\n[{i}/{len(stages)}] {name}", flush=True)
+            running.append(config)
             parallel.when_a_process_is_lost(functools.partial(resume_advice, config))
             module.run(config, resume=args.resume)
-    except JaxRLHFError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except jax.errors.JaxRuntimeError as e:
-        if not args.multihost:
-            raise
-        return runtime_failure(e)
-    return 0
+
+    return finish(body, args.multihost,
+                  lambda: resume_advice(running[-1], "the pipeline") if running else "nothing was written")
 
 
 def pipeline_settings(stages) -> dict:

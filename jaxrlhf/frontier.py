@@ -23,6 +23,7 @@ from jaxrlhf.best_of_n import BestOfN
 from jaxrlhf.config import check
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.stages import common
+from jaxrlhf.stages.rollout import off_policy_settings
 
 REFERENCE = "sft"  # the evaluation's name for the reference policy, every curve's origin
 
@@ -51,6 +52,9 @@ class Sweep:
 class BestOfSweep:
     values: tuple[int, ...]  # the N of each point
     scorer: str  # the evaluation scorer that picks the best reply
+
+    def __post_init__(self):
+        check(len(set(self.values)) == len(self.values), f"best_of.values={list(self.values)} names a point twice")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +120,10 @@ def evaluation(config: FrontierConfig, train_points: list[Point]):
                                               for p in train_points}}
     if config.best_of is not None:
         policies |= {f"best_of_{n}": BestOfN(n, REFERENCE, config.best_of.scorer) for n in config.best_of.values}
+    # A trained point's x is its replies' KL, which sampling off the tempered softmax leaves unknown.
+    off_policy = off_policy_settings(base.sampling)
+    check(not off_policy, f"{config.evaluate}: sampling with {', '.join(off_policy)} gives no KL to plot the points "
+                          "at; the frontier samples from the policies as they are (drop those settings)")
     evaluate_config = dataclasses.replace(base, policies=policies,
                                           output_dir=str(Path(config.output_dir) / "eval"))
     return cfg.locate_reward_functions(evaluate_config, Path(config.evaluate).parent)
@@ -234,7 +242,7 @@ def run(config: FrontierConfig, resume: bool = False) -> Path:
     def build(folder: Path):
         (folder / "frontier.md").write_text(
             "# Reward against KL to the SFT policy\n\n![frontier](frontier.png)\n\n" + "\n".join(lines) + "\n")
-        (folder / "frontier.json").write_text(json.dumps(table_rows, indent=2) + "\n")
+        (folder / "frontier.json").write_text(outputs.json_text(table_rows))
         plot(folder / "frontier.png", table_rows)
 
     def write():

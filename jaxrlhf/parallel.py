@@ -256,7 +256,9 @@ def jit_step(step: Callable) -> Callable:
 
 # Seconds a process may go without a heartbeat before the others count it lost.
 HEARTBEAT_TIMEOUT = 60
-_ALIVE, _STOPPING, _DONE = "jaxrlhf/alive/", "stopping", "done"  # a heartbeat's key and its last two values
+# A heartbeat's key, and the values a process leaves there: "done" at its end, "failed: WHY" when
+# it stopped on an error, "stopping" while it stops because another was lost.
+_ALIVE, _STOPPING, _DONE, _FAILED = "jaxrlhf/alive/", "stopping", "done", "failed: "
 _watchdog = None  # this process's `_Watchdog`, once it has joined a multi-process run
 
 
@@ -285,65 +287,126 @@ def when_a_process_is_lost(advice: Callable[[], str]) -> None:
         _watchdog.advice = advice
 
 
+def finished() -> None:
+    """This process ended its work: the others, still ending theirs, must not count it lost."""
+    if _watchdog is not None:
+        _watchdog.leave(_DONE)
+
+
+def stopped(code: int, why: str) -> int:
+    """This process stops on an error (`why`, already reported) -> `code`, or, in a
+    multi-process run, exit with it at once: the others are told, and stop naming this process
+    and the error's first line rather than wait for it in a collective; process 0, which holds
+    the runtime's service, first waits for them to stop."""
+    if _watchdog is not None:
+        _watchdog.stop_run(code, _FAILED + (why.strip().splitlines() or ["an error"])[0])
+    return code
+
+
 def await_lost_process() -> None:
     """After a collective failed in a multi-process run: wait until a lost process would have
-    been noticed (which ends this process with its line); returns if none was."""
+    been noticed (which ends this process with its line); returns at once every other process is
+    seen beating after the failure (none was lost: the error is this process's own)."""
     if _watchdog is not None:
-        time.sleep(2 * _watchdog.timeout + 5)
+        _watchdog.await_verdict()
 
 
 class _Watchdog(threading.Thread):
     """Every process posts a heartbeat (a count) to the runtime's key-value store four times per
     `timeout` and watches the others': one whose count stands still for `timeout` seconds is
-    lost, and this process says so in one line (which process, and `advice()`) and exits with 2,
-    at once: its collectives would fail or wait for the lost one. If process 0, which holds the
-    runtime's service, is the one lost, the others cannot reach the store (and JAX ends them at
-    once with its own fatal error)."""
+    lost, and one that left "failed: WHY" stopped on an error; this process then says so in one
+    line (which process, why, and `advice()`) and exits with 2 at once: its collectives would
+    fail or wait for the other. If process 0, which holds the runtime's service, is lost, the
+    store stops answering (and JAX usually ends the others at once with its own fatal error);
+    a store that does not answer for `timeout` seconds counts as process 0 lost."""
 
     def __init__(self, timeout: int):
         super().__init__(name="jaxrlhf-heartbeat", daemon=True)
-        self.timeout, self.stopped, self.advice = timeout, threading.Event(), lambda: "start every process again"
+        self.timeout, self.interval, self.advice = timeout, timeout / 4, lambda: "start every process again"
+        self.stopped, self.lock, self.last_word = threading.Event(), threading.Lock(), None
         self.client, self.me = distributed.global_state.client, distributed.global_state.process_id
         self.others = sorted(set(range(distributed.global_state.num_processes)) - {self.me})
+        now = time.monotonic()
+        self.seen = {p: (None, now) for p in self.others}  # p -> (its last beat, when that changed)
 
     def run(self) -> None:
-        seen = {p: (None, time.monotonic()) for p in self.others}  # p -> (its last beat, when that changed)
-        beat = 0
-        while True:
+        beat, silent_since = 0, None  # when the store stopped answering
+        while not self.stopped.is_set():
             beats = self.post(str(beat))
-            if beats is None:
-                self.exit_lost([0], "the runtime's service there stopped answering")
             now = time.monotonic()
-            seen = {p: seen[p] if beats.get(p) == seen[p][0] else (beats.get(p), now) for p in self.others}
-            lost = [p for p, (last, since) in seen.items() if last != _DONE and now - since > self.timeout]
-            if lost:
-                self.exit_lost(lost, f"no heartbeat for {self.timeout} s (--heartbeat-timeout)")
+            if beats is None:
+                silent_since = silent_since or now
+                if now - silent_since > self.timeout:
+                    self.exit_with(f"process 0 (of {len(self.others) + 1}) of this run was lost: the runtime's "
+                                   f"service there has not answered for {self.timeout} s", lost=[0])
+            else:
+                silent_since = None
+                self.seen = {p: self.seen[p] if beats.get(p) == self.seen[p][0] else (beats.get(p), now)
+                             for p in self.others}
+                failed = [p for p in self.others if (beats.get(p) or "").startswith(_FAILED)]
+                lost = [p for p, (last, since) in self.seen.items()
+                        if last != _DONE and p not in failed and now - since > self.timeout]
+                if failed:
+                    self.exit_with(f"process {failed[0]} (of {len(self.others) + 1}) of this run stopped: "
+                                   f"{beats[failed[0]].removeprefix(_FAILED)}", lost=failed)
+                if lost:
+                    self.exit_with(f"process {', '.join(map(str, lost))} (of {len(self.others) + 1}) of this run "
+                                   f"was lost: no heartbeat for {self.timeout} s (--heartbeat-timeout)", lost=lost)
             beat += 1
-            if self.stopped.wait(self.timeout / 4):
-                break
-        self.post(_DONE)  # this process is leaving at its own end: not lost
+            self.stopped.wait(self.interval)
+        self.post(self.last_word or _FAILED + "it ended before its work did (see its own output)")
 
     def post(self, value: str) -> dict[int, str] | None:
-        """Post this process's `value` -> every process's latest, or None if the store is gone."""
+        """Post this process's `value` -> every process's latest, or None if the store did not answer."""
         try:
             self.client.key_value_set(f"{_ALIVE}{self.me}", value, allow_overwrite=True)
             return {int(key.rsplit("/", 1)[1]): v for key, v in self.client.key_value_dir_get(_ALIVE)}
         except Exception:  # the runtime raises one type for every failure; the store lives in process 0
             return None
 
-    def exit_lost(self, lost: list[int], why: str) -> None:
-        print(f"error: process {', '.join(map(str, lost))} (of {len(self.others) + 1}) of this run was lost: "
-              f"{why}; {self.advice()}", file=sys.stderr, flush=True)
+    def exit_with(self, what: str, lost: list[int]) -> None:
+        """Say `what` happened to the processes `lost`, and what to do, in one line; exit with 2."""
+        with self.lock:
+            if self.last_word is not None:  # this process is ending on its own account: it has spoken
+                return
+            self.last_word = _STOPPING
+        print(f"error: {what}; {self.advice()}", file=sys.stderr, flush=True)
+        self.exit(2, _STOPPING, lost)
+
+    def stop_run(self, code: int, word: str) -> None:
+        with self.lock:
+            if self.last_word is not None:  # already ending: the watchdog's line has the last word
+                return
+            self.last_word = word
+        self.exit(code, word, [])
+
+    def exit(self, code: int, word: str, lost: list[int]) -> None:
+        """Leave `word` for the others and exit with `code` now (JAX's own exit would wait for
+        them at a barrier); process 0, whose exit ends the runtime's service, once every other
+        process but the `lost` has left its word too (so that each can say why it stops)."""
         sys.stdout.flush()
-        beats = self.post(_STOPPING)
+        sys.stderr.flush()
+        beats = self.post(word)
         if self.me == 0:
-            # The others lose the runtime's service when this process ends: let them speak first.
             deadline = time.monotonic() + self.timeout
-            while beats and time.monotonic() < deadline and \
-                    any(beats.get(p) not in (_STOPPING, _DONE) for p in self.others if p not in lost):
+            while beats and time.monotonic() < deadline and any(
+                    beats.get(p) not in (_STOPPING, _DONE) and not (beats.get(p) or "").startswith(_FAILED)
+                    for p in self.others if p not in lost):
                 time.sleep(0.1)
-                beats = self.post(_STOPPING)
-        os._exit(2)
+                beats = self.post(word)
+        os._exit(code)
+
+    def leave(self, word: str) -> None:
+        with self.lock:
+            self.last_word = self.last_word or word
+
+    def await_verdict(self) -> None:
+        failed_at = time.monotonic()
+        deadline = failed_at + self.timeout + 2 * self.interval
+        while time.monotonic() < deadline:
+            time.sleep(self.interval)
+            if all(last == _DONE or since > failed_at for last, since in self.seen.values()):
+                return
 
     def stop(self) -> None:
         self.stopped.set()

@@ -61,6 +61,13 @@ def _record_step(line: str) -> float:
         return math.inf  # a line cut short by a kill: dropped
 
 
+def last_good(directory, latest: int | None) -> str:
+    """Where a run whose checkpoints are in `directory`, the latest complete one `latest`, can
+    resume from, for a message."""
+    return f"no checkpoint was written yet in {directory}" if latest is None else \
+        f"the last good checkpoint is step {latest} in {directory}"
+
+
 class Checkpoints:
     """orbax CheckpointManager over out_dir/checkpoints: the whole train state plus a JSON
     record (step, config). Writes are atomic (orbax finalises a step only when complete),
@@ -85,10 +92,7 @@ class Checkpoints:
 
     def last_good(self) -> str:
         """Where a run stopped by a failure can resume from, for its error message."""
-        latest = self.latest()
-        where = self.manager.directory
-        return f"no checkpoint was written yet in {where}" if latest is None else \
-            f"the last good checkpoint is step {latest} in {where}"
+        return last_good(self.manager.directory, self.latest())
 
     def save(self, step: int, state: Any, record: dict) -> None:
         """Save `state` as checkpoint `step`; a failed write raises an OutputError naming the

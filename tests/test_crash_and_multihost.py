@@ -154,7 +154,8 @@ def test_processes_started_with_different_settings_all_refuse_before_compiling(t
         pass
     took = time.monotonic() - started
     for i in range(2):
-        assert (tmp_path / f"process_{i}.log").read_text().splitlines() == [
+        lines = (tmp_path / f"process_{i}.log").read_text().splitlines()
+        assert [line for line in lines if not line.startswith("warning: train.save_every")] == [
             "error: the processes of this run were started with different settings (process 0 and process 1 differ "
             "in train.batch_size, train.learning_rate); start every process with the same config, overrides and "
             "flags"]
@@ -187,3 +188,26 @@ def test_a_lost_process_stops_the_other_in_one_line_naming_it_and_the_checkpoint
         f"error: process 1 (of 2) of this run was lost: no heartbeat for {timeout} s (--heartbeat-timeout); the last "
         f"good checkpoint is step {finished_steps(run)[-1]} in {run / 'checkpoints'}; start every process again with "
         "--resume"], log[-3000:]
+
+
+@pytest.mark.parametrize("failing", [1, 0])
+def test_a_process_stopped_by_its_own_error_stops_the_other_naming_it(tiny_run, tmp_path, failing):
+    """Two processes of `scripts/ppo.py` whose reward function fails on one of them only: that
+    one stops with its one line, and the other, which would wait for it in the update's
+    collectives, stops within the heartbeat timeout naming it and its error (process 0, which
+    holds the runtime's service, stops after the other has said so)."""
+    port, run, timeout = free_port(), tmp_path / "run", 5
+    (tmp_path / "flaky.py").write_text(
+        f"import jax\n\n\ndef score(prompts, responses):\n    if jax.process_index() == {failing}:\n"
+        f"        raise RuntimeError('no scores on process {failing}')\n    return [0.0] * len(responses)\n")
+    args = ppo_args(tiny_run, run, "reward.model=null", f"reward.function={tmp_path / 'flaky.py'}:score")
+    cmds = [script("ppo", [*args, *multihost_flags(port, i), "--heartbeat-timeout", str(timeout)]) for i in range(2)]
+    with processes(cmds, ENV, tmp_path, timeout=180, expect=2):
+        pass
+    error = f"reward function {tmp_path / 'flaky.py'}:score raised RuntimeError: no scores on process {failing}"
+    logs = {i: (tmp_path / f"process_{i}.log").read_text() for i in range(2)}
+    errors = {i: [line for line in log.splitlines() if line.startswith("error")] for i, log in logs.items()}
+    assert errors[failing] == [f"error: {error}"], logs[failing][-3000:]
+    assert errors[1 - failing] == [f"error: process {failing} (of 2) of this run stopped: {error}; no checkpoint was "
+                                   "written; start every process again"], logs[1 - failing][-3000:]
+    assert not any("Traceback" in log or "Check failure" in log for log in logs.values()), logs

@@ -88,12 +88,12 @@ def test_dry_run_refuses_a_finished_point_of_another_length_and_two_values_of_on
     """Checked before anything trains, on the config.json a point's run recorded (no training):
     a finished point is reused only at the length it was trained for, and each value of a knob
     must name its own point (folder and policy are named by the value to 6 digits)."""
-    def dry_run(values, *overrides):
+    def dry_run(values, *overrides, **more):
         path = tmp_path / "frontier.yaml"
         dpo = {"stage": "dpo", "config": str(TINY / "dpo.yaml"), "knob": "beta", "values": values,
                "overrides": ["train.steps=4", "train.save_every=4", *overrides]}
         path.write_text(json.dumps({"evaluate": str(TINY / "evaluate.yaml"), "output_dir": str(tmp_path / "out"),
-                                    "methods": {"dpo": dpo}}))
+                                    "methods": {"dpo": dpo}, **more}))
         code = cli.stage_main("frontier", ["--config", str(path), "--dry-run"])
         return code, capsys.readouterr().err, cfg.load(frontier.FrontierConfig, path) if code == 0 else None
 
@@ -110,3 +110,32 @@ def test_dry_run_refuses_a_finished_point_of_another_length_and_two_values_of_on
     code, err, _ = dry_run([0.1, 0.1000001])
     assert code == 2 and "values 0.1 and 0.1000001 of beta are one point (beta=0.1" in err, err
     assert frontier.finished(frontier.points(config)) == {point.name}  # as reused by the run
+    # A trained point's x is its replies' KL, which top-k sampling leaves unknown; one N is one point.
+    code, err, _ = dry_run([0.1], evaluate_overrides=["sampling.top_k=5"])
+    assert code == 2 and "sampling with sampling.top_k gives no KL to plot the points at" in err, err
+    code, err, _ = dry_run([0.1], best_of={"values": [4, 4], "scorer": "reward_model"})
+    assert code == 2 and "best_of.values=[4, 4] names a point twice" in err, err
+
+
+@pytest.mark.fast
+def test_a_pipeline_resume_skips_a_finished_stage_only_at_the_length_it_was_trained_for(tmp_path, capsys):
+    """`pipeline.py --resume` passes over a stage whose export exists, as the frontier does, only
+    when it is this config's run (its length included), on the config.json it recorded."""
+    out = tmp_path / "dpo"
+
+    def resume(steps):
+        path = tmp_path / "pipeline.yaml"
+        path.write_text(json.dumps({"stages": [{"stage": "dpo", "config": str(TINY / "dpo.yaml"), "overrides": [
+            f"train.steps={steps}", f"train.save_every={steps}", f"train.output_dir={out}"]}]}))
+        return cli.pipeline_main(["--config", str(path), "--resume"]), capsys.readouterr()
+
+    module, config_cls = cli.stage("dpo")
+    config = cfg.load(config_cls, TINY / "dpo.yaml", ["train.steps=4", "train.save_every=4", f"train.output_dir={out}"])
+    common.record_config(common.check_output("dpo", config.train, config, False, config.train.batch_size))
+    (out / "final").mkdir()
+    (out / "final" / "config.json").write_text("{}")
+    code, output = resume(4)
+    assert code == 0 and f"dpo: already finished ({out}/final), skipped" in output.out, output
+    code, output = resume(8)
+    assert code == 2 and "is the export of a finished run, but this config changes train.steps (4 -> 8)" in \
+        output.err, output

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import jax
 from jaxrlhf import config as cfg
 from jaxrlhf import data, outputs, parallel
 from jaxrlhf.errors import ConfigError, JaxRLHFError, OutputError
-from jaxrlhf.models import from_config, load_config, load_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.models import from_config, load_pretrained, load_tokenizer, save_pretrained
 from jaxrlhf.updates.common import TrainState, make_optimizer
 from jaxrlhf.trainer import Checkpoints, run_loop
 
@@ -49,12 +48,6 @@ def policy_tokenizer(path: str, model_config, pad_token: str | None = None):
     tokenizer = load_tokenizer(path, model_config)
     check_special_tokens(tokenizer, path, eos=True, pad_token=pad_token)
     return tokenizer
-
-
-def check_policy(path: str, pad_token: str | None = None) -> None:
-    """Everything `load_policy` checks but the weights themselves, read later (cheaply, so a
-    stage can check all its policies before it starts on the first)."""
-    policy_tokenizer(path, load_config(path, head="lm"), pad_token)
 
 
 def check_special_tokens(tokenizer, where, eos: bool, pad_token: str | None = None) -> None:
@@ -136,11 +129,16 @@ def check_output(stage: str, train: cfg.TrainConfig, config: Any, resume: bool, 
     return out, record
 
 
+# The run folders `record_config` made in this process: a start that fails removes only those.
+_MADE: set[Path] = set()
+
+
 def record_config(checked: tuple[Path, dict]) -> Path:
     """Write the record `check_output` returned into the run folder's config.json."""
     out, record = checked
 
     def write():
+        (_MADE.discard if out.exists() else _MADE.add)(out.resolve())
         # The working directory too: the config's relative paths are relative to it (export needs them).
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -183,13 +181,21 @@ def train_loop(out: Path, state, step_fn, train: cfg.TrainConfig, resume: bool, 
 
 
 def _remove_if_empty_run(out: Path) -> None:
-    """Remove `out` if it holds nothing but a config.json and an empty checkpoints/ folder: a
-    run's start with nothing to resume (any other file, a checkpoint or a metric record, keeps
-    it). Best effort: the error that stopped the run is the one to report."""
+    """Undo a run's start that left nothing to resume: if `out` holds nothing but its
+    config.json and an empty checkpoints/ folder, remove those, and `out` itself if this run made
+    it (a folder the user made, a mount point, stays). Anything else there (a checkpoint, a
+    metric record, any file) keeps all. Best effort: the error that stopped the run is the one
+    to report."""
+    checkpoints = out / "checkpoints"
     try:
-        if {p.name for p in out.iterdir()} <= {"config.json", "checkpoints"} and \
-                not any((out / "checkpoints").iterdir() if (out / "checkpoints").is_dir() else ()):
-            shutil.rmtree(out)
+        if not {p.name for p in out.iterdir()} <= {"config.json", "checkpoints"} or \
+                checkpoints.exists() and not (checkpoints.is_dir() and not any(checkpoints.iterdir())):
+            return
+        if checkpoints.exists():
+            checkpoints.rmdir()
+        (out / "config.json").unlink(missing_ok=True)
+        if out.resolve() in _MADE:
+            out.rmdir()
     except OSError:
         pass
 

@@ -12,6 +12,7 @@ the global mean); `pmap_step` keeps that style working on local devices.
 """
 
 import atexit
+import contextlib
 import hashlib
 import json
 import math
@@ -328,6 +329,7 @@ class _Watchdog(threading.Thread):
         self.others = sorted(set(range(distributed.global_state.num_processes)) - {self.me})
         now = time.monotonic()
         self.seen = {p: (None, now) for p in self.others}  # p -> (its last beat, when that changed)
+        self.reads = 0  # reads of the others' beats so far
 
     def run(self) -> None:
         beat, silent_since = 0, None  # when the store stopped answering
@@ -343,6 +345,7 @@ class _Watchdog(threading.Thread):
                 silent_since = None
                 self.seen = {p: self.seen[p] if beats.get(p) == self.seen[p][0] else (beats.get(p), now)
                              for p in self.others}
+                self.reads += 1
                 failed = [p for p in self.others if (beats.get(p) or "").startswith(_FAILED)]
                 lost = [p for p, (last, since) in self.seen.items()
                         if last != _DONE and p not in failed and now - since > self.timeout]
@@ -354,7 +357,10 @@ class _Watchdog(threading.Thread):
                                    f"was lost: no heartbeat for {self.timeout} s (--heartbeat-timeout)", lost=lost)
             beat += 1
             self.stopped.wait(self.interval)
-        self.post(self.last_word or _FAILED + "it ended before its work did (see its own output)")
+        # Told nothing (a library user's own script): an exception that ended the program is a
+        # failure, an ordinary exit the end of its work.
+        error = getattr(sys, "last_value", None)
+        self.post(self.last_word or (_FAILED + f"{type(error).__name__}: {error}" if error is not None else _DONE))
 
     def post(self, value: str) -> dict[int, str] | None:
         """Post this process's `value` -> every process's latest, or None if the store did not answer."""
@@ -382,18 +388,25 @@ class _Watchdog(threading.Thread):
 
     def exit(self, code: int, word: str, lost: list[int]) -> None:
         """Leave `word` for the others and exit with `code` now (JAX's own exit would wait for
-        them at a barrier); process 0, whose exit ends the runtime's service, once every other
-        process but the `lost` has left its word too (so that each can say why it stops)."""
+        them at a barrier). Process 0, whose exit ends the runtime's service (and JAX then aborts
+        whoever still runs), goes last: once every other process but the `lost` has left its
+        word (so each could say why it stops), and a moment more, for their exits to finish."""
         sys.stdout.flush()
         sys.stderr.flush()
+        if self.me != 0:
+            with contextlib.suppress(Exception):  # the store may be gone with process 0 already
+                self.client.key_value_set(f"{_ALIVE}{self.me}", word, allow_overwrite=True)
+            os._exit(code)
+        waiting_for = [p for p in self.others if p not in lost]
+        deadline = time.monotonic() + self.timeout
         beats = self.post(word)
-        if self.me == 0:
-            deadline = time.monotonic() + self.timeout
-            while beats and time.monotonic() < deadline and any(
-                    beats.get(p) not in (_STOPPING, _DONE) and not (beats.get(p) or "").startswith(_FAILED)
-                    for p in self.others if p not in lost):
-                time.sleep(0.1)
-                beats = self.post(word)
+        while beats and waiting_for and time.monotonic() < deadline and any(
+                beats.get(p) not in (_STOPPING, _DONE) and not (beats.get(p) or "").startswith(_FAILED)
+                for p in waiting_for):
+            time.sleep(0.1)
+            beats = self.post(word)
+        if waiting_for:
+            time.sleep(1.0)  # each exits right after its word
         os._exit(code)
 
     def leave(self, word: str) -> None:
@@ -401,12 +414,19 @@ class _Watchdog(threading.Thread):
             self.last_word = self.last_word or word
 
     def await_verdict(self) -> None:
-        failed_at = time.monotonic()
-        deadline = failed_at + self.timeout + 2 * self.interval
+        """Return once every other process posted a beat after this process's collective failed
+        (so none was lost), or after the time a lost one takes to be noticed."""
+        deadline = time.monotonic() + self.timeout + 3 * self.interval
+        # The second read from now starts after the failure, so it holds every beat a process
+        # that died before the failure posted; a beat changed after that one is a live process's.
+        first = self.reads + 2
+        while self.reads < first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        then = {p: last for p, (last, _) in self.seen.items()}
         while time.monotonic() < deadline:
-            time.sleep(self.interval)
-            if all(last == _DONE or since > failed_at for last, since in self.seen.values()):
+            if all(last == _DONE or last != then[p] for p, (last, _) in self.seen.items()):
                 return
+            time.sleep(0.05)
 
     def stop(self) -> None:
         self.stopped.set()

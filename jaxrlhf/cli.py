@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 
 from jaxrlhf import config as cfg
-from jaxrlhf import parallel
+from jaxrlhf import multihost
 from jaxrlhf.errors import JaxRLHFError
 from jaxrlhf.trainer import last_good
 
@@ -33,7 +33,7 @@ def add_multihost_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 .. N-1")
     group.add_argument("--heartbeat-timeout", type=int, metavar="SECONDS",
                        help="a process silent this long is lost: the others stop, naming it and the checkpoint "
-                            f"to --resume from (default {parallel.HEARTBEAT_TIMEOUT})")
+                            f"to --resume from (default {multihost.HEARTBEAT_TIMEOUT})")
 
 
 def join_processes(args) -> None:
@@ -45,8 +45,8 @@ def join_processes(args) -> None:
     if args.heartbeat_timeout is not None and args.heartbeat_timeout < 1:
         raise JaxRLHFError(f"--heartbeat-timeout {args.heartbeat_timeout}: must be at least 1 (seconds)")
     if args.multihost:
-        parallel.initialize_multihost(args.coordinator, args.num_processes, args.process_id,
-                                      args.heartbeat_timeout or parallel.HEARTBEAT_TIMEOUT)
+        multihost.initialize_multihost(args.coordinator, args.num_processes, args.process_id,
+                                       args.heartbeat_timeout or multihost.HEARTBEAT_TIMEOUT)
 
 
 # The flags every process of a run must share (besides the config): the multi-process ones differ.
@@ -60,10 +60,10 @@ def agreed(load, settings, args):
     try:
         loaded = load()
     except JaxRLHFError as e:
-        parallel.check_same_settings(e)
+        multihost.check_same_settings(e)
         raise
     flags = {f"--{f.replace('_', '-')}": getattr(args, f) for f in RUN_FLAGS if hasattr(args, f)}
-    parallel.check_same_settings({**settings(loaded), **flags})
+    multihost.check_same_settings({**settings(loaded), **flags})
     return loaded
 
 
@@ -81,29 +81,29 @@ def resume_advice(config, who: str = "every process") -> str:
     return f"{last_good(folder, max(steps))}; start {who} again with --resume"
 
 
-def finish(body: Callable[[], None], multihost: bool, advice: Callable[[], str]) -> int:
+def finish(body: Callable[[], None], multi_process: bool, advice: Callable[[], str]) -> int:
     """Run a script's `body` -> its exit code: 0; 2 with one error line; 130 on a Ctrl-C, saying
     where the run stands (`advice()`). The other processes of a multi-process run are told how
-    this one ended (`parallel.finished`, `parallel.stopped`), so they stop naming it rather than
+    this one ended (`multihost.finished`, `multihost.stopped`), so they stop naming it rather than
     wait for it. There a runtime error is most often a collective cut short by a lost process,
-    whose line ends this process first (`parallel.await_lost_process`); otherwise it is
+    whose line ends this process first (`multihost.await_lost_process`); otherwise it is
     reported in one line."""
     try:
         body()
     except JaxRLHFError as e:
         print(f"error: {e}", file=sys.stderr)
-        return parallel.stopped(2, str(e))
+        return multihost.stopped(2, str(e))
     except jax.errors.JaxRuntimeError as e:
-        if not multihost:
+        if not multi_process:
             raise
-        parallel.await_lost_process()
+        multihost.await_lost_process()
         line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"error: {line}", file=sys.stderr)
-        return parallel.stopped(2, line)
+        return multihost.stopped(2, line)
     except KeyboardInterrupt:
         print(f"interrupted; {advice()}", file=sys.stderr)
-        return parallel.stopped(130, "interrupted (Ctrl-C)")
-    parallel.finished()
+        return multihost.stopped(130, "interrupted (Ctrl-C)")
+    multihost.finished()
     return 0
 
 
@@ -220,7 +220,7 @@ def stage_main(name: str, argv=None) -> int:
         config = agreed(lambda: stage_config(name, args), lambda c: {"stage": name, **cfg.flat(cfg.to_dict(c))},
                         args)
         loaded.append(config)
-        parallel.when_a_process_is_lost(functools.partial(resume_advice, config))
+        multihost.when_a_process_is_lost(functools.partial(resume_advice, config))
         print(module.plan(config))
         options = {"overwrite": args.overwrite} if hasattr(args, "overwrite") else {}
         if args.dry_run:
@@ -281,7 +281,7 @@ def pipeline_main(argv=None) -> int:
                 continue
             print(f"\n[{i}/{len(stages)}] {name}", flush=True)
             running.append(config)
-            parallel.when_a_process_is_lost(functools.partial(resume_advice, config))
+            multihost.when_a_process_is_lost(functools.partial(resume_advice, config))
             module.run(config, resume=args.resume)
 
     return finish(body, args.multihost,

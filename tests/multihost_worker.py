@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxrlhf.parallel import initialize_multihost  # noqa: E402
+from jaxrlhf.multihost import initialize_multihost  # noqa: E402
 
 process_id, port, tiny_run, root = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
 # Before anything starts a JAX backend: the processes' devices then form one list.

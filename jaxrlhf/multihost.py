@@ -96,11 +96,14 @@ class _Watchdog(threading.Thread):
         now = time.monotonic()
         self.seen = {p: (None, now) for p in self.others}  # p -> (its last beat, when that changed)
         self.reads = 0  # reads of the others' beats so far
+        # Set once this process reached, by itself, the verdict that stops every process (settings
+        # that differ): its own line says why, whatever word another leaves first.
+        self.own_verdict = False
 
     def run(self) -> None:
         beat, silent_since = 0, None  # when the store stopped answering
         while not self.stopped.is_set():
-            beats = self.post(str(beat))
+            beats = self.post(self.last_word or str(beat))  # a beat must not overwrite this process's word
             now = time.monotonic()
             if beats is None:
                 silent_since = silent_since or now
@@ -115,7 +118,7 @@ class _Watchdog(threading.Thread):
                 failed = [p for p in self.others if (beats.get(p) or "").startswith(_FAILED)]
                 lost = [p for p, (last, since) in self.seen.items()
                         if last != _DONE and p not in failed and now - since > self.timeout]
-                if failed:
+                if failed and not self.own_verdict:
                     self.exit_with(f"process {failed[0]} (of {len(self.others) + 1}) of this run stopped: "
                                    f"{beats[failed[0]].removeprefix(_FAILED)}", lost=failed)
                 if lost:
@@ -199,6 +202,13 @@ class _Watchdog(threading.Thread):
         self.join()
 
 
+def _own_verdict() -> None:
+    """Every process stops on the settings check's verdict and says so in its own line; another's
+    failed word, which may arrive first, must not replace it."""
+    if _watchdog is not None:
+        _watchdog.own_verdict = True
+
+
 _settings_round = count()  # each call of `check_same_settings` reads and writes its own keys
 
 
@@ -215,12 +225,15 @@ def check_same_settings(settings: dict[str, Any] | Exception) -> None:
     n, me, prefix = distributed.global_state.num_processes, distributed.global_state.process_id, \
         f"jaxrlhf/settings/{next(_settings_round)}"
     if isinstance(settings, Exception):
+        _own_verdict()
         client.key_value_set(f"{prefix}/{me}", json.dumps({"error": str(settings)}))
         return
     digests = {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in settings.items()}
     client.key_value_set(f"{prefix}/{me}", json.dumps({"settings": digests}))
     # As long as JAX waits for the processes to join (a lost one ends this sooner: see above).
     posted = [json.loads(client.blocking_key_value_get(f"{prefix}/{p}", 300_000)) for p in range(n)]
+    if any("error" in post for post in posted) or any(post["settings"] != posted[0]["settings"] for post in posted):
+        _own_verdict()
     for p, post in enumerate(posted):
         if "error" in post:
             raise ConfigError(f"process {p} of this run could not start: {post['error']}")

@@ -163,6 +163,33 @@ def test_processes_started_with_different_settings_all_refuse_before_compiling(t
     assert took < 60, took
 
 
+def test_a_process_slow_to_report_the_settings_verdict_still_says_it_in_its_own_line(tmp_path):
+    """The verdict on different settings is every process's own: one slow to print it (a loaded
+    machine) must not have its line replaced by its watchdog's "process 0 stopped: ..." when
+    process 0, quicker, already left its failed word (a flaky CI failure before)."""
+    port = free_port()
+    (tmp_path / "slow.py").write_text(
+        "import sys, time\n"
+        "from jaxrlhf import cli, multihost\n"
+        "from jaxrlhf.errors import ConfigError\n"
+        "me = int(sys.argv[2])\n"
+        "multihost.initialize_multihost(f'127.0.0.1:{sys.argv[1]}', 2, me, heartbeat_timeout=1)\n"
+        "def body():\n"
+        "    try:\n"
+        "        multihost.check_same_settings({'train.learning_rate': me})\n"
+        "    except ConfigError:\n"
+        "        time.sleep(2 * me)  # eight of process 1's heartbeat reads pass before it speaks\n"
+        "        raise\n"
+        "sys.exit(cli.finish(body, True, lambda: 'start again'))\n")
+    with processes([[sys.executable, str(tmp_path / "slow.py"), str(port), str(i)] for i in range(2)], ENV, tmp_path,
+                   timeout=60, expect=2):
+        pass
+    for i in range(2):
+        assert (tmp_path / f"process_{i}.log").read_text().splitlines() == [
+            "error: the processes of this run were started with different settings (process 0 and process 1 differ "
+            "in train.learning_rate); start every process with the same config, overrides and flags"]
+
+
 def test_a_lost_process_stops_the_other_in_one_line_naming_it_and_the_checkpoint(tiny_data, tmp_path):
     """Two processes of `scripts/sft.py` checkpointing every step; process 1 is killed: process 0
     stops within the heartbeat timeout with one line naming process 1 and the last complete

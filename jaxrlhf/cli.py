@@ -232,6 +232,42 @@ def stage_main(name: str, argv=None) -> int:
     return finish(body, args.multihost, lambda: resume_advice(loaded[-1], "it") if loaded else "nothing was written")
 
 
+@one_line_warnings
+def memory_plan_main(argv=None) -> int:
+    """`memory_plan.py`: a training stage's per-device memory from its config, compiled, never run."""
+    parser = argparse.ArgumentParser(
+        prog="memory_plan.py", description="Per-device bytes of a training stage's params, optimizer state, frozen "
+        "models, update temporaries and sampler KV cache on its mesh, from shapes alone (no weights read: config.json "
+        "only; the update is compiled, never run), and the lever that brings the largest part down.")
+    parser.add_argument("--config", type=Path, required=True, help="the stage's YAML config")
+    parser.add_argument("--stage", help="the training stage it configures (default: the file's name, e.g. grpo.yaml; "
+                                        "slic.yaml is dpo)")
+    parser.add_argument("--model-config", metavar="NAME|FILE|DIR",
+                        help="the policy's shape instead of the config's model: a named shape (gpt2-small, "
+                             "smollm2-135m, llama-3.1-8b), a config.json or a checkpoint folder")
+    parser.add_argument("--reward-config", metavar="NAME|FILE|DIR", help="the same for reward.model")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="plan on N fake CPU devices (the CPU compiler's figures), e.g. a GPU node's count on a "
+                             "laptop")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (levers: "
+                        "train.grad_accum_steps, train.mesh.fsdp, train.batch_size, lengths, ...)")
+    args = parser.parse_args(argv)
+
+    def body():
+        from jaxrlhf import memory
+
+        if args.devices is not None:
+            memory.fake_cpu_devices(args.devices)
+        name = args.stage or {"slic": "dpo"}.get(args.config.stem, args.config.stem)
+        if name not in STAGES or not trains(stage(name)[1]):
+            raise JaxRLHFError(f"--stage: say which training stage {args.config} configures (one of "
+                               f"{sorted(n for n in STAGES if trains(stage(n)[1]))})")
+        config = cfg.load(stage(name)[1], args.config, args.overrides)
+        print(memory.report(memory.plan(name, config, args.model_config, args.reward_config)))
+
+    return finish(body, False, lambda: "nothing was written")
+
+
 def load_pipeline(path: Path) -> list[tuple[str, object, object]]:
     """The stages of a pipeline file, each validated -> [(name, module, config)]."""
     entries = cfg.read_yaml(path, "pipeline file").get("stages")

@@ -136,13 +136,20 @@ def constrain_rows(tree: Any, axis: int = 0) -> Any:
     return jax.tree.map(lambda x: lax.with_sharding_constraint(x, P(*[None] * axis, ROWS)), tree)
 
 
-def data_parallel(step: Callable, mesh: Mesh, state: Any) -> Callable:
-    """A one-device `step(state, batch, key)` (an update factory's, `axis_name=None`) compiled
-    for `mesh` under `jax.jit`: the state kept in `state`'s layout (`put_state`) and donated,
-    the host batch (the whole global batch, numpy) split over the devices."""
+def jit_for_mesh(step: Callable, mesh: Mesh, state: Any):
+    """A one-device `step(state, batch, key)` (an update factory's, `axis_name=None`) under
+    `jax.jit` for `mesh`: the state (global arrays, or `jax.ShapeDtypeStruct`s with their
+    sharding) kept in its layout and donated, the batch's rows split over the devices. Call,
+    or lower, it under `jax.set_mesh(mesh)`."""
     layout = jax.tree.map(lambda x: x.sharding, state)
-    compiled = jax.jit(step, in_shardings=(layout, rows_sharding(mesh), replicated(mesh)),
-                       out_shardings=(layout, replicated(mesh)), donate_argnums=(0,))
+    return jax.jit(step, in_shardings=(layout, rows_sharding(mesh), replicated(mesh)),
+                   out_shardings=(layout, replicated(mesh)), donate_argnums=(0,))
+
+
+def data_parallel(step: Callable, mesh: Mesh, state: Any) -> Callable:
+    """`step` compiled for `mesh` (`jit_for_mesh`), the state in `state`'s layout (`put_state`),
+    taking the host batch (the whole global batch, numpy) and splitting it over the devices."""
+    compiled = jit_for_mesh(step, mesh, state)
 
     def run(state, batch, key):
         batch = put_rows(batch, mesh)

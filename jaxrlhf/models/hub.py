@@ -236,17 +236,24 @@ def from_config(
     where: str = "model config",
 ) -> tuple[nn.Module, Params, Any]:
     """A freshly initialised model from a config.json-style dict (with `model_type`)."""
-    if hf_config.get("model_type") not in ARCHITECTURES:
-        raise CheckpointError(
-            f"{where}: model_type {hf_config.get('model_type')!r} is not supported; "
-            f"jaxrlhf builds {sorted(ARCHITECTURES)}"
-        )
     module = _build(hf_config, head, value_head, None, dtype, where)
     params = jax.jit(module.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
     return module, params, module.config
 
 
+def abstract_model(hf_config: dict[str, Any], *, head: str | None = None, value_head: bool = False,
+                   num_labels: int | None = None, dtype: jnp.dtype = jnp.float32,
+                   where: str = "model config") -> tuple[nn.Module, Params]:
+    """The model a config.json-style dict describes, its params as `jax.ShapeDtypeStruct`s
+    (nothing allocated, no weights read): for planning memory -> (module, abstract params)."""
+    module = _build(hf_config, head, value_head, num_labels, dtype, where)
+    return module, _abstract_params(module)
+
+
 def _build(hf, head, value_head, num_labels, dtype, where) -> nn.Module:
+    if hf.get("model_type") not in ARCHITECTURES:
+        raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r} is not supported; "
+                              f"jaxrlhf builds {sorted(ARCHITECTURES)}")
     arch = ARCHITECTURES[hf["model_type"]]
     if num_labels is not None:
         hf = {**{k: v for k, v in hf.items() if k not in ("id2label", "label2id")}, "num_labels": num_labels}

@@ -1,9 +1,10 @@
 """What every stage does the same way: models in, optimizer, the run folder, the export."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -151,16 +152,36 @@ def record_config(checked: tuple[Path, dict]) -> Path:
     return out
 
 
-def start_training(ready: dict, train: cfg.TrainConfig, updates_per_step: int = 1, **state_fields):
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What a training stage compiles, from its config alone: its update `step` (an update
+    factory's), the optimizer updates each step makes, whether the state holds the frozen
+    reference (the starting params) and the state's other fields (e.g. PPO's `kl_coef`).
+    The run and the memory plan (`jaxrlhf.memory`) both build their state and update from it."""
+
+    step: Callable
+    updates_per_step: int = 1
+    reference: bool = False
+    fields: dict = dataclasses.field(default_factory=dict)
+
+
+def initial_state(module, params, train: cfg.TrainConfig, training: Training):
+    """The starting TrainState of a run (where `params` are: call under `jax.eval_shape` for
+    its shapes alone) -> (state, lr_at_step)."""
+    tx, lr = optimizer(train, training.updates_per_step)
+    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
+                              grad_accum_steps=train.grad_accum_steps,
+                              ref_params=params if training.reference else None, **training.fields)
+    return state, lr
+
+
+def start_training(ready: dict, train: cfg.TrainConfig, training: Training):
     """A training stage's start, after its preflight (`ready`: its "output", "module",
-    "params" and "mesh"): the run folder's config.json written, the optimizer, the starting
-    TrainState (`state_fields`, e.g. `ref_params`) laid out on the mesh -> (folder, state,
-    lr_at_step)."""
+    "params" and "mesh"): the run folder's config.json written, the starting TrainState
+    (`initial_state`) laid out on the mesh -> (folder, state, lr_at_step)."""
     out = record_config(ready["output"])
-    tx, lr = optimizer(train, updates_per_step)
     with parallel.on_host():
-        state = TrainState.create(ready["module"], ready["params"], tx, skip_nonfinite=train.on_nonfinite == "skip",
-                                  grad_accum_steps=train.grad_accum_steps, **state_fields)
+        state, lr = initial_state(ready["module"], ready["params"], train, training)
     return out, parallel.put_state(state, ready["mesh"]), lr
 
 

@@ -104,6 +104,13 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
             "rows": len(rows), "mesh": mesh, "output": output}
 
 
+def training(config: DPOConfig) -> common.Training:
+    """The reference is scored once before training (`_reference_logps`), not held in the state."""
+    return common.Training(make_dpo_step(
+        config.loss_type, config.beta, label_smoothing=config.label_smoothing, slic_delta=config.slic_delta,
+        slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer))
+
+
 def run(config: DPOConfig, resume: bool = False):
     train = config.train
     ready = preflight(config, resume)
@@ -111,10 +118,8 @@ def run(config: DPOConfig, resume: bool = False):
         ready[k] for k in ("module", "params", "tokenizer", "arrays", "rows", "mesh"))
     if ready["ref_params"] is not None:
         arrays |= _reference_logps(module, put_state(ready["ref_params"], mesh), arrays, mesh)
-    out, state, lr = common.start_training(ready, train)
-    step = data_parallel(make_dpo_step(
-        config.loss_type, config.beta, label_smoothing=config.label_smoothing, slic_delta=config.slic_delta,
-        slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer), mesh, state)
+    out, state, lr = common.start_training(ready, train, spec := training(config))
+    step = data_parallel(spec.step, mesh, state)
 
     def step_fn(state, i):
         batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))

@@ -47,6 +47,12 @@ def preflight(config, section: str, resume: bool = False) -> dict:
                              samples_per_prompt=method.num_generations)
 
 
+def training(config, section: str, make_update) -> common.Training:
+    """The run's update, `make_update(config.<section>)`; the reference only with a KL (beta)."""
+    method = getattr(config, section)
+    return common.Training(make_update(method), method.updates_per_step, reference=bool(method.beta))
+
+
 def run(config, section: str, make_update, resume: bool = False):
     """Train `config`'s policy with `make_update(config.<section>)` -> the final export's path."""
     method, train = getattr(config, section), config.train
@@ -56,9 +62,8 @@ def run(config, section: str, make_update, resume: bool = False):
         ready[key] for key in ("module", "tokenizer", "mesh", "scorer", "rows", "sampler"))
     ids, mask, texts = ready["prompts"]
     prompts_per_step = train.batch_size // k
-    out, state, lr = common.start_training(ready, train, method.updates_per_step,
-                                           ref_params=ready["params"] if method.beta else None)
-    update = data_parallel(make_update(method), mesh, state)
+    out, state, lr = common.start_training(ready, train, spec := training(config, section, make_update))
+    update = data_parallel(spec.step, mesh, state)
 
     def step_fn(state, i):
         # Each prompt k times in a row: a group's rows are consecutive in the global batch, and

@@ -38,5 +38,9 @@ def preflight(config: GRPOStageConfig, resume: bool = False) -> dict:
     return grouped.preflight(config, "grpo", resume)
 
 
+def training(config: GRPOStageConfig):
+    return grouped.training(config, "grpo", make_grpo_update)
+
+
 def run(config: GRPOStageConfig, resume: bool = False):
     return grouped.run(config, "grpo", make_grpo_update, resume)

@@ -95,15 +95,19 @@ def preflight(config: OnlineDPOConfig, resume: bool = False) -> dict:
     return online_preflight(config, "online_dpo", resume)  # B pairs per update; the 2B replies split as well
 
 
+def training(config: OnlineDPOConfig) -> common.Training:
+    # The reference is scored in the step from state.ref_params: the replies are new every step.
+    return common.Training(make_dpo_step(config.loss_type, config.beta), reference=True)
+
+
 def run(config: OnlineDPOConfig, resume: bool = False):
     train = config.train
     ready = preflight(config, resume)
     module, tokenizer, mesh, scorer, rows, sampler = (
         ready[k] for k in ("module", "tokenizer", "mesh", "scorer", "rows", "sampler"))
     ids, mask, texts = ready["prompts"]
-    out, state, lr = common.start_training(ready, train, ref_params=ready["params"])
-    # The reference is scored in the step from state.ref_params: the replies are new every step.
-    step = data_parallel(make_dpo_step(config.loss_type, config.beta), mesh, state)
+    out, state, lr = common.start_training(ready, train, spec := training(config))
+    step = data_parallel(spec.step, mesh, state)
 
     def step_fn(state, i):
         idx = data.batch_indices(len(rows), train.batch_size, i, train.seed)

@@ -55,15 +55,19 @@ def preflight(config: PPOStageConfig, resume: bool = False) -> dict:
     return online_preflight(config, "ppo", resume, value_head=True, minibatches=config.ppo.num_minibatches)
 
 
+def training(config: PPOStageConfig) -> common.Training:
+    return common.Training(make_ppo_update(config.ppo), config.ppo.updates_per_step, reference=True,
+                           fields={"kl_coef": jnp.float32(config.ppo.kl_coef)})
+
+
 def run(config: PPOStageConfig, resume: bool = False):
     train = config.train
     ready = preflight(config, resume)
     module, tokenizer, mesh, scorer, rows, sampler = (
         ready[k] for k in ("module", "tokenizer", "mesh", "scorer", "rows", "sampler"))
     ids, mask, texts = ready["prompts"]
-    out, state, lr = common.start_training(ready, train, config.ppo.updates_per_step, ref_params=ready["params"],
-                                           kl_coef=jnp.float32(config.ppo.kl_coef))
-    update = data_parallel(make_ppo_update(config.ppo), mesh, state)
+    out, state, lr = common.start_training(ready, train, spec := training(config))
+    update = data_parallel(spec.step, mesh, state)
 
     def step_fn(state, i):
         idx = data.batch_indices(len(rows), train.batch_size, i, train.seed)

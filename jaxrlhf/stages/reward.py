@@ -136,13 +136,17 @@ def preflight(config: RewardConfig, resume: bool = False) -> dict:
             "rows": n, "mesh": mesh, "output": output}
 
 
+def training(config: RewardConfig) -> common.Training:
+    return common.Training(make_reward_step(config.kind))
+
+
 def run(config: RewardConfig, resume: bool = False):
     train = config.train
     ready = preflight(config, resume)
     module, tokenizer, arrays, held_out, n, mesh = (
         ready[k] for k in ("module", "tokenizer", "arrays", "held_out", "rows", "mesh"))
-    out, state, lr = common.start_training(ready, train)
-    step = data_parallel(make_reward_step(config.kind), mesh, state)
+    out, state, lr = common.start_training(ready, train, spec := training(config))
+    step = data_parallel(spec.step, mesh, state)
     forward = classifier_forward(module)
 
     def evaluate(state) -> dict[str, float]:

@@ -37,5 +37,9 @@ def preflight(config: RLOOStageConfig, resume: bool = False) -> dict:
     return grouped.preflight(config, "rloo", resume)
 
 
+def training(config: RLOOStageConfig):
+    return grouped.training(config, "rloo", make_rloo_update)
+
+
 def run(config: RLOOStageConfig, resume: bool = False):
     return grouped.run(config, "rloo", make_rloo_update, resume)

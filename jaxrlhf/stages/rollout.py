@@ -112,5 +112,10 @@ def scored_batch(rollout: GenerateOutput, prompt_texts: list[str], tokenizer, sc
     scores = scorer(prompt_texts, decode_responses(tokenizer, rollout))
     if missing_eos_penalty is not None:
         scores = penalise_missing_eos(scores, rollout, tokenizer.eos_token_id, missing_eos_penalty)
+    return rollout_batch(rollout, scores)
+
+
+def rollout_batch(rollout: GenerateOutput, scores_B) -> dict:
+    """The update's batch of a rollout and its rows' scores (arrays, or their shapes)."""
     return {"sequences": rollout.sequences, "attention_mask": rollout.attention_mask,
-            "response_mask": rollout.response_mask, "scores": scores}
+            "response_mask": rollout.response_mask, "scores": scores_B}

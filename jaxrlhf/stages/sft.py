@@ -70,12 +70,16 @@ def preflight(config: SFTConfig, resume: bool = False) -> dict:
             "mesh": mesh, "output": output}
 
 
+def training(config: SFTConfig) -> common.Training:
+    return common.Training(make_sft_step())
+
+
 def run(config: SFTConfig, resume: bool = False):
     train = config.train
     ready = preflight(config, resume)
     module, tokenizer, arrays, n, mesh = (ready[k] for k in ("module", "tokenizer", "arrays", "rows", "mesh"))
-    out, state, lr = common.start_training(ready, train)
-    step = data_parallel(make_sft_step(), mesh, state)
+    out, state, lr = common.start_training(ready, train, spec := training(config))
+    step = data_parallel(spec.step, mesh, state)
 
     def step_fn(state, i):
         batch = data.take(arrays, data.batch_indices(n, train.batch_size, i, train.seed))

@@ -174,7 +174,7 @@ class Plan:
     parts: dict
     levers: dict
     grad_accum_steps: int
-    analysis: dict  # the update's memory_analysis(), in bytes
+    analysis: dict  # the update's memory_analysis() in bytes (`compiled_memory`); empty if not compiled
 
     @property
     def resident(self) -> int:
@@ -189,40 +189,48 @@ class Plan:
         return self.resident + max(update, self.parts["sampler KV cache"])
 
 
-def plan(name: str, config, model_config=None, reward_config=None) -> Plan:
+def plan(name: str, config, model_config=None, reward_config=None, compile_update: bool = True) -> Plan:
     """The memory plan of stage `name` under `config` (a loaded stage config) on the devices
     `config.train.mesh` takes; `model_config` / `reward_config` (sources, see `model_json`)
-    replace the policy's and the reward model's config.json."""
+    replace the policy's and the reward model's config.json. Without `compile_update` the
+    update's batch and temporaries are left out (no compile: seconds, even for 8B)."""
     from jaxrlhf.cli import stage  # the stage's module (its `training`)
 
-    module_of_stage, _ = stage(name)
     train, compute = config.train, levers(config)
     hf, build = _policy(name, config, model_config)
     module, params = _model(hf, build, compute, "--model-config" if model_config else "the policy's config.json")
-    training = module_of_stage.training(config)
-    minibatches = getattr(getattr(config, name, None), "num_minibatches", 1)
-    mesh = common.train_mesh(train, minibatches, name)
+    training = stage(name)[0].training(config)
+    mesh = common.train_mesh(train, getattr(getattr(config, name, None), "num_minibatches", 1), name)
     state = jax.eval_shape(lambda p: common.initial_state(module, p, train, training)[0], params)
     state = laid_out(state, parallel.state_shardings(state, mesh))
-    batch = _batch(name, config, module, params)
-    batch = laid_out(batch, jax.tree.map(lambda x: parallel.rows_sharding(mesh, len(x.shape)), batch))
-    key = laid_out(jax.eval_shape(jax.random.key, 0), parallel.replicated(mesh))
-    with jax.set_mesh(mesh):
-        compiled = parallel.jit_for_mesh(training.step, mesh, state).lower(state, batch, key).compile()
-    analysis = compiled.memory_analysis()
-    parts = dict.fromkeys(PARTS, 0) | {
-        "params": device_bytes(state.params), "optimizer state": device_bytes(state.opt_state),
-        "reference": device_bytes(state.ref_params), "update batch": device_bytes(batch),
-        "update temporaries": analysis.temp_size_in_bytes}
+    parts = dict.fromkeys(PARTS, 0) | {"params": device_bytes(state.params),
+                                       "optimizer state": device_bytes(state.opt_state),
+                                       "reference": device_bytes(state.ref_params)}
     if name in ONLINE:
         parts["reward model"] = _reward_model_bytes(config, reward_config, compute, mesh)
         rows = _sampler_rows(name, config) // mesh.size
         width = config.sampling.max_prompt_tokens + config.sampling.max_new_tokens
         cache = jax.eval_shape(functools.partial(init_cache, module.config, rows, width, module.dtype))
         parts["sampler KV cache"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-    fields = ("argument", "output", "alias", "temp", "generated_code")
+    analysis = {}
+    if compile_update:
+        batch = _batch(name, config, module, params)
+        batch = laid_out(batch, jax.tree.map(lambda x: parallel.rows_sharding(mesh, len(x.shape)), batch))
+        analysis = compiled_memory(training.step, mesh, state, batch)
+        parts |= {"update batch": device_bytes(batch), "update temporaries": analysis["temp"]}
     return Plan(name, describe_model(hf), (mesh.shape[parallel.DATA], mesh.shape[parallel.FSDP]), parts, compute,
-                train.grad_accum_steps, {f: getattr(analysis, f"{f}_size_in_bytes") for f in fields})
+                train.grad_accum_steps, analysis)
+
+
+def compiled_memory(step, mesh, state, batch) -> dict:
+    """`step` compiled as the stages compile it (`parallel.jit_for_mesh`) for `state` and
+    `batch` (arrays or `jax.ShapeDtypeStruct`s, laid out on `mesh`) -> its `memory_analysis()`
+    in bytes per device: argument, output, alias, temp, generated_code."""
+    key = laid_out(jax.eval_shape(jax.random.key, 0), parallel.replicated(mesh))
+    with jax.set_mesh(mesh):
+        analysis = parallel.jit_for_mesh(step, mesh, state).lower(state, batch, key).compile().memory_analysis()
+    return {f: getattr(analysis, f"{f}_size_in_bytes") for f in ("argument", "output", "alias", "temp",
+                                                                  "generated_code")}
 
 
 def _reward_model_bytes(config, reward_config, compute: dict, mesh) -> int:
@@ -244,7 +252,7 @@ def describe_model(hf: dict) -> str:
 
 
 def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 def advice(p: Plan) -> str:
@@ -274,7 +282,8 @@ def report(p: Plan) -> str:
     lines = [f"memory plan: {p.stage}, {p.model}, {data * fsdp} device(s) (data {data} x fsdp {fsdp}), "
              f"compute {p.levers['dtype']}, remat {p.levers['remat']}, grad_accum_steps {p.grad_accum_steps}; "
              f"bytes per device:"]
-    lines += [f"  {part:<20} {gib(p.parts[part]):>12}" for part in PARTS]
+    left_out = () if p.analysis else ("update batch", "update temporaries")
+    lines += [f"  {part:<20} {'not compiled' if part in left_out else gib(p.parts[part]):>12}" for part in PARTS]
     lines += [f"  {'total':<20} {gib(sum(p.parts.values())):>12}  (every part at once)",
               f"  {'peak':<20} {gib(p.peak):>12}  (params + optimizer + frozen, then the larger of the update and "
               f"sampling, which take turns)",

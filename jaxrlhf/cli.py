@@ -232,9 +232,8 @@ def stage_main(name: str, argv=None) -> int:
     return finish(body, args.multihost, lambda: resume_advice(loaded[-1], "it") if loaded else "nothing was written")
 
 
-@one_line_warnings
-def memory_plan_main(argv=None) -> int:
-    """`memory_plan.py`: a training stage's per-device memory from its config, compiled, never run."""
+def parse_memory_plan_args(argv=None):
+    """`memory_plan.py`'s command line -> argparse namespace."""
     parser = argparse.ArgumentParser(
         prog="memory_plan.py", description="Per-device bytes of a training stage's params, optimizer state, frozen "
         "models, update temporaries and sampler KV cache on its mesh, from shapes alone (no weights read: config.json "
@@ -251,18 +250,29 @@ def memory_plan_main(argv=None) -> int:
                              "laptop")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys (levers: "
                         "train.grad_accum_steps, train.mesh.fsdp, train.batch_size, lengths, ...)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def memory_plan_config(args):
+    """The training stage `memory_plan.py`'s arguments name, and its config -> (name, config)."""
+    name = args.stage or {"slic": "dpo"}.get(args.config.stem, args.config.stem)
+    if name not in STAGES or not trains(stage(name)[1]):
+        raise JaxRLHFError(f"--stage: say which training stage {args.config} configures (one of "
+                           f"{sorted(n for n in STAGES if trains(stage(n)[1]))})")
+    return name, cfg.load(stage(name)[1], args.config, args.overrides)
+
+
+@one_line_warnings
+def memory_plan_main(argv=None) -> int:
+    """`memory_plan.py`: a training stage's per-device memory from its config, compiled, never run."""
+    args = parse_memory_plan_args(argv)
 
     def body():
         from jaxrlhf import memory
 
         if args.devices is not None:
             memory.fake_cpu_devices(args.devices)
-        name = args.stage or {"slic": "dpo"}.get(args.config.stem, args.config.stem)
-        if name not in STAGES or not trains(stage(name)[1]):
-            raise JaxRLHFError(f"--stage: say which training stage {args.config} configures (one of "
-                               f"{sorted(n for n in STAGES if trains(stage(n)[1]))})")
-        config = cfg.load(stage(name)[1], args.config, args.overrides)
+        name, config = memory_plan_config(args)
         print(memory.report(memory.plan(name, config, args.model_config, args.reward_config)))
 
     return finish(body, False, lambda: "nothing was written")

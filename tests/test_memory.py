@@ -3,6 +3,7 @@ and the real laid-out state, it plans an 8B shape from its config.json alone, an
 is one error line."""
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from jaxrlhf import config as cfg
 from jaxrlhf import memory, parallel
-from jaxrlhf.cli import memory_plan_main
+from jaxrlhf.cli import memory_plan_config, memory_plan_main, parse_memory_plan_args
 from jaxrlhf.models import from_config
 from jaxrlhf.stages import common, grpo, sft
 
@@ -120,3 +121,20 @@ def test_the_script_prints_the_plan_or_one_error_line(tmp_path, capsys):
         assert memory_plan_main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(line) and err.count("\n") == 1, (argv, err)
+
+
+@pytest.mark.fast
+def test_the_readme_plan_commands_load_as_written():
+    lines = [line.split()[2:] for line in Path("README.md").read_text().splitlines()
+             if line.startswith("python scripts/memory_plan.py ")]
+    assert lines
+    for argv in lines:
+        args = parse_memory_plan_args(argv)
+        name, config = memory_plan_config(args)
+        assert memory.model_json(args.model_config, "--model-config")["model_type"]
+        for item in args.overrides:  # each key reaches the config
+            key, raw = item.split("=", 1)
+            value = config
+            for part in key.split("."):
+                value = getattr(value, part)
+            assert str(value) == raw or value == cfg.load_yaml(raw), item

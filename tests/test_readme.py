@@ -33,12 +33,14 @@ SCRIPTS = {"sft.py": "sft", "train_reward.py": "reward", "ppo.py": "ppo", "make_
 
 
 def readme_stage_commands() -> list[list[str]]:
-    """Every `python scripts/<stage>.py ...` line in the README's shell blocks, as argv."""
+    """Every `python scripts/<stage>.py ...` line in the README's shell blocks, as argv (the memory plan's are
+    tests/test_memory.py's)."""
     import shlex
 
     readme = (ROOT / "README.md").read_text()
     lines = [line for block in re.findall(r"```sh\n(.*?)```", readme, flags=re.S) for line in block.splitlines()]
-    return [shlex.split(line)[1:] for line in lines if re.match(r"python scripts/(\w+)\.py --config", line)]
+    return [shlex.split(line)[1:] for line in lines
+            if (m := re.match(r"python scripts/(\w+\.py) --config", line)) and m[1] != "memory_plan.py"]
 
 
 def test_the_readme_override_examples_run_as_written(capsys, monkeypatch):

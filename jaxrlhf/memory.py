@@ -247,7 +247,8 @@ def _reward_model_bytes(config, reward_config, compute: dict, mesh) -> int:
 
 def describe_model(hf: dict) -> str:
     c = {k: hf.get(k) for k in ("n_layer", "num_hidden_layers", "n_embd", "hidden_size", "vocab_size")}
-    layers, width = c["n_layer"] or c["num_hidden_layers"], c["n_embd"] or c["hidden_size"]
+    layers = c["n_layer"] or c["num_hidden_layers"] or hf.get("n_layers")  # GPT-2, Llama / BERT, DistilBERT
+    width = c["n_embd"] or c["hidden_size"] or hf.get("dim")
     return f"{hf.get('model_type')} ({layers} layers, width {width}, vocab {c['vocab_size']})"
 
 
@@ -287,5 +288,7 @@ def report(p: Plan) -> str:
     lines += [f"  {'total':<20} {gib(sum(p.parts.values())):>12}  (every part at once)",
               f"  {'peak':<20} {gib(p.peak):>12}  (params + optimizer + frozen, then the larger of the update and "
               f"sampling, which take turns)",
+              *(["  (DPO scores the pairs under its reference once, before training: the reference is on the "
+                 "devices then, not during the update)"] if p.stage == "dpo" else []),
               advice(p)]
     return "\n".join(lines)

@@ -20,11 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import parallel
-from jaxrlhf.errors import CheckpointError, ConfigError
+from jaxrlhf.cli import stage
+from jaxrlhf.errors import ConfigError
 from jaxrlhf.models.hub import abstract_model
 from jaxrlhf.models.layers import init_cache
 from jaxrlhf.sampling import generate
 from jaxrlhf.stages import common
+from jaxrlhf.stages.online_dpo import make_pairs
+from jaxrlhf.stages.rollout import rollout_batch, sampling_config
 
 # Model shapes by name (`--model-config llama-3.1-8b`): config.json files, no weights.
 NAMED_MODELS = Path(__file__).resolve().parents[1] / "configs" / "models"
@@ -118,8 +121,6 @@ def _model(hf: dict, build: dict, compute: dict, where: str):
 
 def _rollout(config, module, params, rows: int):
     """The shapes of the sampler's rollout of `rows` prompts of the config's lengths."""
-    from jaxrlhf.stages.rollout import sampling_config  # (a stage module, loaded when a stage plans)
-
     ids = jax.ShapeDtypeStruct((rows, config.sampling.max_prompt_tokens), jnp.int32)
     tokens = SimpleNamespace(eos_token_id=0, pad_token_id=0)  # ids do not change a shape
     settings = sampling_config(config.sampling, tokens, module.config)
@@ -147,15 +148,11 @@ def _batch(name: str, config, module, params) -> dict:
                                                       for s in ("chosen", "rejected")}
         return pairs | refs
     if name == "online_dpo":  # the pairs of 2B replies: the stage's own make_pairs on rollout-shaped zeros
-        from jaxrlhf.stages.online_dpo import make_pairs
-
         rollout = _rollout(config, module, params, 2 * b)
         zeros = {k: np.zeros(v.shape, v.dtype) for k, v in rollout._asdict().items() if v is not None}
         pairs, _ = make_pairs(zeros["sequences"], zeros["attention_mask"], zeros["response_mask"].shape[1],
                               np.zeros(2 * b, np.float32))
         return {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in pairs.items()}
-    from jaxrlhf.stages.rollout import rollout_batch
-
     rollout = _rollout(config, module, params, b)
     return rollout_batch(rollout, jax.ShapeDtypeStruct((b,), f32))
 
@@ -194,8 +191,6 @@ def plan(name: str, config, model_config=None, reward_config=None, compile_updat
     `config.train.mesh` takes; `model_config` / `reward_config` (sources, see `model_json`)
     replace the policy's and the reward model's config.json. Without `compile_update` the
     update's batch and temporaries are left out (no compile: seconds, even for 8B)."""
-    from jaxrlhf.cli import stage  # the stage's module (its `training`)
-
     train, compute = config.train, levers(config)
     hf, build = _policy(name, config, model_config)
     module, params = _model(hf, build, compute, "--model-config" if model_config else "the policy's config.json")
@@ -257,12 +252,13 @@ def gib(n: int) -> str:
 
 
 def advice(p: Plan) -> str:
-    """Which lever brings the largest part down, and by how much where the shapes say it."""
+    """Which lever brings the largest part down."""
     largest = max(PARTS, key=lambda part: p.parts[part])
     data, fsdp = p.mesh
-    more_fsdp = (f"train.mesh.fsdp (now {fsdp}): fsdp devices split params, optimizer state and frozen models "
-                 f"(with data={data}, fsdp={data * fsdp} would hold 1/{data * fsdp} of them)" if data > 1 else
-                 "more devices on train.mesh.fsdp (every device already holds 1/{fsdp})".format(fsdp=fsdp))
+    more_fsdp = (f"train.mesh.fsdp (now {fsdp}): train.mesh.data=1 train.mesh.fsdp={data * fsdp} splits params, "
+                 f"optimizer state and frozen models {data * fsdp} ways" if data > 1 else
+                 f"more devices on train.mesh.fsdp (each already holds 1/{fsdp} of params, optimizer state and "
+                 "frozen models)")
     lever = {
         "params": more_fsdp, "optimizer state": more_fsdp,
         "reference": ("compute.dtype bfloat16 (stores frozen models in half the bytes), then " + more_fsdp)

@@ -34,7 +34,7 @@ SCRIPTS = {"sft.py": "sft", "train_reward.py": "reward", "ppo.py": "ppo", "make_
 
 def readme_stage_commands() -> list[list[str]]:
     """Every `python scripts/<stage>.py ...` line in the README's shell blocks, as argv (the memory plan's are
-    tests/test_memory.py's)."""
+    tests/test_memory_plan.py's)."""
     import shlex
 
     readme = (ROOT / "README.md").read_text()

@@ -131,8 +131,8 @@ def evaluate(entry: BestOfN, path: str, config, prompts, scorers, mesh, score_kl
         keys = np.repeat(np.arange(n), b) * p + rows
         out = sample(module, params, ids_PxT[rows], mask_PxT[rows], jax.random.key(config.seed), settings, mesh,
                      keys)
-        texts_out = decode_responses(tokenizer, out)
-        tokens_out = diagnostics.reply_tokens(out, tokenizer.eos_token_id)
+        texts_out = decode_responses(tokenizer, out, settings.eos_ids)
+        tokens_out = diagnostics.reply_tokens(out, settings.eos_ids)
         s_BxN = scorers[entry.scorer]([texts[j] for j in rows], texts_out).reshape(n, b).T
         best_B = pick_best(s_BxN) * b + np.arange(b)
         keep = min(b, p - start)

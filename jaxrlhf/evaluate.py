@@ -75,8 +75,8 @@ def _sample_policy(config, path, ref, prompts, scorers, mesh, score_kl: bool):
         idx = np.arange(start, start + config.batch_size) % n  # full batches: one compiled shape
         out = sample(module, params, ids[idx], mask[idx], jax.random.key(config.seed), settings, mesh, idx)
         keep = min(config.batch_size, n - start)
-        responses += decode_responses(tokenizer, out)[:keep]
-        tokens += diagnostics.reply_tokens(out, tokenizer.eos_token_id)[:keep]
+        responses += decode_responses(tokenizer, out, settings.eos_ids)[:keep]
+        tokens += diagnostics.reply_tokens(out, settings.eos_ids)[:keep]
         lengths += list(out.response_mask.sum(-1)[:keep])
         if not score_kl:
             kls += [np.nan] * keep

@@ -155,18 +155,18 @@ def _import(module: str):
     return loaded
 
 
-def penalise_missing_eos(scores_B: np.ndarray, rollout, eos_token_id: int, penalty: float) -> np.ndarray:
+def penalise_missing_eos(scores_B: np.ndarray, rollout, eos_ids: tuple[int, ...], penalty: float) -> np.ndarray:
     """TRL's `missing_eos_penalty`: `penalty` off the score of each rollout whose response
     (`rollout.sequences` after the prompt, `[B, N]`, real where `rollout.response_mask`) holds
-    no EOS, i.e. was cut at max_new_tokens."""
-    return np.where(replies_ended(rollout, eos_token_id), scores_B, scores_B - penalty).astype(np.float32)
+    none of the `eos_ids` (the sampler's `SamplingConfig.eos_ids`), i.e. was cut at max_new_tokens."""
+    return np.where(replies_ended(rollout, eos_ids), scores_B, scores_B - penalty).astype(np.float32)
 
 
-def replies_ended(rollout, eos_token_id: int) -> np.ndarray:
+def replies_ended(rollout, eos_ids: tuple[int, ...]) -> np.ndarray:
     """Whether each rollout's response (`rollout.sequences` after the prompt, `[B, N]`, real
-    where `rollout.response_mask`) holds an EOS -> bool `[B]`."""
+    where `rollout.response_mask`) holds any of the `eos_ids` -> bool `[B]`."""
     response_BxN = np.asarray(rollout.sequences)[:, -rollout.response_mask.shape[1]:]
-    return ((response_BxN == eos_token_id) & (np.asarray(rollout.response_mask) == 1)).any(-1)
+    return (np.isin(response_BxN, eos_ids) & (np.asarray(rollout.response_mask) == 1)).any(-1)
 
 
 def make_scorer(source: RewardSource, mesh, key: str = "reward") -> Scorer:

@@ -29,7 +29,7 @@ from jaxrlhf.models.bert import (
     DistilBertModel,
 )
 from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig
-from jaxrlhf.models.files import read_tensors, resolve, weight_files
+from jaxrlhf.models.files import generation_eos, read_tensors, resolve, weight_files
 from jaxrlhf.models.gpt2 import GPT2LMHeadModel, GPT2Model
 from jaxrlhf.models.llama import LlamaForCausalLM, LlamaModel
 
@@ -181,7 +181,7 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: model_type {model_type!r} is not supported; jaxrlhf loads {sorted(ARCHITECTURES)}"
         )
-    return hf
+    return hf | generation_eos(directory)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def run(config, section: str, make_update, resume: bool = False):
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         rollout = sample(module, state.params, ids[idx], mask[idx], gen_key, sampler, mesh)
-        batch = scored_batch(rollout, [texts[j] for j in idx], tokenizer, scorer, config.missing_eos_penalty)
+        batch = scored_batch(rollout, [texts[j] for j in idx], tokenizer, sampler, scorer, config.missing_eos_penalty)
         rollout_s = time.perf_counter() - started
         state, metrics = update(state, batch, update_key)
         return state, {**metrics, "time/rollout_s": rollout_s}

@@ -111,14 +111,14 @@ def run(config: OnlineDPOConfig, resume: bool = False):
         gen_key, step_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         rollout = sample(module, state.params, ids[both], mask[both], gen_key, sampler, mesh)
-        scores = scorer([texts[j] for j in both], decode_responses(tokenizer, rollout))
+        scores = scorer([texts[j] for j in both], decode_responses(tokenizer, rollout, sampler.eos_ids))
         if config.missing_eos_penalty is not None:
-            scores = penalise_missing_eos(scores, rollout, tokenizer.eos_token_id, config.missing_eos_penalty)
+            scores = penalise_missing_eos(scores, rollout, sampler.eos_ids, config.missing_eos_penalty)
         batch, first_chosen = make_pairs(rollout.sequences, rollout.attention_mask, rollout.response_mask.shape[1],
                                          scores)
         rollout_s = time.perf_counter() - started
         state, metrics = step(state, batch, step_key)
-        extra = trl_metrics(metrics, scores, first_chosen, replies_ended(rollout, tokenizer.eos_token_id), config.beta)
+        extra = trl_metrics(metrics, scores, first_chosen, replies_ended(rollout, sampler.eos_ids), config.beta)
         return state, {**metrics, **extra, "time/rollout_s": rollout_s}
 
     state = common.train_loop(out, state, step_fn, train, resume, "online_dpo", desc="online dpo",

@@ -106,7 +106,7 @@ def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False
         rep = np.repeat(idx, k)
         key = jax.random.fold_in(jax.random.key(config.seed), start)
         out = sample(module, params, ids[rep], mask[rep], key, settings, mesh)
-        responses = decode_responses(tokenizer, out)
+        responses = decode_responses(tokenizer, out, settings.eos_ids)
         scores = scorer([texts[j] for j in rep], responses)
         for n, j in enumerate(idx[: min(config.batch_size, len(texts) - start)]):
             sl = slice(n * k, (n + 1) * k)

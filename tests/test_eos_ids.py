@@ -38,7 +38,7 @@ def cut_at_first(free_BxN: np.ndarray, eos_ids) -> tuple[np.ndarray, np.ndarray]
 
 
 def test_greedy_with_two_eos_ids_stops_at_either_and_equals_transformers(tmp_path):
-    ref = make_llama(tmp_path, seed=3, **CONFIGS["gqa-untied"])
+    ref = make_llama(tmp_path, seed=3, **{**CONFIGS["gqa-untied"], "num_hidden_layers": 1})
     module, params, config = load_pretrained(tmp_path)
     ids, mask = padded_batch(config.vocab_size, lengths=[6, 3, 5], total=6, side="left", seed=1)
     n = 10
@@ -131,8 +131,8 @@ def test_generation_config_eos_ids_come_before_config_json_and_survive_the_expor
     module, params, config = load_pretrained(tmp_path / "in")
     assert config.eos_token_id == (9, 12)
     save_pretrained(tmp_path / "out", module, params)
-    assert transformers.GenerationConfig.from_model_config(
-        transformers.AutoConfig.from_pretrained(tmp_path / "out")).eos_token_id == [9, 12]
+    # The export has no generation_config.json: transformers' generate reads its config.json's ids.
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").generation_config.eos_token_id == [9, 12]
     (tmp_path / "in" / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, "x"]}))
     with pytest.raises(CheckpointError, match=r"generation_config.json: eos_token_id=\[9, 'x'\] must be a token id"):
         load_config(tmp_path / "in")

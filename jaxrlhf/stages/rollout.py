@@ -39,10 +39,11 @@ def off_policy_settings(section: SamplingSection) -> list[str]:
 
 
 def eos_token_ids(tokenizer, model_config) -> tuple[int, ...]:
-    """Every id a policy's replies end on: the tokenizer's EOS (SFT closes each reply with it),
-    then each of the model config's `eos_token_id` ids (the checkpoint's generation_config.json's
-    when it sets them, else config.json's: what transformers' `generate` stops on; Llama 3 lists
-    several, an instruct model's chat end token among them)."""
+    """Every id a policy's replies end on, as TRL's GRPO, RLOO and online DPO trainers take them:
+    the tokenizer's EOS (SFT closes each reply with it), then each of the model config's
+    `eos_token_id` ids (the checkpoint's generation_config.json's when it sets them, else
+    config.json's: what transformers' `generate` stops on; Llama 3 lists several, an instruct
+    model's chat end token among them)."""
     first = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
     return tuple(dict.fromkeys(first + token_ids(model_config.eos_token_id)))
 

@@ -167,6 +167,7 @@ def _candidates(key: str, trunk: str) -> list[str]:
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
+    """config.json, its `eos_token_id` replaced by generation_config.json's when that sets one."""
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face checkpoint directory?")

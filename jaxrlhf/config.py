@@ -269,8 +269,10 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
-    # Split each device's batch (PPO: each minibatch) into this many microbatches run one after
-    # another (less memory): the update is the whole batch's, token-weighted.
+    # Split each device's batch (PPO, RLOO, GRPO: each minibatch) into this many microbatches run
+    # one after another, and score the whole batch or rollout (old and reference logprobs,
+    # values) in chunks of the same size: the update's activations and logits are about 1/k of
+    # the whole batch's. The update is the whole batch's, token-weighted.
     grad_accum_steps: int = 1
     log_every: int = 10
     save_every: int = 100

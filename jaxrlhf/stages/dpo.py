@@ -63,10 +63,10 @@ def _pair_arrays(rows, tokenizer, max_length, source: DataConfig):
     return out
 
 
-def _reference_logps(module, params, arrays, mesh, batch_size=64):
+def _reference_logps(module, params, arrays, mesh, batch_size: int):
     """Summed sequence logprobs of every pair under the frozen reference (`params` laid out on
     `mesh`, each device scoring its rows), computed once up front (the step length-averages
-    them itself where the loss wants that)."""
+    them itself where the loss wants that), `batch_size` sequences at a time."""
     batch_size = whole_rows(batch_size, mesh)
     out = {}
     for side in ("chosen", "rejected"):
@@ -110,7 +110,10 @@ def run(config: DPOConfig, resume: bool = False):
     module, params, tokenizer, arrays, n, mesh = (
         ready[k] for k in ("module", "params", "tokenizer", "arrays", "rows", "mesh"))
     if ready["ref_params"] is not None:
-        arrays |= _reference_logps(module, put_state(ready["ref_params"], mesh), arrays, mesh)
+        # As many sequences at a time as the update's loss microbatch scores (its pairs' chosen
+        # and rejected): this pass needs no more memory than the update.
+        arrays |= _reference_logps(module, put_state(ready["ref_params"], mesh), arrays, mesh,
+                                   2 * train.batch_size // train.grad_accum_steps)
     out, state, lr = common.start_training(ready, train)
     step = data_parallel(make_dpo_step(
         config.loss_type, config.beta, label_smoothing=config.label_smoothing, slic_delta=config.slic_delta,

@@ -62,7 +62,7 @@ _DISTILBERT_LAYER = {
 
 @dataclasses.dataclass(frozen=True)
 class _Head:
-    cls: type[nn.Module]  # built as cls(config, dtype)
+    cls: type[nn.Module]  # built as cls(config, dtype, remat=...)
     hf_architecture: str
 
 
@@ -195,7 +195,7 @@ def load_config(name_or_path: str | os.PathLike, *, head: str | None = None, rev
     directory = resolve(name_or_path, revision)
     hf = read_hf_config(directory)
     weight_files(directory)
-    return _build(hf, head, False, None, jnp.float32, where=str(directory / "config.json")).config
+    return _build(hf, head, False, None, jnp.float32, False, where=str(directory / "config.json")).config
 
 
 def load_pretrained(
@@ -204,7 +204,8 @@ def load_pretrained(
     head: str | None = None,
     value_head: bool = False,
     num_labels: int | None = None,
-    dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | str = jnp.float32,
+    remat: bool = False,
     revision: str | None = None,
     rng: jax.Array | None = None,
 ) -> tuple[nn.Module, Params, Any]:
@@ -214,12 +215,14 @@ def load_pretrained(
     the checkpoint's `architectures` names. `value_head` adds PPO's scalar head to a causal LM;
     `num_labels` sets the classification width (1 = regression). Head tensors the checkpoint
     lacks are initialised from `rng` (with a warning naming them); any other missing tensor is
-    an error. Params are float32; `dtype` is the compute dtype. Use as
+    an error. Params are float32; `dtype` is the compute dtype (see `layers.frozen_params`); `remat`
+    rematerialises each transformer block in the backward pass (same params and gradients, less
+    memory). Use as
     `module.apply({"params": params}, input_ids, attention_mask)`.
     """
     directory = resolve(name_or_path, revision)
     hf = read_hf_config(directory)
-    module = _build(hf, head, value_head, num_labels, dtype, where=str(directory / "config.json"))
+    module = _build(hf, head, value_head, num_labels, dtype, remat, where=str(directory / "config.json"))
     state: dict[str, tuple[np.ndarray, Path]] = {}
     for path in weight_files(directory):
         state.update({k: (v, path) for k, v in read_tensors(path).items()})
@@ -233,21 +236,23 @@ def from_config(
     *,
     head: str | None = None,
     value_head: bool = False,
-    dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | str = jnp.float32,
+    remat: bool = False,
     where: str = "model config",
 ) -> tuple[nn.Module, Params, Any]:
-    """A freshly initialised model from a config.json-style dict (with `model_type`)."""
+    """A freshly initialised model from a config.json-style dict (with `model_type`); float32
+    params, `dtype` and `remat` as `load_pretrained`'s."""
     if hf_config.get("model_type") not in ARCHITECTURES:
         raise CheckpointError(
             f"{where}: model_type {hf_config.get('model_type')!r} is not supported; "
             f"jaxrlhf builds {sorted(ARCHITECTURES)}"
         )
-    module = _build(hf_config, head, value_head, None, dtype, where)
+    module = _build(hf_config, head, value_head, None, dtype, remat, where)
     params = jax.jit(module.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
     return module, params, module.config
 
 
-def _build(hf, head, value_head, num_labels, dtype, where) -> nn.Module:
+def _build(hf, head, value_head, num_labels, dtype, remat, where) -> nn.Module:
     arch = ARCHITECTURES[hf["model_type"]]
     if num_labels is not None:
         hf = {**{k: v for k, v in hf.items() if k not in ("id2label", "label2id")}, "num_labels": num_labels}
@@ -257,7 +262,7 @@ def _build(hf, head, value_head, num_labels, dtype, where) -> nn.Module:
         raise CheckpointError(f"head={head!r} is not available for {hf['model_type']}; choose one of {sorted(arch.heads)}")
     if value_head and head != "lm":
         raise CheckpointError(f"value_head=True is only available for causal LM policies (head 'lm'), not head {head!r}")
-    return arch.heads[head].cls(config, dtype, **({"value_head": True} if value_head else {}))
+    return arch.heads[head].cls(config, jnp.dtype(dtype), remat=remat, **({"value_head": True} if value_head else {}))
 
 
 def _default_head(arch: _Arch, hf: dict[str, Any]) -> str:

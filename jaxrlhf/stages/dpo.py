@@ -6,9 +6,9 @@ from typing import Literal
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, TrainConfig, check, pad_token_key
+from jaxrlhf.config import ComputeConfig, DataConfig, TrainConfig, check, pad_token_key
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.models import load_pretrained
+from jaxrlhf.models import frozen_params, load_pretrained
 from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state, whole_rows
 from jaxrlhf.stages import common
 from jaxrlhf.updates.common import sequence_logps_jit
@@ -30,6 +30,7 @@ class DPOConfig:
     max_length: int = 64
     pad_token: str | None = pad_token_key()
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # the policy's and the reference's
 
     def __post_init__(self):
         check(self.beta > 0, f"beta={self.beta} must be > 0")
@@ -86,7 +87,8 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
     writing nothing -> what the run needs. `--dry-run` runs exactly this."""
     train = config.train
     with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = common.load_policy(config.policy, pad_token=config.pad_token)
+        module, params, model_config, tokenizer = common.load_policy(config.policy, pad_token=config.pad_token,
+                                                                     compute=config.compute)
     common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
     rows = data.load_rows(config.data, tuple(COLUMNS["pairs"]))
     arrays = _pair_arrays(rows, tokenizer, config.max_length, config.data)
@@ -94,10 +96,11 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
     ref_params = None if config.loss_type == "slic" else params
     if config.reference is not None and config.loss_type != "slic":
         with on_host():
-            _, ref_params, ref_config = load_pretrained(config.reference, head="lm")
+            _, ref_params, ref_config = load_pretrained(config.reference, head="lm", dtype=config.compute.dtype)
         if ref_config != model_config:
             raise ConfigError(f"reference {config.reference} is not the policy's architecture "
                               f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
+    ref_params = None if ref_params is None else frozen_params(ref_params, config.compute.dtype)
     output = common.check_output("dpo", train, config, resume, len(rows),
                                  inputs=(config.policy, config.reference, config.data.path))
     return {"module": module, "params": params, "ref_params": ref_params, "tokenizer": tokenizer, "arrays": arrays,

@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxrlhf import data
 from jaxrlhf.config import check
+from jaxrlhf.models import frozen_params
 from jaxrlhf.parallel import data_parallel
 from jaxrlhf.stages import common
 from jaxrlhf.stages.rollout import check_on_policy, sample, scored_batch, online_preflight
@@ -57,7 +58,8 @@ def run(config, section: str, make_update, resume: bool = False):
     ids, mask, texts = ready["prompts"]
     prompts_per_step = train.batch_size // k
     out, state, lr = common.start_training(ready, train, method.updates_per_step,
-                                           ref_params=ready["params"] if method.beta else None)
+                                           ref_params=frozen_params(ready["params"], config.compute.dtype)
+                                           if method.beta else None)
     update = data_parallel(make_update(method), mesh, state)
 
     def step_fn(state, i):

@@ -10,7 +10,9 @@ import jax
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check, pad_token_key
+from jaxrlhf.config import (ComputeConfig, DataConfig, RewardSource, SamplingSection, TrainConfig,
+                            check, pad_token_key)
+from jaxrlhf.models import frozen_params
 from jaxrlhf.parallel import data_parallel
 from jaxrlhf.rewards import penalise_missing_eos, replies_ended
 from jaxrlhf.stages import common
@@ -33,6 +35,7 @@ class OnlineDPOConfig:
     # before the pair is made. Off when null.
     missing_eos_penalty: float | None = None
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # every model the stage runs
 
     def __post_init__(self):
         check(self.beta > 0, f"beta={self.beta} must be > 0")
@@ -101,7 +104,8 @@ def run(config: OnlineDPOConfig, resume: bool = False):
     module, tokenizer, mesh, scorer, rows, sampler = (
         ready[k] for k in ("module", "tokenizer", "mesh", "scorer", "rows", "sampler"))
     ids, mask, texts = ready["prompts"]
-    out, state, lr = common.start_training(ready, train, ref_params=ready["params"])
+    out, state, lr = common.start_training(ready, train,
+                                           ref_params=frozen_params(ready["params"], config.compute.dtype))
     # The reference is scored in the step from state.ref_params: the replies are new every step.
     step = data_parallel(make_dpo_step(config.loss_type, config.beta), mesh, state)
 

@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check, pad_token_key
+from jaxrlhf.config import (ComputeConfig, DataConfig, RewardSource, SamplingSection, TrainConfig,
+                            check, pad_token_key)
+from jaxrlhf.models import frozen_params
 from jaxrlhf.parallel import data_parallel
 from jaxrlhf.updates.ppo import PPOConfig, check_kl_horizon, make_ppo_update
 from jaxrlhf.stages import common
@@ -29,6 +31,7 @@ class PPOStageConfig:
     # (a reply cut at max_new_tokens), so rambling does not pay. Off when null.
     missing_eos_penalty: float | None = None
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # every model the stage runs
 
     def __post_init__(self):
         check_on_policy(self.sampling, self.ppo.temperature, "PPO", "ppo")
@@ -61,7 +64,8 @@ def run(config: PPOStageConfig, resume: bool = False):
     module, tokenizer, mesh, scorer, rows, sampler = (
         ready[k] for k in ("module", "tokenizer", "mesh", "scorer", "rows", "sampler"))
     ids, mask, texts = ready["prompts"]
-    out, state, lr = common.start_training(ready, train, config.ppo.updates_per_step, ref_params=ready["params"],
+    out, state, lr = common.start_training(ready, train, config.ppo.updates_per_step,
+                                           ref_params=frozen_params(ready["params"], config.compute.dtype),
                                            kl_coef=jnp.float32(config.ppo.kl_coef))
     update = data_parallel(make_ppo_update(config.ppo), mesh, state)
 

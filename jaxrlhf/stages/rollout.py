@@ -84,9 +84,10 @@ def online_preflight(config, stage: str, resume: bool, *, value_head: bool = Fal
     train = config.train
     with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
         module, params, model_config, tokenizer = common.load_policy(
-            config.policy, pad_token=config.pad_token, value_head=value_head, rng=jax.random.key(train.seed))
+            config.policy, pad_token=config.pad_token, compute=config.compute, value_head=value_head,
+            rng=jax.random.key(train.seed))
     mesh = common.train_mesh(train, minibatches, section)
-    scorer = make_scorer(config.reward, mesh)
+    scorer = make_scorer(config.reward, mesh, dtype=config.compute.dtype)
     rows = data.load_rows(config.prompts, tuple(PROMPT_COLUMNS["prompts"]))
     k = samples_per_prompt
     check(k == 1 or train.batch_size // k <= len(rows),  # (k == 1: check_output's batch check says it)

@@ -195,7 +195,7 @@ def load_config(name_or_path: str | os.PathLike, *, head: str | None = None, rev
     directory = resolve(name_or_path, revision)
     hf = read_hf_config(directory)
     weight_files(directory)
-    return _build(hf, head, False, None, jnp.float32, False, where=str(directory / "config.json")).config
+    return _build(hf, head, False, None, jnp.float32, where=str(directory / "config.json")).config
 
 
 def load_pretrained(
@@ -222,7 +222,7 @@ def load_pretrained(
     """
     directory = resolve(name_or_path, revision)
     hf = read_hf_config(directory)
-    module = _build(hf, head, value_head, num_labels, dtype, remat, where=str(directory / "config.json"))
+    module = _build(hf, head, value_head, num_labels, dtype, where=str(directory / "config.json"), remat=remat)
     state: dict[str, tuple[np.ndarray, Path]] = {}
     for path in weight_files(directory):
         state.update({k: (v, path) for k, v in read_tensors(path).items()})
@@ -247,12 +247,12 @@ def from_config(
             f"{where}: model_type {hf_config.get('model_type')!r} is not supported; "
             f"jaxrlhf builds {sorted(ARCHITECTURES)}"
         )
-    module = _build(hf_config, head, value_head, None, dtype, remat, where)
+    module = _build(hf_config, head, value_head, None, dtype, where, remat)
     params = jax.jit(module.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
     return module, params, module.config
 
 
-def _build(hf, head, value_head, num_labels, dtype, remat, where) -> nn.Module:
+def _build(hf, head, value_head, num_labels, dtype, where, remat=False) -> nn.Module:
     arch = ARCHITECTURES[hf["model_type"]]
     if num_labels is not None:
         hf = {**{k: v for k, v in hf.items() if k not in ("id2label", "label2id")}, "num_labels": num_labels}

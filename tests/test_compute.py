@@ -1,6 +1,7 @@
 """The `compute` section: block rematerialisation (same params, same gradients), bfloat16
 compute with float32 training state and bfloat16 frozen params, and the section's keys."""
 
+import functools
 import json
 
 import jax
@@ -33,6 +34,12 @@ def batch(rows=3, t=10):
     return jnp.asarray(rng.integers(0, VOCAB, (rows, t)), jnp.int32), jnp.asarray(mask)
 
 
+@functools.cache
+def tiny(family: str):
+    """A fresh float32 model of `family` -> (module, params, config): built once per module."""
+    return from_config(MODELS[family], jax.random.key(0), head=HEADS[family])
+
+
 def output(module, params, ids, mask):
     out = module.apply({"params": params}, ids, mask)
     return out if isinstance(out, jax.Array) else out.logits
@@ -41,7 +48,7 @@ def output(module, params, ids, mask):
 @pytest.mark.parametrize("family", tiered(list(MODELS), fast=("gpt2",)))
 def test_remat_gives_the_same_params_and_gradients(family):
     ids, mask = batch()
-    plain, params, _ = from_config(MODELS[family], jax.random.key(0), head=HEADS[family])
+    plain, params, _ = tiny(family)
     rematted = plain.clone(remat=True)
     # One param tree (names, shapes): a checkpoint loads either way.
     init = jax.eval_shape(rematted.init, jax.random.key(0), ids[:1, :1])["params"]
@@ -68,7 +75,8 @@ def test_bfloat16_frozen_params_compute_what_their_float32_originals_do(family):
     so a frozen copy stored in bfloat16 scores exactly what the trained float32 params would: a
     reference starts at KL 0 from the policy."""
     ids, mask = batch()
-    module, params, _ = from_config(MODELS[family], jax.random.key(0), head=HEADS[family], dtype="bfloat16")
+    module, params, _ = tiny(family)
+    module = module.clone(dtype=jnp.dtype(jnp.bfloat16))
     params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(1), x.shape), params)  # LN != 1
     stored = frozen_params(params, "bfloat16")
     assert {x.dtype for x in jax.tree.leaves(stored)} == {jnp.dtype(jnp.bfloat16)}

@@ -117,6 +117,11 @@ def test_a_resume_may_switch_remat_but_not_the_compute_dtype(tmp_path):
     common._check_same_run(tmp_path, saved, {**saved, "compute": {"dtype": "float32", "remat": "block"}})
     with pytest.raises(JaxRLHFError, match=r"this config changes compute.dtype \('float32' -> 'bfloat16'\)"):
         common._check_same_run(tmp_path, saved, {**saved, "compute": {"dtype": "bfloat16", "remat": "none"}})
+    # A run written before the compute section existed computed in float32 without remat.
+    older = {k: v for k, v in saved.items() if k != "compute"}
+    common._check_same_run(tmp_path, older, saved)
+    with pytest.raises(JaxRLHFError, match=r"compute.dtype \('float32' -> 'bfloat16'\)"):
+        common._check_same_run(tmp_path, older, {**saved, "compute": {"dtype": "bfloat16", "remat": "none"}})
 
 
 class Stop(Exception):

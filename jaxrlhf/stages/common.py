@@ -250,10 +250,16 @@ def _check_same_run(out: Path, saved: dict, record: dict) -> None:
                            f"{', '.join(RESUMABLE)})")
 
 
+# Keys added after run folders were first written, with the value that does what those runs did:
+# a config.json written before a key existed reads as that value, so such a run still resumes.
+ADDED_SINCE = {"compute.dtype": "float32", "compute.remat": "none"}
+
+
 def _changes(saved: dict, record: dict, free: tuple[str, ...]) -> str:
     """The keys `record` changes from the `saved` config.json (but those in `free`), as
     "key (old -> new), ...", or "" when it changes none."""
     before, now = cfg.flat(saved), cfg.flat(record)
+    before |= {k: v for k, v in ADDED_SINCE.items() if k not in before and k in now}
     changed = [k for k in sorted(set(before) | set(now))
                if not k.startswith("_") and k not in free and before.get(k, "(unset)") != now.get(k, "(unset)")]
     return ", ".join(f"{k} ({before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r})" for k in changed)

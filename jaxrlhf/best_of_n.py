@@ -19,12 +19,13 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf import diagnostics
 from jaxrlhf.config import check
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.models.layers import init_cache
+from jaxrlhf.models.layers import frozen_params, init_cache
 from jaxrlhf.parallel import on_host, put_state
 from jaxrlhf.stages.common import load_policy
 from jaxrlhf.stages.rollout import decode_responses, sample, sampling_config
@@ -88,13 +89,15 @@ def device_memory(mesh) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // len(here)
 
 
-def check_memory(name: str, entry: BestOfN, batch_size: int, section, model_config, mesh) -> None:
+def check_memory(name: str, entry: BestOfN, batch_size: int, section, model_config, mesh,
+                 dtype: str = "float32") -> None:
     """Best-of-N samples `batch_size` x N rows in one call, split over the mesh's devices:
-    refuse, before anything is sampled, an N whose rows' KV cache and float32 logits alone (a
-    lower bound on that call's memory: the weights, activations and host copies come on top)
-    exceed a device's memory."""
+    refuse, before anything is sampled, an N whose rows' KV cache (in compute `dtype`) and
+    float32 logits alone (a lower bound on that call's memory: the weights, activations and host
+    copies come on top) exceed a device's memory."""
     rows, tokens = batch_size * entry.best_of, section.max_prompt_tokens + section.max_new_tokens
-    cache = jax.eval_shape(lambda: init_cache(model_config, rows, tokens))  # shapes only: nothing allocated
+    # Shapes only: nothing allocated.
+    cache = jax.eval_shape(lambda: init_cache(model_config, rows, tokens, jnp.dtype(dtype)))
     need = (sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
             + rows * model_config.vocab_size * np.dtype(np.float32).itemsize) / mesh.size
     have = device_memory(mesh)
@@ -119,8 +122,8 @@ def evaluate(entry: BestOfN, path: str, config, prompts, scorers, mesh, score_kl
     best-of-N' for N' > N (common random numbers: the frontier's points differ by N alone),
     whatever the batch size or the devices."""
     with on_host():
-        module, params, model_config, tokenizer = load_policy(path, pad_token=config.pad_token)
-    params = put_state(params, mesh)
+        module, params, model_config, tokenizer = load_policy(path, pad_token=config.pad_token, compute=config.compute)
+    params = put_state(frozen_params(params, config.compute.dtype), mesh)
     settings = sampling_config(config.sampling, tokenizer, model_config)
     ids_PxT, mask_PxT, texts = prompts
     n, b, p = entry.best_of, config.batch_size, len(texts)
@@ -131,8 +134,8 @@ def evaluate(entry: BestOfN, path: str, config, prompts, scorers, mesh, score_kl
         keys = np.repeat(np.arange(n), b) * p + rows
         out = sample(module, params, ids_PxT[rows], mask_PxT[rows], jax.random.key(config.seed), settings, mesh,
                      keys)
-        texts_out = decode_responses(tokenizer, out)
-        tokens_out = diagnostics.reply_tokens(out, tokenizer.eos_token_id)
+        texts_out = decode_responses(tokenizer, out, settings.eos_ids)
+        tokens_out = diagnostics.reply_tokens(out, settings.eos_ids)
         s_BxN = scorers[entry.scorer]([texts[j] for j in rows], texts_out).reshape(n, b).T
         best_B = pick_best(s_BxN) * b + np.arange(b)
         keep = min(b, p - start)

@@ -11,13 +11,14 @@ from jaxrlhf.data import encode_prompts
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.sampling import generate
 from jaxrlhf.stages.common import load_policy
-from jaxrlhf.stages.rollout import sampling_config
+from jaxrlhf.stages.rollout import decode_responses, sampling_config
 
 
 @dataclasses.dataclass
 class ChatSession:
     """With a tokenizer that has a chat template (and `chat_template` on), the conversation is
-    a list of messages rendered by that template, and a reply ends at the model's EOS.
+    a list of messages rendered by that template, and a reply ends at the model's EOS (any of
+    its ids: `rollout.eos_token_ids`).
     Otherwise turns are written as `{user_prefix}{message}\\n{bot_prefix}` and the reply, cut
     at its first newline, is appended. Either way the oldest tokens fall off past
     `max_prompt_tokens`."""
@@ -63,9 +64,7 @@ class ChatSession:
         key = jax.random.fold_in(jax.random.key(self.seed), self.turn)
         out = generate(self.module, self.params, jnp.asarray(ids), jnp.asarray(mask), key, self.settings)
         self.turn += 1
-        p = ids.shape[1]
-        tokens = out.sequences[0, p:][out.response_mask[0] == 1]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = decode_responses(self.tokenizer, out, self.settings.eos_ids)[0]
         if self.templated:
             self.messages.append({"role": "assistant", "content": text.strip()})
             return text.strip()

@@ -251,6 +251,25 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    """How a stage's models compute. `dtype`: the compute dtype of every model the stage runs
+    (policy, sampler, reference, reward model, value head); trained params and optimizer state
+    stay float32, params the stage does not train are stored in it; logits, logprobs, losses,
+    softmax and norm statistics stay float32. `remat: block` recomputes each transformer block's
+    activations in the backward pass instead of holding them (less memory, about one more
+    forward of compute; the same gradients)."""
+
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "block"] = "none"
+
+
+def check_no_remat(compute: ComputeConfig, stage: str) -> None:
+    """A stage that trains nothing has no backward pass for `compute.remat` to save memory in."""
+    check(compute.remat == "none", f"compute.remat={compute.remat!r} does nothing in {stage}, which trains "
+                                   "nothing (no backward pass to rematerialise); remove it")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimizer, schedule, loop length, checkpoints and logs of a training stage."""
 
@@ -269,8 +288,10 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     weight_decay: float = 0.0
-    # Split each device's batch (PPO: each minibatch) into this many microbatches run one after
-    # another (less memory): the update is the whole batch's, token-weighted.
+    # Split each device's batch (PPO, RLOO, GRPO: each minibatch) into this many microbatches run
+    # one after another, and score the whole batch or rollout (old and reference logprobs,
+    # values) in chunks of the same size: the update's activations and logits are about 1/k of
+    # the whole batch's. The update is the whole batch's, token-weighted.
     grad_accum_steps: int = 1
     log_every: int = 10
     save_every: int = 100

@@ -9,11 +9,12 @@ from typing import Hashable, Iterable, Sequence
 import numpy as np
 
 
-def reply_tokens(out, eos: int) -> list[list[int]]:
-    """Each row's response token ids of a `sampling.generate` output, its closing EOS dropped."""
+def reply_tokens(out, eos_ids: tuple[int, ...]) -> list[list[int]]:
+    """Each row's response token ids of a `sampling.generate` output, its closing EOS (any of
+    `eos_ids`, the sampler's `SamplingConfig.eos_ids`) dropped."""
     p = out.sequences.shape[1] - out.response_mask.shape[1]
     rows = [s[m == 1].tolist() for s, m in zip(np.asarray(out.sequences[:, p:]), np.asarray(out.response_mask))]
-    return [r[:-1] if r and r[-1] == eos else r for r in rows]
+    return [r[:-1] if r and r[-1] in eos_ids else r for r in rows]
 
 
 def distinct(sequences: Iterable[Sequence[Hashable]], n: int) -> float:

@@ -12,9 +12,10 @@ import jax
 import numpy as np
 
 from jaxrlhf import best_of_n, data, diagnostics, outputs
-from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection, check, pad_token_key
+from jaxrlhf.config import (ComputeConfig, DataConfig, MeshConfig, RewardSource, SamplingSection, check, check_no_remat,
+                            pad_token_key)
 from jaxrlhf.parallel import check_rows, gather, make_mesh, on_host, on_main, put_rows, put_state
-from jaxrlhf.models import load_config
+from jaxrlhf.models import frozen_params, load_config
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.stages.common import load_policy, policy_tokenizer
 from jaxrlhf.updates.common import sequence_logps_jit
@@ -40,8 +41,10 @@ class EvaluateConfig:
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     pad_token: str | None = pad_token_key()  # the policies' (a reward model's: scorers.NAME.pad_token)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # every policy's and scorer's
 
     def __post_init__(self):
+        check_no_remat(self.compute, "evaluation")
         check(bool(self.policies), "policies must name at least one checkpoint")
         check(bool(self.scorers), "scorers must name at least one reward source")
         check(self.collapse_ngram >= 1, f"collapse_ngram={self.collapse_ngram} must be at least 1")
@@ -64,8 +67,8 @@ def _sample_policy(config, path, ref, prompts, scorers, mesh, score_kl: bool):
     `score_kl`), lengths in tokens counting EOS). Prompt i's reply is keyed by i, its index in
     the prompt file, so it does not depend on `batch_size` or the devices."""
     with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = load_policy(path, pad_token=config.pad_token)
-    params = put_state(params, mesh)
+        module, params, model_config, tokenizer = load_policy(path, pad_token=config.pad_token, compute=config.compute)
+    params = put_state(frozen_params(params, config.compute.dtype), mesh)
     settings = sampling_config(config.sampling, tokenizer, model_config)
     ref_module, ref_params = ref
     ids, mask, texts = prompts
@@ -75,8 +78,8 @@ def _sample_policy(config, path, ref, prompts, scorers, mesh, score_kl: bool):
         idx = np.arange(start, start + config.batch_size) % n  # full batches: one compiled shape
         out = sample(module, params, ids[idx], mask[idx], jax.random.key(config.seed), settings, mesh, idx)
         keep = min(config.batch_size, n - start)
-        responses += decode_responses(tokenizer, out)[:keep]
-        tokens += diagnostics.reply_tokens(out, tokenizer.eos_token_id)[:keep]
+        responses += decode_responses(tokenizer, out, settings.eos_ids)[:keep]
+        tokens += diagnostics.reply_tokens(out, settings.eos_ids)[:keep]
         lengths += list(out.response_mask.sum(-1)[:keep])
         if not score_kl:
             kls += [np.nan] * keep
@@ -130,13 +133,14 @@ def preflight(config: EvaluateConfig, resume: bool = False, overwrite: bool = Fa
     for name, entry in config.policies.items():
         if isinstance(entry, best_of_n.BestOfN):
             best_of_n.check_memory(name, entry, config.batch_size, config.sampling,
-                                   model_configs[checkpoints[entry.policy]], mesh)
+                                   model_configs[checkpoints[entry.policy]], mesh, config.compute.dtype)
     with on_host():
-        ref_module, ref_params, _, _ = load_policy(config.reference, pad_token=config.pad_token)
+        ref_module, ref_params, _, _ = load_policy(config.reference, pad_token=config.pad_token, compute=config.compute)
     rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
     prompts = {path: encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
                for path, tokenizer in tokenizers.items()}
-    scorers = {name: make_scorer(source, mesh, f"scorers.{name}") for name, source in config.scorers.items()}
+    scorers = {name: make_scorer(source, mesh, f"scorers.{name}", config.compute.dtype)
+               for name, source in config.scorers.items()}
     return {"mesh": mesh, "reference": (ref_module, ref_params), "tokenizer": tokenizers[config.reference],
             "prompts": prompts, "scorers": scorers}
 
@@ -156,7 +160,7 @@ def run(config: EvaluateConfig, resume: bool = False, overwrite: bool = False) -
     ready = preflight(config, resume, overwrite)
     mesh, scorers, tokenizer, prompts = ready["mesh"], ready["scorers"], ready["tokenizer"], ready["prompts"]
     ref_module, ref_params = ready["reference"]
-    ref = (ref_module, put_state(ref_params, mesh))
+    ref = (ref_module, put_state(frozen_params(ref_params, config.compute.dtype), mesh))
     checkpoints = _checkpoints(config)
     off_policy = off_policy_settings(config.sampling)
     if off_policy:

@@ -18,16 +18,29 @@ KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo")
 
 
+# The log-softmax is written so XLA fuses each reduction with its reads of the logits: no float32
+# copy of `[B, T, V]` beyond the logits themselves. Measured with `memory_analysis()` on float32
+# logits [2, 64, 50257] (24.5 MiB) at temperature 0.7, compiled temporaries on CPU: token_logprobs 0 MiB
+# (jax.nn.logsumexp of logits / temperature: 24.5), its gradient 0; entropy 24.5 MiB (0 at
+# temperature 1; jax.nn.log_softmax: 24.5), token_logprobs and entropy together 24.5 (49.1
+# before). A vocabulary-chunked log-softmax (a scan over 8 slices) held 3.1 MiB: no better once
+# the logits exist, so the scoring passes bound memory by scoring rows in chunks instead.
+def _logsumexp(logits_BxTxV: jax.Array, temperature: float) -> jax.Array:
+    """log sum exp(logits / temperature) over the vocabulary -> `[B, T]`, in float32."""
+    max_BxT = lax.stop_gradient(jnp.max(logits_BxTxV, axis=-1).astype(jnp.float32))
+    shifted_BxTxV = (logits_BxTxV.astype(jnp.float32) - max_BxT[..., None]) / temperature
+    return jnp.log(jnp.sum(jnp.exp(shifted_BxTxV), axis=-1)) + max_BxT / temperature
+
+
 def token_logprobs(logits_BxTxV: jax.Array, tokens_BxT: jax.Array, temperature: float = 1.0) -> jax.Array:
     """log p(tokens[b, t]) under softmax(logits[b, t] / temperature) -> `[B, T]`, in float32."""
-    x_BxTxV = logits_BxTxV.astype(jnp.float32) / temperature
-    picked_BxT = jnp.take_along_axis(x_BxTxV, tokens_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked_BxT - jax.nn.logsumexp(x_BxTxV, axis=-1)
+    picked_BxT = jnp.take_along_axis(logits_BxTxV, tokens_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked_BxT.astype(jnp.float32) / temperature - _logsumexp(logits_BxTxV, temperature)
 
 
 def entropy(logits_BxTxV: jax.Array, temperature: float = 1.0) -> jax.Array:
     """Entropy of softmax(logits / temperature) at each position -> `[B, T]`."""
-    logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32) / temperature, axis=-1)
+    logp = logits_BxTxV.astype(jnp.float32) / temperature - _logsumexp(logits_BxTxV, temperature)[..., None]
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 

@@ -81,9 +81,8 @@ def _hub_config(name: str, key: str) -> Path:
 
 
 def levers(config) -> dict:
-    """The compute levers of a stage config (its `compute` section where it has one)."""
-    compute = getattr(config, "compute", None)
-    return {"dtype": getattr(compute, "dtype", "float32"), "remat": getattr(compute, "remat", "none")}
+    """The compute levers of a stage config (its `compute` section)."""
+    return {"dtype": config.compute.dtype, "remat": config.compute.remat}
 
 
 def device_bytes(tree) -> int:
@@ -108,15 +107,6 @@ def _policy(name: str, config, model_config) -> tuple[dict, dict]:
     build = {"head": "classification", "num_labels": 1} if name == "reward" else \
         {"head": "lm", "value_head": name == "ppo"}
     return hf, build
-
-
-def _model(hf: dict, build: dict, compute: dict, where: str):
-    """The abstract model, in the compute dtype, rematerialised per block where asked (and
-    where the models offer it)."""
-    module, params = abstract_model(hf, dtype=jnp.dtype(compute["dtype"]), where=where, **build)
-    if compute["remat"] != "none" and hasattr(module, "remat"):
-        module = module.clone(remat=compute["remat"])
-    return module, params
 
 
 def _rollout(config, module, params, rows: int):
@@ -193,7 +183,8 @@ def plan(name: str, config, model_config=None, reward_config=None, compile_updat
     update's batch and temporaries are left out (no compile: seconds, even for 8B)."""
     train, compute = config.train, levers(config)
     hf, build = _policy(name, config, model_config)
-    module, params = _model(hf, build, compute, "--model-config" if model_config else "the policy's config.json")
+    module, params = abstract_model(hf, where="--model-config" if model_config else "the policy's config.json",
+                                    **common.model_options(config.compute), **build)  # as the stage builds it
     training = stage(name)[0].training(config)
     mesh = common.train_mesh(train, getattr(getattr(config, name, None), "num_minibatches", 1), name)
     state = jax.eval_shape(lambda p: common.initial_state(module, p, train, training)[0], params)

@@ -18,7 +18,7 @@ from jaxrlhf import parallel
 from jaxrlhf.config import RewardSource
 from jaxrlhf.data import encode_texts, set_pad_token, warn_cut
 from jaxrlhf.errors import CheckpointError, ConfigError, JaxRLHFError
-from jaxrlhf.models import load_pretrained, load_tokenizer
+from jaxrlhf.models import frozen_params, load_pretrained, load_tokenizer
 
 Scorer = Callable[[list[str], list[str]], np.ndarray]
 
@@ -27,13 +27,14 @@ def _texts(source: RewardSource, prompts, responses) -> list[str]:
     return list(responses) if source.text == "response" else [p + r for p, r in zip(prompts, responses)]
 
 
-def model_scorer(source: RewardSource, mesh, key: str = "reward") -> Scorer:
-    """Score with a classification checkpoint: column `label` (name or index) of its logits.
-    Each device of `mesh` scores its share of every chunk of `source.batch_size` texts (rounded
-    up to a multiple of the devices). `key` is the source's place in the config, for errors."""
+def model_scorer(source: RewardSource, mesh, key: str = "reward", dtype: str = "float32") -> Scorer:
+    """Score with a classification checkpoint: column `label` (name or index) of its logits,
+    computed in `dtype`, its params stored in it. Each device of `mesh` scores its share of
+    every chunk of `source.batch_size` texts (rounded up to a multiple of the devices). `key`
+    is the source's place in the config, for errors."""
     try:
         with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
-            module, params, config = load_pretrained(source.model, head="classification")
+            module, params, config = load_pretrained(source.model, head="classification", dtype=dtype)
     except CheckpointError as e:  # e.g. a causal LM: no classification head
         raise CheckpointError(f"{key}.model={source.model}: {e}") from None
     tokenizer = load_tokenizer(source.model, config)
@@ -47,7 +48,7 @@ def model_scorer(source: RewardSource, mesh, key: str = "reward") -> Scorer:
     if not 0 <= label < len(labels):
         raise ConfigError(f"reward label index {label} is out of range for {len(labels)} labels")
     forward = classifier_forward(module, label)
-    params = parallel.put_state(params, mesh)
+    params = parallel.put_state(frozen_params(params, dtype), mesh)
     chunk_size = parallel.whole_rows(source.batch_size, mesh)
 
     # prompt + response too long for the scorer keeps its end: the response the score is about.
@@ -155,21 +156,22 @@ def _import(module: str):
     return loaded
 
 
-def penalise_missing_eos(scores_B: np.ndarray, rollout, eos_token_id: int, penalty: float) -> np.ndarray:
+def penalise_missing_eos(scores_B: np.ndarray, rollout, eos_ids: tuple[int, ...], penalty: float) -> np.ndarray:
     """TRL's `missing_eos_penalty`: `penalty` off the score of each rollout whose response
     (`rollout.sequences` after the prompt, `[B, N]`, real where `rollout.response_mask`) holds
-    no EOS, i.e. was cut at max_new_tokens."""
-    return np.where(replies_ended(rollout, eos_token_id), scores_B, scores_B - penalty).astype(np.float32)
+    none of the `eos_ids` (the sampler's `SamplingConfig.eos_ids`), i.e. was cut at max_new_tokens."""
+    return np.where(replies_ended(rollout, eos_ids), scores_B, scores_B - penalty).astype(np.float32)
 
 
-def replies_ended(rollout, eos_token_id: int) -> np.ndarray:
+def replies_ended(rollout, eos_ids: tuple[int, ...]) -> np.ndarray:
     """Whether each rollout's response (`rollout.sequences` after the prompt, `[B, N]`, real
-    where `rollout.response_mask`) holds an EOS -> bool `[B]`."""
+    where `rollout.response_mask`) holds any of the `eos_ids` -> bool `[B]`."""
     response_BxN = np.asarray(rollout.sequences)[:, -rollout.response_mask.shape[1]:]
-    return ((response_BxN == eos_token_id) & (np.asarray(rollout.response_mask) == 1)).any(-1)
+    return (np.isin(response_BxN, eos_ids) & (np.asarray(rollout.response_mask) == 1)).any(-1)
 
 
-def make_scorer(source: RewardSource, mesh, key: str = "reward") -> Scorer:
+def make_scorer(source: RewardSource, mesh, key: str = "reward", dtype: str = "float32") -> Scorer:
     """The scorer of a reward source (at `key` in the config, for errors); a model scorer runs on
-    `mesh` (a function runs in every process on all rows, so every process holds every score)."""
-    return model_scorer(source, mesh, key) if source.model is not None else function_scorer(source)
+    `mesh` in compute `dtype` (a function runs in every process on all rows, so every process
+    holds every score)."""
+    return model_scorer(source, mesh, key, dtype) if source.model is not None else function_scorer(source)

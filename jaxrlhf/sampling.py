@@ -2,8 +2,8 @@
 
 Prompts come left-padded (`[B, P]` ids and a 0/1 mask), so every row's next token goes in the
 same column. The decode loop is a `lax.while_loop` that writes into a fixed `[B, N]` buffer and
-stops early once every row has emitted EOS, so shapes (and the compiled program) never change.
-After EOS a row emits `pad_token_id` with response mask 0.
+stops early once every row has emitted EOS (any of `eos_token_id`'s ids), so shapes (and the
+compiled program) never change. After EOS a row emits `pad_token_id` with response mask 0.
 """
 
 import dataclasses
@@ -17,17 +17,20 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxrlhf.errors import ConfigError
+from jaxrlhf.models.configs import token_ids
 from jaxrlhf.models.layers import KVCache, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     """How to pick tokens. `top_k=0` and `top_p=1.0` switch those filters off; `greedy` takes
-    the argmax of the processed logits. Hashable: it is a static argument of the compiled call."""
+    the argmax of the processed logits. A reply ends at the first of the `eos_token_id` ids (one
+    id or several, as Llama 3's configs list) it emits. Hashable: it is a static argument of the
+    compiled call (a list of ids is kept as a tuple)."""
 
     max_new_tokens: int
     pad_token_id: int
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
     min_new_tokens: int = 0
     temperature: float = 1.0
     top_k: int = 0
@@ -36,6 +39,9 @@ class SamplingConfig:
     return_raw_logprobs: bool = False
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        token_ids(self.eos_token_id)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -47,6 +53,11 @@ class SamplingConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
 
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """Every id a reply ends on (none when `eos_token_id` is None)."""
+        return token_ids(self.eos_token_id)
+
 
 class GenerateOutput(NamedTuple):
     sequences: jax.Array  # [B, P + N] prompt then response, int32
@@ -57,12 +68,13 @@ class GenerateOutput(NamedTuple):
 
 
 def process_logits(logits_BxV: jax.Array, step: jax.Array, settings: SamplingConfig) -> jax.Array:
-    """The logits the sampler draws from: EOS banned before `min_new_tokens`, divided by the
+    """The logits the sampler draws from: every EOS banned before `min_new_tokens`, divided by the
     temperature, then top-k and top-p filtered (removed tokens get -inf)."""
     x = logits_BxV.astype(jnp.float32)
     vocab_V = jnp.arange(x.shape[-1])
-    if settings.min_new_tokens and settings.eos_token_id is not None:
-        x = jnp.where((step < settings.min_new_tokens) & (vocab_V == settings.eos_token_id), -jnp.inf, x)
+    if settings.min_new_tokens and settings.eos_ids:
+        eos_V = jnp.isin(vocab_V, jnp.array(settings.eos_ids))
+        x = jnp.where((step < settings.min_new_tokens) & eos_V, -jnp.inf, x)
     x = x / settings.temperature
     if 0 < settings.top_k < x.shape[-1]:
         kth_B1 = lax.top_k(x, settings.top_k)[0][:, -1:]
@@ -180,7 +192,7 @@ def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_m
     """-> (GenerateOutput, final cache). Returning the cache lets XLA alias the donated input
     buffers to it, so the loop updates them in place instead of allocating a second cache."""
     b, n = prompt_ids_BxP.shape[0], settings.max_new_tokens
-    eos = -1 if settings.eos_token_id is None else settings.eos_token_id
+    eos_E = jnp.array(settings.eos_ids or (-1,), jnp.int32)  # -1: no token ends a reply
     prompt_mask_BxP = prompt_mask_BxP.astype(jnp.int32)
     prefill = module.apply({"params": params}, prompt_ids_BxP, prompt_mask_BxP, cache=cache,
                            head_slice=slice(-1, None))
@@ -198,7 +210,7 @@ def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_m
         lps = lps.at[:, step].set(jnp.where(done, 0.0, lp_B))
         if raws is not None:
             raws = raws.at[:, step].set(jnp.where(done, 0.0, raw_B))
-        return tokens, mask, lps, raws, done | (token_B == eos), cache
+        return tokens, mask, lps, raws, done | jnp.isin(token_B, eos_E), cache
 
     zeros = jnp.zeros((b, n), jnp.float32)
     carry = (

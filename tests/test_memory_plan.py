@@ -102,6 +102,11 @@ def test_an_8b_shape_plans_from_its_config_alone():
     no_kl = memory.plan("grpo", grpo_config([*lengths, "grpo.beta=0"]), model_config="llama-3.1-8b",
                         compile_update=False)
     assert no_kl.parts["reference"] == 0  # GRPO holds no reference without a KL
+    bf16 = memory.plan("grpo", grpo_config([*lengths, "grpo.beta=0.04", "compute.dtype=bfloat16"]),
+                       model_config="llama-3.1-8b", compile_update=False)
+    assert bf16.parts["reference"] == plan.parts["reference"] // 2  # frozen models stored in bfloat16
+    assert bf16.parts["params"] == plan.parts["params"]  # the trained ones stay float32
+    assert bf16.parts["sampler KV cache"] < plan.parts["sampler KV cache"]
 
 
 @pytest.mark.fast

@@ -91,7 +91,7 @@ def test_online_dpo_loss_is_offline_dpos_on_the_same_pairs(loss_type, tiny_run, 
 
     step = data_parallel(make_dpo_step(loss_type, 0.1), mesh, state())
     online_state, online = step(state(), batch, jax.random.key(0))
-    offline_batch = batch | dpo._reference_logps(module, put_state(ref_params, mesh), batch, mesh)
+    offline_batch = batch | dpo._reference_logps(module, put_state(ref_params, mesh), batch, mesh, 4)  # 2 calls
     offline_state, offline = step(state(), offline_batch, jax.random.key(0))
     for k in online:
         np.testing.assert_allclose(online[k], offline[k], rtol=1e-5, atol=1e-6, err_msg=k)

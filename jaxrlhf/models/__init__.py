@@ -8,6 +8,7 @@ from jaxrlhf.models.bert import (
 )
 from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig
 from jaxrlhf.models.gpt2 import CausalLMOutput, GPT2LMHeadModel, GPT2Model
+from jaxrlhf.models.layers import frozen_params
 from jaxrlhf.models.llama import LlamaForCausalLM, LlamaModel
 from jaxrlhf.models.hub import (
     check_tokenizer,
@@ -34,6 +35,7 @@ __all__ = [
     "LlamaModel",
     "check_tokenizer",
     "from_config",
+    "frozen_params",
     "load_config",
     "load_pretrained",
     "load_tokenizer",

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.configs import BertConfig, DistilBertConfig
-from jaxrlhf.models.layers import Dense, activation, attend, merge_heads, split_heads
+from jaxrlhf.models.layers import Dense, LayerNorm, activation, attend, merge_heads, split_heads
 
 
 def _init(config):
@@ -39,9 +39,18 @@ class EncoderLayer(nn.Module):
         q, k, v = (split_heads(dense(d, n)(x_BxTxD), self.num_heads) for n in ("query", "key", "value"))
         scale = (d // self.num_heads) ** -0.5
         attn_BxTxD = dense(d, "attn_out")(merge_heads(attend(q, k, v, mask_BxTxS, scale)))
-        x_BxTxD = nn.LayerNorm(self.eps, dtype=self.dtype, name="attn_ln")(attn_BxTxD + x_BxTxD)
+        x_BxTxD = LayerNorm(self.eps, dtype=self.dtype, name="attn_ln")(attn_BxTxD + x_BxTxD)
         h = activation(self.act)(dense(self.intermediate_size, "ffn_in")(x_BxTxD))
-        return nn.LayerNorm(self.eps, dtype=self.dtype, name="ffn_ln")(dense(d, "ffn_out")(h) + x_BxTxD)
+        return LayerNorm(self.eps, dtype=self.dtype, name="ffn_ln")(dense(d, "ffn_out")(h) + x_BxTxD)
+
+
+# Rematerialised (the backward pass recomputes the layer's activations from its input); same
+# params, same gradients.
+_RematEncoderLayer = nn.remat(EncoderLayer)
+
+
+def _encoder_layer(remat: bool) -> type[nn.Module]:
+    return _RematEncoderLayer if remat else EncoderLayer
 
 
 def _encoder_mask(attention_mask_BxT: jax.Array, t: int) -> jax.Array:
@@ -59,6 +68,7 @@ class BertModel(nn.Module):
     config: BertConfig
     dtype: jnp.dtype = jnp.float32
     add_pooling_layer: bool = True
+    remat: bool = False  # rematerialise each encoder layer
 
     @nn.compact
     def __call__(
@@ -79,7 +89,7 @@ class BertModel(nn.Module):
         )
         mask_BxTxS = _encoder_mask(attention_mask_BxT, t)
         for i in range(cfg.num_hidden_layers):
-            x_BxTxD = EncoderLayer(
+            x_BxTxD = _encoder_layer(self.remat)(
                 cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps,
                 cfg.initializer_range, self.dtype, name=f"layer_{i}",
             )(x_BxTxD, mask_BxTxS)
@@ -106,7 +116,7 @@ class _BertEmbeddings(nn.Module):
             + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids_BxT)
             + embed(cfg.max_position_embeddings, "position_embeddings")(positions_BxT)
         )
-        return nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x_BxTxD)
+        return LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x_BxTxD)
 
 
 class BertForSequenceClassification(nn.Module):
@@ -114,10 +124,11 @@ class BertForSequenceClassification(nn.Module):
 
     config: BertConfig
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # rematerialise each encoder layer
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, token_type_ids_BxT=None, positions_BxT=None):
-        _, pooled_BxD = BertModel(self.config, self.dtype, name="bert")(
+        _, pooled_BxD = BertModel(self.config, self.dtype, remat=self.remat, name="bert")(
             input_ids_BxT, attention_mask_BxT, token_type_ids_BxT, positions_BxT
         )
         head = nn.Dense(self.config.num_labels, dtype=self.dtype, kernel_init=_init(self.config), name="classifier")
@@ -129,6 +140,7 @@ class DistilBertModel(nn.Module):
 
     config: DistilBertConfig
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # rematerialise each encoder layer
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None) -> jax.Array:
@@ -141,7 +153,7 @@ class DistilBertModel(nn.Module):
         )
         mask_BxTxS = _encoder_mask(attention_mask_BxT, t)
         for i in range(cfg.n_layers):
-            x_BxTxD = EncoderLayer(
+            x_BxTxD = _encoder_layer(self.remat)(
                 cfg.n_heads, cfg.hidden_dim, cfg.activation, cfg.layer_norm_eps, cfg.initializer_range,
                 self.dtype, name=f"layer_{i}",
             )(x_BxTxD, mask_BxTxS)
@@ -162,7 +174,7 @@ class _DistilBertEmbeddings(nn.Module):
         x_BxTxD = embed(cfg.vocab_size, "word_embeddings")(input_ids_BxT) + embed(
             cfg.max_position_embeddings, "position_embeddings"
         )(positions_BxT)
-        return nn.LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x_BxTxD)
+        return LayerNorm(cfg.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(x_BxTxD)
 
 
 class DistilBertForSequenceClassification(nn.Module):
@@ -170,11 +182,12 @@ class DistilBertForSequenceClassification(nn.Module):
 
     config: DistilBertConfig
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False  # rematerialise each encoder layer
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None):
         cfg = self.config
-        hidden_BxTxD = DistilBertModel(cfg, self.dtype, name="distilbert")(
+        hidden_BxTxD = DistilBertModel(cfg, self.dtype, self.remat, name="distilbert")(
             input_ids_BxT, attention_mask_BxT, positions_BxT
         )
         h_BxD = nn.Dense(cfg.dim, dtype=self.dtype, kernel_init=_init(cfg), name="pre_classifier")(hidden_BxTxD[:, 0])

@@ -21,11 +21,14 @@ class _HFConfig:
         """Build from a config.json dict; `where` names its source in errors."""
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in hf.items() if k in fields}
+        if isinstance(kwargs.get("eos_token_id"), list):  # a tuple keeps the config hashable (a static jit argument)
+            kwargs["eos_token_id"] = tuple(kwargs["eos_token_id"])
         if "id2label" in fields and "id2label" in hf:
             id2label = hf["id2label"]
             kwargs["id2label"] = tuple(id2label[k] for k in sorted(id2label, key=int))
             kwargs["num_labels"] = len(id2label)
         try:
+            token_ids(kwargs.get("eos_token_id"))
             return cls(**kwargs)
         except (ConfigError, TypeError) as e:
             raise ConfigError(f"{where}: {e}") from None
@@ -57,6 +60,15 @@ class _HFConfig:
             raise ConfigError(f"{width_key}={width} must be a multiple of {heads_key}={heads}")
 
 
+def token_ids(value: Any, key: str = "eos_token_id") -> tuple[int, ...]:
+    """`eos_token_id` as config.json, generation_config.json or the sampler settings hold it
+    (an id, a list of ids as Llama 3's, or null) -> the ids, `()` for null."""
+    ids = () if value is None else tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ConfigError(f"{key}={value!r} must be a token id or a list of them (ints >= 0), or null")
+    return ids
+
+
 def _labels(num_labels: int, id2label: tuple[str, ...] | None) -> tuple[str, ...]:
     if id2label is None:
         return tuple(f"LABEL_{i}" for i in range(num_labels))
@@ -80,7 +92,7 @@ class GPT2Config(_HFConfig):
     scale_attn_by_inverse_layer_idx: bool = False
     initializer_range: float = 0.02
     bos_token_id: int | None = 50256
-    eos_token_id: int | None = 50256
+    eos_token_id: int | tuple | None = 50256  # one id or several (see `token_ids`)
     pad_token_id: int | None = None
 
     def __post_init__(self):
@@ -142,8 +154,6 @@ class LlamaConfig(_HFConfig):
         hf = dict(hf)
         if "rope_theta" in rope:
             hf["rope_theta"] = rope["rope_theta"]
-        if isinstance(hf.get("eos_token_id"), list):
-            hf["eos_token_id"] = tuple(hf["eos_token_id"])  # hashable: the config is a static jit argument
         if hf.get("pretraining_tp", 1) != 1:
             raise ConfigError(f"{where}: pretraining_tp={hf['pretraining_tp']} is not supported; only 1 is")
         return super().from_hf(hf, where)

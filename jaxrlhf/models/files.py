@@ -1,5 +1,6 @@
-"""Finding a checkpoint (local folder or hub name) and reading its files: config.json, and the
-weights from safetensors (sharded or not) or, through torch's `weights_only` loader, pickles."""
+"""Finding a checkpoint (local folder or hub name) and reading its files: generation_config.json's
+EOS ids, and the weights from safetensors (sharded or not) or, through torch's `weights_only`
+loader, pickles."""
 
 import json
 import os
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxrlhf.errors import CheckpointError
+from jaxrlhf.errors import CheckpointError, ConfigError
+from jaxrlhf.models.configs import token_ids
 
 _SAFE_INDEX = "model.safetensors.index.json"
 _TORCH_INDEX = "pytorch_model.bin.index.json"
@@ -34,6 +36,24 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
             f"{text} is neither a local directory nor a model found on the Hugging Face hub "
             f"or in its local cache ({type(e).__name__}: {e})"
         ) from e
+
+
+def generation_eos(directory: Path) -> dict:
+    """`{"eos_token_id": ...}` from the checkpoint's generation_config.json when it sets one, else
+    `{}`: transformers' `generate` stops on that file's ids (Llama 3's list several) and on
+    config.json's only where the file is missing, so they override config.json's on load."""
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a JSON object: {e}") from e
+    try:
+        token_ids(eos)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return {} if eos is None else {"eos_token_id": eos}
 
 
 def weight_files(directory: Path) -> list[Path]:

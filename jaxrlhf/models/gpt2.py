@@ -13,6 +13,7 @@ from jaxrlhf.models.layers import (
     CausalLMOutput,
     Dense,
     KVCache,
+    LayerNorm,
     ValueHead,
     activation,
     attend,
@@ -81,18 +82,26 @@ class GPT2Block(nn.Module):
     @nn.compact
     def __call__(self, x_BxTxD: jax.Array, mask_BxTxS: jax.Array, kv=None, index=None):
         eps = self.config.layer_norm_epsilon
-        h = nn.LayerNorm(eps, dtype=self.dtype, name="ln_1")(x_BxTxD)
+        h = LayerNorm(eps, dtype=self.dtype, name="ln_1")(x_BxTxD)
         attn_BxTxD, kv = GPT2Attention(self.config, self.layer_idx, self.dtype, name="attn")(h, mask_BxTxS, kv, index)
         x_BxTxD = x_BxTxD + attn_BxTxD
-        h = nn.LayerNorm(eps, dtype=self.dtype, name="ln_2")(x_BxTxD)
+        h = LayerNorm(eps, dtype=self.dtype, name="ln_2")(x_BxTxD)
         return x_BxTxD + GPT2MLP(self.config, self.dtype, name="mlp")(h), kv
 
 
+# Rematerialised: the backward pass recomputes the block's activations from its input instead
+# of holding them. Same params (the same names), same gradients.
+_RematBlock = nn.remat(GPT2Block)
+
+
 class GPT2Model(nn.Module):
-    """The GPT-2 trunk: token ids -> (final hidden states `[B, T, D]`, updated cache or None)."""
+    """The GPT-2 trunk: token ids -> (final hidden states `[B, T, D]`, updated cache or None).
+    `remat`: rematerialise each block when there is no cache (training and scoring passes;
+    decoding with a cache has no backward pass)."""
 
     config: GPT2Config
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(
@@ -115,11 +124,12 @@ class GPT2Model(nn.Module):
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=self.dtype, embedding_init=init, name="wpe")
         x_BxTxD = wte(input_ids_BxT) + wpe(positions_BxT)
         layers = []
+        block = _RematBlock if self.remat and cache is None else GPT2Block
         for i in range(cfg.n_layer):
             kv = None if cache is None else cache.layers[i]
-            x_BxTxD, kv = GPT2Block(cfg, i, self.dtype, name=f"h_{i}")(x_BxTxD, mask_BxTxS, kv, first)
+            x_BxTxD, kv = block(cfg, i, self.dtype, name=f"h_{i}")(x_BxTxD, mask_BxTxS, kv, first)
             layers.append(kv)
-        x_BxTxD = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x_BxTxD)
+        x_BxTxD = LayerNorm(cfg.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(x_BxTxD)
         new_cache = None if cache is None else KVCache(tuple(layers), keys_BxS, cache.index + t)
         return x_BxTxD, new_cache
 
@@ -133,6 +143,7 @@ class GPT2LMHeadModel(nn.Module):
     config: GPT2Config
     dtype: jnp.dtype = jnp.float32
     value_head: bool = False
+    remat: bool = False  # see `GPT2Model`
 
     @nn.compact
     def __call__(
@@ -146,7 +157,7 @@ class GPT2LMHeadModel(nn.Module):
         """With `head_slice` (a static slice of positions), only those positions get logits and
         values: the LM head is skipped where nobody reads it (the last position in training,
         the prompt in PPO, all but the last in a prefill), and no `[B, T, V]` slice is copied."""
-        trunk = GPT2Model(self.config, self.dtype, name="transformer")
+        trunk = GPT2Model(self.config, self.dtype, self.remat, name="transformer")
         hidden_BxTxD, cache = trunk(input_ids_BxT, attention_mask_BxT, positions_BxT, cache)
         head_in_BxLxD = hidden_BxTxD if head_slice is None else hidden_BxTxD[:, head_slice]
         wte = trunk.variables["params"]["wte"]["embedding"]

@@ -29,7 +29,7 @@ from jaxrlhf.models.bert import (
     DistilBertModel,
 )
 from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig
-from jaxrlhf.models.files import read_tensors, resolve, weight_files
+from jaxrlhf.models.files import generation_eos, read_tensors, resolve, weight_files
 from jaxrlhf.models.gpt2 import GPT2LMHeadModel, GPT2Model
 from jaxrlhf.models.llama import LlamaForCausalLM, LlamaModel
 
@@ -62,7 +62,7 @@ _DISTILBERT_LAYER = {
 
 @dataclasses.dataclass(frozen=True)
 class _Head:
-    cls: type[nn.Module]  # built as cls(config, dtype)
+    cls: type[nn.Module]  # built as cls(config, dtype, remat=...)
     hf_architecture: str
 
 
@@ -167,6 +167,7 @@ def _candidates(key: str, trunk: str) -> list[str]:
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
+    """config.json, its `eos_token_id` replaced by generation_config.json's when that sets one."""
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face checkpoint directory?")
@@ -181,7 +182,7 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: model_type {model_type!r} is not supported; jaxrlhf loads {sorted(ARCHITECTURES)}"
         )
-    return hf
+    return hf | generation_eos(directory)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +204,8 @@ def load_pretrained(
     head: str | None = None,
     value_head: bool = False,
     num_labels: int | None = None,
-    dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | str = jnp.float32,
+    remat: bool = False,
     revision: str | None = None,
     rng: jax.Array | None = None,
 ) -> tuple[nn.Module, Params, Any]:
@@ -213,12 +215,14 @@ def load_pretrained(
     the checkpoint's `architectures` names. `value_head` adds PPO's scalar head to a causal LM;
     `num_labels` sets the classification width (1 = regression). Head tensors the checkpoint
     lacks are initialised from `rng` (with a warning naming them); any other missing tensor is
-    an error. Params are float32; `dtype` is the compute dtype. Use as
+    an error. Params are float32; `dtype` is the compute dtype (see `layers.frozen_params`); `remat`
+    rematerialises each transformer block in the backward pass (same params and gradients, less
+    memory). Use as
     `module.apply({"params": params}, input_ids, attention_mask)`.
     """
     directory = resolve(name_or_path, revision)
     hf = read_hf_config(directory)
-    module = _build(hf, head, value_head, num_labels, dtype, where=str(directory / "config.json"))
+    module = _build(hf, head, value_head, num_labels, dtype, where=str(directory / "config.json"), remat=remat)
     state: dict[str, tuple[np.ndarray, Path]] = {}
     for path in weight_files(directory):
         state.update({k: (v, path) for k, v in read_tensors(path).items()})
@@ -232,25 +236,27 @@ def from_config(
     *,
     head: str | None = None,
     value_head: bool = False,
-    dtype: jnp.dtype = jnp.float32,
+    dtype: jnp.dtype | str = jnp.float32,
+    remat: bool = False,
     where: str = "model config",
 ) -> tuple[nn.Module, Params, Any]:
-    """A freshly initialised model from a config.json-style dict (with `model_type`)."""
-    module = _build(hf_config, head, value_head, None, dtype, where)
+    """A freshly initialised model from a config.json-style dict (with `model_type`); float32
+    params, `dtype` and `remat` as `load_pretrained`'s."""
+    module = _build(hf_config, head, value_head, None, dtype, where, remat)
     params = jax.jit(module.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
     return module, params, module.config
 
 
 def abstract_model(hf_config: dict[str, Any], *, head: str | None = None, value_head: bool = False,
-                   num_labels: int | None = None, dtype: jnp.dtype = jnp.float32,
+                   num_labels: int | None = None, dtype: jnp.dtype = jnp.float32, remat: bool = False,
                    where: str = "model config") -> tuple[nn.Module, Params]:
     """The model a config.json-style dict describes, its params as `jax.ShapeDtypeStruct`s
     (nothing allocated, no weights read): for planning memory -> (module, abstract params)."""
-    module = _build(hf_config, head, value_head, num_labels, dtype, where)
+    module = _build(hf_config, head, value_head, num_labels, dtype, where, remat)
     return module, _abstract_params(module)
 
 
-def _build(hf, head, value_head, num_labels, dtype, where) -> nn.Module:
+def _build(hf, head, value_head, num_labels, dtype, where, remat=False) -> nn.Module:
     if hf.get("model_type") not in ARCHITECTURES:
         raise CheckpointError(f"{where}: model_type {hf.get('model_type')!r} is not supported; "
                               f"jaxrlhf builds {sorted(ARCHITECTURES)}")
@@ -263,7 +269,7 @@ def _build(hf, head, value_head, num_labels, dtype, where) -> nn.Module:
         raise CheckpointError(f"head={head!r} is not available for {hf['model_type']}; choose one of {sorted(arch.heads)}")
     if value_head and head != "lm":
         raise CheckpointError(f"value_head=True is only available for causal LM policies (head 'lm'), not head {head!r}")
-    return arch.heads[head].cls(config, dtype, **({"value_head": True} if value_head else {}))
+    return arch.heads[head].cls(config, jnp.dtype(dtype), remat=remat, **({"value_head": True} if value_head else {}))
 
 
 def _default_head(arch: _Arch, hf: dict[str, Any]) -> str:

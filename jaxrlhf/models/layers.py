@@ -43,6 +43,35 @@ class Dense(nn.Dense):
         return y.reshape(*x_NxD.shape[:-1], y.shape[-1])
 
 
+class LayerNorm(nn.Module):
+    """`nn.LayerNorm` (same params, same float32 maths: statistics, scale and shift in float32,
+    the variance as E[x^2] - E[x]^2) with the output in the compute `dtype`, and its scale and
+    bias rounded to that dtype first, as `Dense` and `Embed` round their params: so params
+    stored in bfloat16 (a frozen model's) compute exactly what their float32 originals do.
+    Under bfloat16 this is torch's LayerNorm on bfloat16 weights."""
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_NxD: jax.Array) -> jax.Array:
+        d = x_NxD.shape[-1]
+        scale_D, bias_D = (self.param(n, init, (d,)).astype(self.dtype).astype(jnp.float32)
+                           for n, init in (("scale", nn.initializers.ones), ("bias", nn.initializers.zeros)))
+        x = x_NxD.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.maximum(0.0, jnp.mean(lax.square(x), axis=-1, keepdims=True) - lax.square(mean))
+        return ((x - mean) * (lax.rsqrt(var + self.epsilon) * scale_D) + bias_D).astype(self.dtype)
+
+
+def frozen_params(params, dtype):
+    """The params of a model nobody trains (a reference, a reward model, a policy being
+    evaluated) stored in its compute `dtype`: half the bytes in bfloat16. Every layer rounds its
+    params to the compute dtype where it uses them (`Dense`, `nn.Embed`, `LayerNorm`, `RMSNorm`,
+    the LM head), so these compute exactly what the float32 params do."""
+    return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
 def rows_matmul(x_NxD: jax.Array, w_VxD: jax.Array) -> jax.Array:
     """`x @ w.T` over the last axis of `x` `[..., D]` -> `[..., V]` float32, as one 2-D matmul
     (see `Dense`): the LM head of the tiny SFT step trains 18% faster so on CPU. Accumulated

@@ -109,11 +109,16 @@ class LlamaDecoderLayer(nn.Module):
         return x_BxTxD + LlamaMLP(self.config, self.dtype, name="mlp")(h), kv
 
 
+_RematLayer = nn.remat(LlamaDecoderLayer)  # as GPT-2's `_RematBlock`
+
+
 class LlamaModel(nn.Module):
-    """The trunk: token ids -> (final hidden states `[B, T, D]`, updated cache or None)."""
+    """The trunk: token ids -> (final hidden states `[B, T, D]`, updated cache or None);
+    `remat` as `GPT2Model`'s."""
 
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
+    remat: bool = False
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, cache: KVCache | None = None):
@@ -128,10 +133,10 @@ class LlamaModel(nn.Module):
                          embedding_init=nn.initializers.normal(cfg.initializer_range), name="embed_tokens")
         x_BxTxD = embed(input_ids_BxT)
         layers = []
+        layer = _RematLayer if self.remat and cache is None else LlamaDecoderLayer
         for i in range(cfg.num_hidden_layers):
             kv = None if cache is None else cache.layers[i]
-            x_BxTxD, kv = LlamaDecoderLayer(cfg, self.dtype, name=f"layers_{i}")(x_BxTxD, positions_BxT, mask_BxTxS,
-                                                                                 kv, first)
+            x_BxTxD, kv = layer(cfg, self.dtype, name=f"layers_{i}")(x_BxTxD, positions_BxT, mask_BxTxS, kv, first)
             layers.append(kv)
         x_BxTxD = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x_BxTxD)
         new_cache = None if cache is None else KVCache(tuple(layers), keys_BxS, cache.index + t)
@@ -145,13 +150,14 @@ class LlamaForCausalLM(nn.Module):
     config: LlamaConfig
     dtype: jnp.dtype = jnp.float32
     value_head: bool = False
+    remat: bool = False  # see `LlamaModel`
 
     @nn.compact
     def __call__(self, input_ids_BxT, attention_mask_BxT=None, positions_BxT=None, cache: KVCache | None = None,
                  head_slice: slice | None = None) -> CausalLMOutput:
         """`head_slice` (static) limits the LM and value heads to those positions, as for GPT-2."""
         cfg = self.config
-        trunk = LlamaModel(cfg, self.dtype, name="model")
+        trunk = LlamaModel(cfg, self.dtype, self.remat, name="model")
         hidden_BxTxD, cache = trunk(input_ids_BxT, attention_mask_BxT, positions_BxT, cache)
         head_in_BxLxD = hidden_BxTxD if head_slice is None else hidden_BxTxD[:, head_slice]
         if cfg.tie_word_embeddings:

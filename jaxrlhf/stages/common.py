@@ -11,36 +11,45 @@ import jax
 from jaxrlhf import config as cfg
 from jaxrlhf import data, outputs, parallel
 from jaxrlhf.errors import ConfigError, JaxRLHFError, OutputError
-from jaxrlhf.models import from_config, load_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.models import from_config, frozen_params, load_pretrained, load_tokenizer, save_pretrained
 from jaxrlhf.updates.common import TrainState, make_optimizer
 from jaxrlhf.trainer import Checkpoints, run_loop
 
 
+def model_options(compute: cfg.ComputeConfig) -> dict:
+    """The `load_pretrained` / `from_config` keywords of a stage's `compute` section."""
+    return {"dtype": compute.dtype, "remat": compute.remat == "block"}
+
+
 def load_model(path: str | None, model_config: dict | None, tokenizer_path: str | None, seed: int, head: str,
-               num_labels: int | None = None, pad_token: str | None = None):
+               num_labels: int | None = None, pad_token: str | None = None,
+               compute: cfg.ComputeConfig = cfg.ComputeConfig()):
     """A pretrained checkpoint (`path`), or a fresh model from `model_config` (a config.json
     dict) with the tokenizer at `tokenizer_path` -> (module, params, config, tokenizer).
     `num_labels` sets a classification head's width (a new head where the checkpoint differs);
-    `pad_token` is the config's key (see `data.set_pad_token`)."""
+    `pad_token` is the config's key (see `data.set_pad_token`); `compute` the stage's section
+    (float32 params either way)."""
     if (path is None) == (model_config is None):
         raise ConfigError("give exactly one of model (a checkpoint path or hub name) or model_config (a fresh model)")
     if path is not None:
-        module, params, config = load_pretrained(path, rng=jax.random.key(seed), head=head, num_labels=num_labels)
+        module, params, config = load_pretrained(path, rng=jax.random.key(seed), head=head, num_labels=num_labels,
+                                                 **model_options(compute))
     else:
         if tokenizer_path is None:
             raise ConfigError("model_config needs a tokenizer path (the key 'tokenizer')")
         model_config = dict(model_config) | ({} if num_labels is None else {"num_labels": num_labels})
-        module, params, config = from_config(model_config, jax.random.key(seed), where="model_config", head=head)
+        module, params, config = from_config(model_config, jax.random.key(seed), where="model_config", head=head,
+                                             **model_options(compute))
     tokenizer = load_tokenizer(tokenizer_path or path, config)
     check_special_tokens(tokenizer, tokenizer_path or path, eos=head == "lm", pad_token=pad_token)
     return module, params, config, tokenizer
 
 
-def load_policy(path: str, pad_token: str | None = None, **kwargs):
+def load_policy(path: str, pad_token: str | None = None, compute: cfg.ComputeConfig = cfg.ComputeConfig(), **kwargs):
     """A causal LM policy checkpoint (GPT-2, Llama) and its tokenizer -> (module, params, config, tokenizer);
-    `pad_token` is the config's key (see `data.set_pad_token`); `kwargs` go to
-    `load_pretrained` (e.g. `value_head=True`)."""
-    module, params, config = load_pretrained(path, head="lm", **kwargs)
+    `pad_token` is the config's key (see `data.set_pad_token`); `compute` the stage's section
+    (float32 params either way); `kwargs` go to `load_pretrained` (e.g. `value_head=True`)."""
+    module, params, config = load_pretrained(path, head="lm", **model_options(compute), **kwargs)
     return module, params, config, policy_tokenizer(path, config, pad_token)
 
 
@@ -90,11 +99,12 @@ def train_mesh(train: cfg.TrainConfig, minibatches: int = 1, section: str = "ppo
 
 
 # What a resumed run may change: how long it runs, what it logs and keeps, on how many devices
-# and in how many microbatches (either way the update of the whole batch), what it does on a
-# NaN, and where the folder is (it may have been moved). Anything else would make config.json
-# describe steps it did not train.
+# and in how many microbatches (either way the update of the whole batch), whether blocks are
+# rematerialised (the same gradients), what it does on a NaN, and where the folder is (it may
+# have been moved). Anything else (compute.dtype among it: other rounding, other steps) would
+# make config.json describe steps it did not train.
 RESUMABLE = ("train.steps", "train.log_every", "train.save_every", "train.keep_checkpoints", "train.tensorboard",
-             "train.mesh.data", "train.mesh.fsdp", "train.grad_accum_steps", "train.on_nonfinite",
+             "train.mesh.data", "train.mesh.fsdp", "train.grad_accum_steps", "compute.remat", "train.on_nonfinite",
              "train.output_dir")
 # What a finished run's export does not depend on, so that it may be reused under another value:
 # all of the above but its length (more or fewer steps is another model).
@@ -155,13 +165,14 @@ def record_config(checked: tuple[Path, dict]) -> Path:
 @dataclasses.dataclass(frozen=True)
 class Training:
     """What a training stage compiles, from its config alone: its update `step` (an update
-    factory's), the optimizer updates each step makes, whether the state holds the frozen
-    reference (the starting params) and the state's other fields (e.g. PPO's `kl_coef`).
+    factory's), the optimizer updates each step makes, the dtype the state's frozen reference
+    (the starting params) is stored in (None: no reference) and the state's other fields (e.g.
+    PPO's `kl_coef`).
     The run and the memory plan (`jaxrlhf.memory`) both build their state and update from it."""
 
     step: Callable
     updates_per_step: int = 1
-    reference: bool = False
+    reference: str | None = None  # the compute dtype the reference is stored in; None: no reference
     fields: dict = dataclasses.field(default_factory=dict)
 
 
@@ -171,7 +182,8 @@ def initial_state(module, params, train: cfg.TrainConfig, training: Training):
     tx, lr = optimizer(train, training.updates_per_step)
     state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
                               grad_accum_steps=train.grad_accum_steps,
-                              ref_params=params if training.reference else None, **training.fields)
+                              ref_params=None if training.reference is None else
+                              frozen_params(params, training.reference), **training.fields)
     return state, lr
 
 
@@ -261,10 +273,16 @@ def _check_same_run(out: Path, saved: dict, record: dict) -> None:
                            f"{', '.join(RESUMABLE)})")
 
 
+# Keys added after run folders were first written, with the value that does what those runs did:
+# a config.json written before a key existed reads as that value, so such a run still resumes.
+ADDED_SINCE = {"compute.dtype": "float32", "compute.remat": "none"}
+
+
 def _changes(saved: dict, record: dict, free: tuple[str, ...]) -> str:
     """The keys `record` changes from the `saved` config.json (but those in `free`), as
     "key (old -> new), ...", or "" when it changes none."""
     before, now = cfg.flat(saved), cfg.flat(record)
+    before |= {k: v for k, v in ADDED_SINCE.items() if k not in before and k in now}
     changed = [k for k in sorted(set(before) | set(now))
                if not k.startswith("_") and k not in free and before.get(k, "(unset)") != now.get(k, "(unset)")]
     return ", ".join(f"{k} ({before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r})" for k in changed)

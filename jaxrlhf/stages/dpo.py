@@ -6,9 +6,9 @@ from typing import Literal
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, TrainConfig, check, pad_token_key
+from jaxrlhf.config import ComputeConfig, DataConfig, TrainConfig, check, pad_token_key
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.models import load_pretrained
+from jaxrlhf.models import frozen_params, load_pretrained
 from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state, whole_rows
 from jaxrlhf.stages import common
 from jaxrlhf.updates.common import sequence_logps_jit
@@ -30,6 +30,7 @@ class DPOConfig:
     max_length: int = 64
     pad_token: str | None = pad_token_key()
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # the policy's and the reference's
 
     def __post_init__(self):
         check(self.beta > 0, f"beta={self.beta} must be > 0")
@@ -63,10 +64,10 @@ def _pair_arrays(rows, tokenizer, max_length, source: DataConfig):
     return out
 
 
-def _reference_logps(module, params, arrays, mesh, batch_size=64):
+def _reference_logps(module, params, arrays, mesh, batch_size: int):
     """Summed sequence logprobs of every pair under the frozen reference (`params` laid out on
     `mesh`, each device scoring its rows), computed once up front (the step length-averages
-    them itself where the loss wants that)."""
+    them itself where the loss wants that), `batch_size` sequences at a time."""
     batch_size = whole_rows(batch_size, mesh)
     out = {}
     for side in ("chosen", "rejected"):
@@ -86,7 +87,8 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
     writing nothing -> what the run needs. `--dry-run` runs exactly this."""
     train = config.train
     with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = common.load_policy(config.policy, pad_token=config.pad_token)
+        module, params, model_config, tokenizer = common.load_policy(config.policy, pad_token=config.pad_token,
+                                                                     compute=config.compute)
     common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
     rows = data.load_rows(config.data, tuple(COLUMNS["pairs"]))
     arrays = _pair_arrays(rows, tokenizer, config.max_length, config.data)
@@ -94,10 +96,11 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
     ref_params = None if config.loss_type == "slic" else params
     if config.reference is not None and config.loss_type != "slic":
         with on_host():
-            _, ref_params, ref_config = load_pretrained(config.reference, head="lm")
+            _, ref_params, ref_config = load_pretrained(config.reference, head="lm", dtype=config.compute.dtype)
         if ref_config != model_config:
             raise ConfigError(f"reference {config.reference} is not the policy's architecture "
                               f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
+    ref_params = None if ref_params is None else frozen_params(ref_params, config.compute.dtype)
     output = common.check_output("dpo", train, config, resume, len(rows),
                                  inputs=(config.policy, config.reference, config.data.path))
     return {"module": module, "params": params, "ref_params": ref_params, "tokenizer": tokenizer, "arrays": arrays,
@@ -117,7 +120,10 @@ def run(config: DPOConfig, resume: bool = False):
     module, params, tokenizer, arrays, n, mesh = (
         ready[k] for k in ("module", "params", "tokenizer", "arrays", "rows", "mesh"))
     if ready["ref_params"] is not None:
-        arrays |= _reference_logps(module, put_state(ready["ref_params"], mesh), arrays, mesh)
+        # As many sequences at a time as the update's loss microbatch scores (its pairs' chosen
+        # and rejected): this pass needs no more memory than the update.
+        arrays |= _reference_logps(module, put_state(ready["ref_params"], mesh), arrays, mesh,
+                                   2 * train.batch_size // train.grad_accum_steps)
     out, state, lr = common.start_training(ready, train, spec := training(config))
     step = data_parallel(spec.step, mesh, state)
 

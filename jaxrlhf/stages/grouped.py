@@ -50,7 +50,8 @@ def preflight(config, section: str, resume: bool = False) -> dict:
 def training(config, section: str, make_update) -> common.Training:
     """The run's update, `make_update(config.<section>)`; the reference only with a KL (beta)."""
     method = getattr(config, section)
-    return common.Training(make_update(method), method.updates_per_step, reference=bool(method.beta))
+    return common.Training(make_update(method), method.updates_per_step,
+                           reference=config.compute.dtype if method.beta else None)
 
 
 def run(config, section: str, make_update, resume: bool = False):
@@ -72,7 +73,7 @@ def run(config, section: str, make_update, resume: bool = False):
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         rollout = sample(module, state.params, ids[idx], mask[idx], gen_key, sampler, mesh)
-        batch = scored_batch(rollout, [texts[j] for j in idx], tokenizer, scorer, config.missing_eos_penalty)
+        batch = scored_batch(rollout, [texts[j] for j in idx], tokenizer, sampler, scorer, config.missing_eos_penalty)
         rollout_s = time.perf_counter() - started
         state, metrics = update(state, batch, update_key)
         return state, {**metrics, "time/rollout_s": rollout_s}

@@ -4,7 +4,8 @@ token-loss normalisations (grpo, dr_grpo, dapo, bnpo) and GSPO's sequence-level 
 
 import dataclasses
 
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, pad_token_key
+from jaxrlhf.config import (ComputeConfig, DataConfig, RewardSource, SamplingSection, TrainConfig,
+                            pad_token_key)
 from jaxrlhf.stages import grouped
 from jaxrlhf.stages.rollout import PROMPT_COLUMNS
 from jaxrlhf.updates.grpo import GRPOConfig, make_grpo_update
@@ -23,6 +24,7 @@ class GRPOStageConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     missing_eos_penalty: float | None = None  # TRL's: off the score of a reply that never ended
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # every model the stage runs
 
     def __post_init__(self):
         grouped.check_config(self, "grpo", "GRPO")

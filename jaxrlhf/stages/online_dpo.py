@@ -10,7 +10,8 @@ import jax
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check, pad_token_key
+from jaxrlhf.config import (ComputeConfig, DataConfig, RewardSource, SamplingSection, TrainConfig,
+                            check, pad_token_key)
 from jaxrlhf.parallel import data_parallel
 from jaxrlhf.rewards import penalise_missing_eos, replies_ended
 from jaxrlhf.stages import common
@@ -33,6 +34,7 @@ class OnlineDPOConfig:
     # before the pair is made. Off when null.
     missing_eos_penalty: float | None = None
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # every model the stage runs
 
     def __post_init__(self):
         check(self.beta > 0, f"beta={self.beta} must be > 0")
@@ -97,7 +99,7 @@ def preflight(config: OnlineDPOConfig, resume: bool = False) -> dict:
 
 def training(config: OnlineDPOConfig) -> common.Training:
     # The reference is scored in the step from state.ref_params: the replies are new every step.
-    return common.Training(make_dpo_step(config.loss_type, config.beta), reference=True)
+    return common.Training(make_dpo_step(config.loss_type, config.beta), reference=config.compute.dtype)
 
 
 def run(config: OnlineDPOConfig, resume: bool = False):
@@ -115,14 +117,14 @@ def run(config: OnlineDPOConfig, resume: bool = False):
         gen_key, step_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         rollout = sample(module, state.params, ids[both], mask[both], gen_key, sampler, mesh)
-        scores = scorer([texts[j] for j in both], decode_responses(tokenizer, rollout))
+        scores = scorer([texts[j] for j in both], decode_responses(tokenizer, rollout, sampler.eos_ids))
         if config.missing_eos_penalty is not None:
-            scores = penalise_missing_eos(scores, rollout, tokenizer.eos_token_id, config.missing_eos_penalty)
+            scores = penalise_missing_eos(scores, rollout, sampler.eos_ids, config.missing_eos_penalty)
         batch, first_chosen = make_pairs(rollout.sequences, rollout.attention_mask, rollout.response_mask.shape[1],
                                          scores)
         rollout_s = time.perf_counter() - started
         state, metrics = step(state, batch, step_key)
-        extra = trl_metrics(metrics, scores, first_chosen, replies_ended(rollout, tokenizer.eos_token_id), config.beta)
+        extra = trl_metrics(metrics, scores, first_chosen, replies_ended(rollout, sampler.eos_ids), config.beta)
         return state, {**metrics, **extra, "time/rollout_s": rollout_s}
 
     state = common.train_loop(out, state, step_fn, train, resume, "online_dpo", desc="online dpo",

@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, check, pad_token_key
+from jaxrlhf.config import (ComputeConfig, DataConfig, RewardSource, SamplingSection, TrainConfig,
+                            check, pad_token_key)
 from jaxrlhf.parallel import data_parallel
 from jaxrlhf.updates.ppo import PPOConfig, check_kl_horizon, make_ppo_update
 from jaxrlhf.stages import common
@@ -29,6 +30,7 @@ class PPOStageConfig:
     # (a reply cut at max_new_tokens), so rambling does not pay. Off when null.
     missing_eos_penalty: float | None = None
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # every model the stage runs
 
     def __post_init__(self):
         check_on_policy(self.sampling, self.ppo.temperature, "PPO", "ppo")
@@ -56,7 +58,7 @@ def preflight(config: PPOStageConfig, resume: bool = False) -> dict:
 
 
 def training(config: PPOStageConfig) -> common.Training:
-    return common.Training(make_ppo_update(config.ppo), config.ppo.updates_per_step, reference=True,
+    return common.Training(make_ppo_update(config.ppo), config.ppo.updates_per_step, reference=config.compute.dtype,
                            fields={"kl_coef": jnp.float32(config.ppo.kl_coef)})
 
 
@@ -74,7 +76,7 @@ def run(config: PPOStageConfig, resume: bool = False):
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         rollout = sample(module, state.params, ids[idx], mask[idx], gen_key, sampler, mesh)
-        batch = scored_batch(rollout, [texts[j] for j in idx], tokenizer, scorer, config.missing_eos_penalty)
+        batch = scored_batch(rollout, [texts[j] for j in idx], tokenizer, sampler, scorer, config.missing_eos_penalty)
         rollout_s = time.perf_counter() - started
         state, metrics = update(state, batch, update_key)
         return state, {**metrics, "time/rollout_s": rollout_s}

@@ -10,8 +10,10 @@ import jax
 import numpy as np
 
 from jaxrlhf import data, outputs
-from jaxrlhf.config import DataConfig, MeshConfig, RewardSource, SamplingSection, check, pad_token_key
+from jaxrlhf.config import (ComputeConfig, DataConfig, MeshConfig, RewardSource, SamplingSection, check, check_no_remat,
+                            pad_token_key)
 from jaxrlhf.errors import JaxRLHFError, OutputError
+from jaxrlhf.models import frozen_params
 from jaxrlhf.parallel import check_rows, is_main, make_mesh, on_host, on_main, put_state
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.stages.common import load_policy
@@ -35,8 +37,10 @@ class PreferencesConfig:
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # the policy's and the reward model's
 
     def __post_init__(self):
+        check_no_remat(self.compute, "preferences")
         check(self.samples_per_prompt >= 2, f"samples_per_prompt={self.samples_per_prompt} must be at least 2")
         check(self.batch_size >= 1, f"batch_size={self.batch_size} must be at least 1")
         check(self.min_margin >= 0, f"min_margin={self.min_margin} must be >= 0")
@@ -77,8 +81,9 @@ def preflight(config: PreferencesConfig, resume: bool = False, overwrite: bool =
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp)
     check_rows(config.batch_size * k, mesh, f"batch_size x samples_per_prompt ({config.batch_size} x {k})")
     with on_host():  # the whole model is built on the host, then laid out on the mesh
-        module, params, model_config, tokenizer = load_policy(config.policy, pad_token=config.pad_token)
-    scorer = make_scorer(config.reward, mesh)
+        module, params, model_config, tokenizer = load_policy(config.policy, pad_token=config.pad_token,
+                                                              compute=config.compute)
+    scorer = make_scorer(config.reward, mesh, dtype=config.compute.dtype)
     rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
     settings = sampling_config(config.sampling, tokenizer, model_config)
@@ -96,7 +101,7 @@ def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False
         return path
     module, tokenizer, mesh, scorer, settings = (ready[k] for k in ("module", "tokenizer", "mesh", "scorer", "settings"))
     ids, mask, texts = ready["prompts"]
-    params = put_state(ready["params"], mesh)
+    params = put_state(frozen_params(ready["params"], config.compute.dtype), mesh)
     k, pairs, generations = config.samples_per_prompt, [], 0
     from tqdm.auto import tqdm
 
@@ -106,7 +111,7 @@ def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False
         rep = np.repeat(idx, k)
         key = jax.random.fold_in(jax.random.key(config.seed), start)
         out = sample(module, params, ids[rep], mask[rep], key, settings, mesh)
-        responses = decode_responses(tokenizer, out)
+        responses = decode_responses(tokenizer, out, settings.eos_ids)
         scores = scorer([texts[j] for j in rep], responses)
         for n, j in enumerate(idx[: min(config.batch_size, len(texts) - start)]):
             sl = slice(n * k, (n + 1) * k)

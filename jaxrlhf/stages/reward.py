@@ -7,7 +7,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, TrainConfig, check, pad_token_key
+from jaxrlhf.config import ComputeConfig, DataConfig, TrainConfig, check, pad_token_key
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.parallel import data_parallel, on_host
 from jaxrlhf.rewards import classifier_forward, score_rows
@@ -38,6 +38,7 @@ class RewardConfig:
     eval_data: DataConfig | None = None
     eval_batch_size: int = 64
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
 
     def __post_init__(self):
         check(self.max_length >= 2, f"max_length={self.max_length} must be at least 2")
@@ -125,7 +126,7 @@ def preflight(config: RewardConfig, resume: bool = False) -> dict:
     with on_host():  # the whole model is built on the host, then laid out on the mesh
         module, params, _, tokenizer = common.load_model(
             config.model, config.model_config, config.tokenizer, train.seed, head="classification", num_labels=1,
-            pad_token=config.pad_token)
+            pad_token=config.pad_token, compute=config.compute)
     arrays, held_out = _split(config, tokenizer)
     n = len(next(iter(arrays.values())))
     mesh = common.train_mesh(train)

@@ -3,7 +3,8 @@ mean of the others' rewards, with a KL leash to the frozen starting policy; no v
 
 import dataclasses
 
-from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig, pad_token_key
+from jaxrlhf.config import (ComputeConfig, DataConfig, RewardSource, SamplingSection, TrainConfig,
+                            pad_token_key)
 from jaxrlhf.stages import grouped
 from jaxrlhf.stages.rollout import PROMPT_COLUMNS
 from jaxrlhf.updates.rloo import RLOOConfig, make_rloo_update
@@ -22,6 +23,7 @@ class RLOOStageConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     missing_eos_penalty: float | None = None  # TRL's: off the score of a reply that never ended
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # every model the stage runs
 
     def __post_init__(self):
         grouped.check_config(self, "rloo", "RLOO")

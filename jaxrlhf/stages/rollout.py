@@ -5,8 +5,9 @@ preference-pair making and evaluation."""
 import jax
 import numpy as np
 
-from jaxrlhf import data, parallel
+from jaxrlhf import data, diagnostics, parallel
 from jaxrlhf.config import SamplingSection, check
+from jaxrlhf.models.configs import token_ids
 from jaxrlhf.rewards import make_scorer, penalise_missing_eos
 from jaxrlhf.stages import common
 from jaxrlhf.sampling import GenerateOutput, SamplingConfig, generate
@@ -37,15 +38,27 @@ def off_policy_settings(section: SamplingSection) -> list[str]:
     return [k for k, on in off_policy.items() if on]
 
 
+def eos_token_ids(tokenizer, model_config) -> tuple[int, ...]:
+    """Every id a policy's replies end on, as TRL's GRPO, RLOO and online DPO trainers take them:
+    the tokenizer's EOS (SFT closes each reply with it), then each of the model config's
+    `eos_token_id` ids (the checkpoint's generation_config.json's when it sets them, else
+    config.json's: what transformers' `generate` stops on; Llama 3 lists several, an instruct
+    model's chat end token among them)."""
+    first = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    return tuple(dict.fromkeys(first + token_ids(model_config.eos_token_id)))
+
+
 def sampling_config(section: SamplingSection, tokenizer, model_config) -> SamplingConfig:
-    """The sampler settings, after checking that prompt + response fit the model's context."""
+    """The sampler settings, after checking that prompt + response fit the model's context; a
+    reply ends at any of `eos_token_ids`, and so does every check of whether it ended (the
+    settings' `eos_ids`)."""
     common.check_context(section.max_prompt_tokens + section.max_new_tokens,
                          f"sampling.max_prompt_tokens={section.max_prompt_tokens} + sampling.max_new_tokens="
                          f"{section.max_new_tokens}", model_config)
     return SamplingConfig(
         max_new_tokens=section.max_new_tokens, min_new_tokens=section.min_new_tokens,
         temperature=section.temperature, top_k=section.top_k, top_p=section.top_p, greedy=section.greedy,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        eos_token_id=eos_token_ids(tokenizer, model_config), pad_token_id=tokenizer.pad_token_id)
 
 
 def encode_prompt_rows(rows, tokenizer, section: SamplingSection, seed: int):
@@ -71,9 +84,10 @@ def online_preflight(config, stage: str, resume: bool, *, value_head: bool = Fal
     train = config.train
     with parallel.on_host():  # the whole model is built on the host, then laid out on the mesh
         module, params, model_config, tokenizer = common.load_policy(
-            config.policy, pad_token=config.pad_token, value_head=value_head, rng=jax.random.key(train.seed))
+            config.policy, pad_token=config.pad_token, compute=config.compute, value_head=value_head,
+            rng=jax.random.key(train.seed))
     mesh = common.train_mesh(train, minibatches, section)
-    scorer = make_scorer(config.reward, mesh)
+    scorer = make_scorer(config.reward, mesh, dtype=config.compute.dtype)
     rows = data.load_rows(config.prompts, tuple(PROMPT_COLUMNS["prompts"]))
     k = samples_per_prompt
     check(k == 1 or train.batch_size // k <= len(rows),  # (k == 1: check_output's batch check says it)
@@ -87,11 +101,10 @@ def online_preflight(config, stage: str, resume: bool, *, value_head: bool = Fal
             "prompts": (ids, mask, texts), "sampler": sampler, "output": output}
 
 
-def decode_responses(tokenizer, out) -> list[str]:
-    """Response text of each row: its real tokens, EOS dropped."""
-    p = out.sequences.shape[1] - out.response_mask.shape[1]
-    seqs, masks = np.asarray(out.sequences[:, p:]), np.asarray(out.response_mask)
-    return [tokenizer.decode(s[m == 1], skip_special_tokens=True) for s, m in zip(seqs, masks)]
+def decode_responses(tokenizer, out, eos_ids: tuple[int, ...]) -> list[str]:
+    """Response text of each row: its real tokens, its closing EOS (any of `eos_ids`, the
+    sampler's) and special tokens dropped."""
+    return [tokenizer.decode(r, skip_special_tokens=True) for r in diagnostics.reply_tokens(out, eos_ids)]
 
 
 def sample(module, params, ids_BxP, mask_BxP, key, settings: SamplingConfig, mesh, rows_B=None) -> GenerateOutput:
@@ -105,13 +118,13 @@ def sample(module, params, ids_BxP, mask_BxP, key, settings: SamplingConfig, mes
     return parallel.gather(generate(module, params, ids, mask, parallel.put_replicated(key, mesh), settings, rows))
 
 
-def scored_batch(rollout: GenerateOutput, prompt_texts: list[str], tokenizer, scorer,
+def scored_batch(rollout: GenerateOutput, prompt_texts: list[str], tokenizer, sampler: SamplingConfig, scorer,
                  missing_eos_penalty: float | None) -> dict:
-    """A sampled rollout and the reward of each response (to its prompt text) -> the
-    update's batch: `sequences`, `attention_mask`, `response_mask`, `scores`."""
-    scores = scorer(prompt_texts, decode_responses(tokenizer, rollout))
+    """A rollout sampled with `sampler` and the reward of each response (to its prompt text) ->
+    the update's batch: `sequences`, `attention_mask`, `response_mask`, `scores`."""
+    scores = scorer(prompt_texts, decode_responses(tokenizer, rollout, sampler.eos_ids))
     if missing_eos_penalty is not None:
-        scores = penalise_missing_eos(scores, rollout, tokenizer.eos_token_id, missing_eos_penalty)
+        scores = penalise_missing_eos(scores, rollout, sampler.eos_ids, missing_eos_penalty)
     return rollout_batch(rollout, scores)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 
 from jaxrlhf import data
-from jaxrlhf.config import DataConfig, TrainConfig, check, pad_token_key
+from jaxrlhf.config import ComputeConfig, DataConfig, TrainConfig, check, pad_token_key
 from jaxrlhf.parallel import data_parallel, on_host
 from jaxrlhf.stages import common
 from jaxrlhf.updates.sft import make_sft_step
@@ -30,6 +30,7 @@ class SFTConfig:
     max_length: int = 64
     completion_only: bool = True  # prompt/response rows: loss on the response only; False: on prompt and response
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
 
     def __post_init__(self):
         check(self.max_length >= 2, f"max_length={self.max_length} must be at least 2")
@@ -50,7 +51,8 @@ def preflight(config: SFTConfig, resume: bool = False) -> dict:
     train = config.train
     with on_host():  # the whole model is built on the host, then laid out on the mesh
         module, params, model_config, tokenizer = common.load_model(
-            config.model, config.model_config, config.tokenizer, train.seed, head="lm", pad_token=config.pad_token)
+            config.model, config.model_config, config.tokenizer, train.seed, head="lm", pad_token=config.pad_token,
+            compute=config.compute)
     common.check_context(config.max_length, f"max_length={config.max_length}", model_config)
     form, rows = data.load_rows_of_a_form(config.data, {name: tuple(row) for name, row in COLUMNS.items()})
     if form == "plain text":

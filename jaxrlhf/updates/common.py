@@ -1,8 +1,9 @@
 """What every compiled update shares: the train state, the optimizer, one optimizer update
 from a loss (`apply_loss`, with gradient accumulation and the NaN guard), a causal LM's
-summed sequence logprobs; and what the rollout updates (PPO, RLOO, GRPO) share: a policy's
-response logprobs, the epochs x minibatches over one permutation of the global rollout
-(`minibatch_epochs`), rows gathered over devices and back."""
+summed sequence logprobs, a pass over a batch's rows in microbatch-sized chunks (`in_chunks`);
+and what the rollout updates (PPO, RLOO, GRPO) share: a policy's response logprobs, the rollout
+scored in chunks (`score_responses`), the epochs x minibatches over one permutation of the
+global rollout (`minibatch_epochs`), rows gathered over devices and back."""
 
 from typing import Any, Callable
 
@@ -39,7 +40,9 @@ class TrainState(struct.PyTreeNode):
     # run); True leaves params and optimizer state as they were and reports skipped=1.
     skip_nonfinite: bool = struct.field(pytree_node=False, default=False)
     # Microbatches per update: each batch's rows are split into this many, run one after another
-    # inside the one compiled update (only one microbatch's activations are held at a time).
+    # inside the one compiled update; the passes that score a whole batch without gradient (old
+    # and reference logprobs, values) run in chunks of the same rows. So the update holds one
+    # microbatch's activations and logits at a time, plus whole-batch `[B, N]` scores.
     grad_accum_steps: int = struct.field(pytree_node=False, default=1)
 
     @classmethod
@@ -86,6 +89,29 @@ def rows(batch) -> jax.Array:
     return jnp.float32(jax.tree.leaves(batch)[0].shape[0])
 
 
+def split_rows(tree, k: int, what: str):
+    """Arrays with rows on axis 0 -> `[k, B / k, ...]`, part j holding rows j, j + k, j + 2k, ...
+    (so that on a mesh each device's rows split among all k parts); `what` names the k parts
+    for the error."""
+    b = jax.tree.leaves(tree)[0].shape[0]
+    if b % k:
+        raise ConfigError(f"a batch of {b} rows does not split into {what}")
+    return constrain_rows(jax.tree.map(lambda x: x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1), tree), axis=1)
+
+
+def merge_rows(tree):
+    """The inverse of `split_rows`: `[k, B / k, ...]` -> `[B, ...]` in the original row order."""
+    return constrain_rows(jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), tree))
+
+
+def in_chunks(fn, tree, chunks: int, what: str):
+    """`fn` (rows `[b, ...]` -> rows `[b, ...]`, each row's result its own) over the rows of
+    `tree` in `chunks` chunks, one after another (`lax.map`), split as `split_rows` splits
+    them -> the results of all rows, in row order. Only one chunk's activations are live at a
+    time: how a pass over a whole batch stays within a loss microbatch's memory."""
+    return merge_rows(lax.map(fn, split_rows(tree, chunks, what)))
+
+
 def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | None) -> tuple[TrainState, Metrics]:
     """One optimizer update on the whole `batch` (arrays with rows on axis 0).
 
@@ -98,10 +124,7 @@ def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | Non
     share of the whole batch's count, so their sum (then over devices) is the whole batch's
     mean: k microbatches give the update of one, however their token counts differ."""
     k = state.grad_accum_steps
-    b = jax.tree.leaves(batch)[0].shape[0]
-    if b % k:
-        raise ConfigError(f"a batch of {b} rows does not split into grad_accum_steps={k} microbatches")
-    micro = constrain_rows(jax.tree.map(lambda x: x.reshape(b // k, k, *x.shape[1:]).swapaxes(0, 1), batch), axis=1)
+    micro = split_rows(batch, k, f"grad_accum_steps={k} microbatches")
     counts_K = psum(jax.vmap(count_fn)(micro), axis_name)  # each microbatch's count on all devices
     weights_K = counts_K / jnp.maximum(jnp.sum(counts_K), 1.0)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -141,6 +164,24 @@ def response_outputs(apply_fn, params, seq_BxL, attn_BxL, n: int, temperature: f
     value head). No LM head runs on the prompt."""
     out = apply_fn({"params": params}, seq_BxL, attn_BxL, head_slice=slice(-n - 1, -1))
     return out.logits, losses.token_logprobs(out.logits, seq_BxL[:, -n:], temperature), out.values
+
+
+def score_responses(state: TrainState, params, seq_BxL, attn_BxL, n: int, temperature: float,
+                    num_minibatches: int, entropy: bool = False) -> dict[str, jax.Array]:
+    """A rollout scored under `params` (the policy's or the reference's), without gradient:
+    `logprobs` `[B, N]` of the last `n` tokens of `seq` under the tempered softmax, `values`
+    `[B, N]` (with a value head) and, if asked, each position's `entropy` `[B, N]`. The rows
+    are scored in `num_minibatches` x `state.grad_accum_steps` chunks, one loss microbatch's
+    worth each, so no more than one chunk's `[b, N, V]` logits are live at a time."""
+    k = state.grad_accum_steps
+
+    def score(rows):
+        logits, logprobs, values = response_outputs(state.apply_fn, params, *rows, n, temperature)
+        return ({"logprobs": logprobs} | ({} if values is None else {"values": values})
+                | ({"entropy": losses.entropy(logits, temperature)} if entropy else {}))
+
+    what = f"num_minibatches x grad_accum_steps = {num_minibatches} x {k} scoring chunks"
+    return lax.stop_gradient(in_chunks(score, (seq_BxL, attn_BxL), num_minibatches * k, what))
 
 
 def all_rows(x, axis_name: str | None):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 
 from jaxrlhf import losses
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.updates.common import TrainState, apply_loss, mean, rows, scored_mask, sequence_logps
+from jaxrlhf.updates.common import TrainState, apply_loss, in_chunks, mean, rows, scored_mask, sequence_logps
 
 
 SLIC_REGULARIZERS = ("sequence", "token_mean")
@@ -53,8 +53,12 @@ def make_dpo_step(
     def step(state: TrainState, batch, key):
         del key
         if loss_type != "slic" and "ref_chosen_logps" not in batch:
-            ref = jax.lax.stop_gradient(summed_logps(state, state.ref_params, batch))
-            batch = batch | dict(zip(("ref_chosen_logps", "ref_rejected_logps"), ref))
+            def reference(pairs):  # in the loss's microbatches: one microbatch's logits at a time
+                ref = summed_logps(state, state.ref_params, pairs)
+                return dict(zip(("ref_chosen_logps", "ref_rejected_logps"), ref))
+
+            k = state.grad_accum_steps
+            batch = batch | jax.lax.stop_gradient(in_chunks(reference, batch, k, f"grad_accum_steps={k} microbatches"))
 
         def loss_fn(params, batch):
             n_chosen, n_rejected = (

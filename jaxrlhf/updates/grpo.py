@@ -68,10 +68,14 @@ def make_grpo_update(config: GRPOConfig, axis_name: str | None = None):
         devices = 1 if axis_name is None else lax.axis_size(axis_name)
         scored = {"seq": seq, "attn": attn, "resp": resp}
         # With one update per rollout its own logprobs are the old ones: no extra pass (as TRL).
+        def logprobs(params):
+            return common.score_responses(state, params, seq, attn, n, config.temperature,
+                                          config.num_minibatches)["logprobs"]
+
         if config.updates_per_step > 1:
-            scored["old_logprobs"] = lax.stop_gradient(outputs(state.params, state.apply_fn, seq, attn, n)[1])
+            scored["old_logprobs"] = logprobs(state.params)
         if config.beta != 0.0:
-            scored["ref_logprobs"] = lax.stop_gradient(outputs(state.ref_params, state.apply_fn, seq, attn, n)[1])
+            scored["ref_logprobs"] = logprobs(state.ref_params)
         scores_all = common.all_rows(lax.stop_gradient(batch["scores"].astype(jnp.float32)), axis_name)
         if scores_all.shape[0] % k:
             raise ConfigError(f"{scores_all.shape[0]} rollouts do not split into groups of num_generations={k}")

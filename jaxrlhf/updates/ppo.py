@@ -91,10 +91,12 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
         b, n = resp.shape
         n_rollouts = b * (1 if axis_name is None else lax.axis_size(axis_name))
         check_kl_horizon(config, n_rollouts)  # shapes are static: this runs once, at trace time
-        logits, old_logprobs, old_values = lax.stop_gradient(response_outputs(state.params, state.apply_fn, seq, attn, n))
-        entropy_per_token = psum(losses.masked_mean(losses.entropy(logits, config.temperature), resp,
-                                                    axis_name=axis_name), axis_name)
-        _, ref_logprobs, _ = lax.stop_gradient(response_outputs(state.ref_params, state.apply_fn, seq, attn, n))
+        old = common.score_responses(state, state.params, seq, attn, n, config.temperature, config.num_minibatches,
+                                     entropy=True)
+        old_logprobs, old_values = old["logprobs"], old["values"]
+        entropy_per_token = psum(losses.masked_mean(old["entropy"], resp, axis_name=axis_name), axis_name)
+        ref_logprobs = common.score_responses(state, state.ref_params, seq, attn, n, config.temperature,
+                                              config.num_minibatches)["logprobs"]
         scores = batch["scores"] if reward_fn is None else reward_fn(state.reward_params, seq, attn, batch["response_mask"])
         scores = lax.stop_gradient(scores.astype(jnp.float32))
 

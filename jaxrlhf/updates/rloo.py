@@ -61,13 +61,17 @@ def make_rloo_update(config: RLOOConfig, axis_name: str | None = None):
     def update(state: TrainState, batch, key):
         seq, attn, resp = batch["sequences"], batch["attention_mask"], batch["response_mask"].astype(jnp.float32)
         n = resp.shape[1]
-        _, old_logprobs, _ = lax.stop_gradient(outputs(state.params, state.apply_fn, seq, attn, n))
+        def logprobs(params):
+            return common.score_responses(state, params, seq, attn, n, config.temperature,
+                                          config.num_minibatches)["logprobs"]
+
+        old_logprobs = logprobs(state.params)
         scores = lax.stop_gradient(batch["scores"].astype(jnp.float32))
         rewards = scores
         scored = {"seq": seq, "attn": attn, "resp": resp, "old_logprobs": old_logprobs}
         metrics = {}
         if config.beta != 0.0:
-            _, ref_logprobs, _ = lax.stop_gradient(outputs(state.ref_params, state.apply_fn, seq, attn, n))
+            ref_logprobs = logprobs(state.ref_params)
             if config.kl_penalty == "reward":
                 # where, not a product: a logprob of -inf after EOS gives inf there, and inf * 0 = NaN.
                 kl_BxN = jnp.where(resp > 0, losses.kl_penalty(old_logprobs, ref_logprobs, "k1"), 0.0)

@@ -22,7 +22,7 @@ import numpy as np
 from jaxrlhf import parallel
 from jaxrlhf.cli import stage
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.models.hub import abstract_model
+from jaxrlhf.models.hub import from_config
 from jaxrlhf.models.layers import init_cache
 from jaxrlhf.sampling import generate
 from jaxrlhf.stages import common
@@ -183,7 +183,7 @@ def plan(name: str, config, model_config=None, reward_config=None, compile_updat
     update's batch and temporaries are left out (no compile: seconds, even for 8B)."""
     train, compute = config.train, levers(config)
     hf, build = _policy(name, config, model_config)
-    module, params = abstract_model(hf, where="--model-config" if model_config else "the policy's config.json",
+    module, params, _ = from_config(hf, None, where="--model-config" if model_config else "the policy's config.json",
                                     **common.model_options(config.compute), **build)  # as the stage builds it
     training = stage(name)[0].training(config)
     mesh = common.train_mesh(train, getattr(getattr(config, name, None), "num_minibatches", 1), name)
@@ -225,7 +225,7 @@ def _reward_model_bytes(config, reward_config, compute: dict, mesh) -> int:
         return 0
     key = "--reward-config" if reward_config else "reward.model"
     hf = model_json(reward_config if reward_config is not None else config.reward.model, key)
-    _, params = abstract_model(hf, head="classification", where=key)
+    _, params, _ = from_config(hf, None, head="classification", where=key)
     dtype = jnp.dtype(compute["dtype"])  # frozen models are stored in the compute dtype
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
     return device_bytes(laid_out(params, parallel.state_shardings(params, mesh)))

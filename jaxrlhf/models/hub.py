@@ -232,28 +232,21 @@ def load_pretrained(
 
 def from_config(
     hf_config: dict[str, Any],
-    rng: jax.Array,
+    rng: jax.Array | None,
     *,
     head: str | None = None,
     value_head: bool = False,
+    num_labels: int | None = None,
     dtype: jnp.dtype | str = jnp.float32,
     remat: bool = False,
     where: str = "model config",
 ) -> tuple[nn.Module, Params, Any]:
     """A freshly initialised model from a config.json-style dict (with `model_type`); float32
-    params, `dtype` and `remat` as `load_pretrained`'s."""
-    module = _build(hf_config, head, value_head, None, dtype, where, remat)
-    params = jax.jit(module.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-    return module, params, module.config
-
-
-def abstract_model(hf_config: dict[str, Any], *, head: str | None = None, value_head: bool = False,
-                   num_labels: int | None = None, dtype: jnp.dtype = jnp.float32, remat: bool = False,
-                   where: str = "model config") -> tuple[nn.Module, Params]:
-    """The model a config.json-style dict describes, its params as `jax.ShapeDtypeStruct`s
-    (nothing allocated, no weights read): for planning memory -> (module, abstract params)."""
+    params, `dtype` and `remat` as `load_pretrained`'s. With `rng=None` the params are only
+    their `jax.ShapeDtypeStruct`s (nothing allocated: for planning memory)."""
     module = _build(hf_config, head, value_head, num_labels, dtype, where, remat)
-    return module, _abstract_params(module)
+    params = _abstract_params(module) if rng is None else jax.jit(module.init)(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return module, params, module.config
 
 
 def _build(hf, head, value_head, num_labels, dtype, where, remat=False) -> nn.Module:

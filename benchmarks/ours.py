@@ -20,11 +20,12 @@ from jaxrlhf.updates import (GRPOConfig, RLOOConfig, TrainState, make_dpo_step, 
 
 
 def prepare(w: wl.Workload, workdir: Path) -> None:
-    """Random-init weights in HF layout at `workdir/model` (and the PPO heads in `heads.npz`)."""
+    """Random-init weights of `w`'s model size in HF layout at `workdir/model` (and, for a GPT-2,
+    the PPO / RLOO / GRPO heads in `heads.npz`): the same for every workload of that size."""
     head = "classification" if w.size == "minilm" else "lm"
     module, params, config = from_config(w.model_config(), jax.random.key(0), head=head)
     save_pretrained(workdir / "model", module, params)
-    if w.name in ("ppo", "rloo", "grpo"):
+    if w.size in wl.GPT2_SIZES:
         np.savez(workdir / "heads.npz", **wl.ppo_heads(config.n_embd))
 
 

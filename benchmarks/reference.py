@@ -123,8 +123,8 @@ def _words(ids) -> str:
     return " ".join(f"w{i}" for i in ids)
 
 
-def _trl_args(workdir: Path) -> dict:
-    return dict(output_dir=str(workdir / "trl"), learning_rate=wl.LEARNING_RATE, lr_scheduler_type="constant",
+def _trl_args(w: wl.Workload, workdir: Path) -> dict:
+    return dict(output_dir=str(workdir / f"trl-{w.name}"), learning_rate=wl.LEARNING_RATE, lr_scheduler_type="constant",
                 bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
                 logging_steps=10**6, disable_tqdm=True, use_cpu=True, seed=0)
 
@@ -139,7 +139,7 @@ def _trl_dpo(w: wl.Workload, model_dir: Path, workdir: Path):
             for p, c, r in zip(pairs["prompt"], pairs["chosen"], pairs["rejected"])]
     model = transformers.GPT2LMHeadModel.from_pretrained(model_dir)
     ref = transformers.GPT2LMHeadModel.from_pretrained(model_dir)
-    args = DPOConfig(**_trl_args(workdir), per_device_train_batch_size=w.batch, max_length=w.prompt + w.response,
+    args = DPOConfig(**_trl_args(w, workdir), per_device_train_batch_size=w.batch, max_length=w.prompt + w.response,
                      beta=0.1, loss_type=["sigmoid"], max_steps=10**6, dataset_num_proc=None)
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=word_tokenizer())
@@ -166,7 +166,7 @@ def _trl_group(w: wl.Workload, model_dir: Path, workdir: Path):
     config_cls, trainer_cls = {"rloo": (trl.RLOOConfig, trl.RLOOTrainer),
                                "grpo": (trl.GRPOConfig, trl.GRPOTrainer)}[w.name]
     unique = wl.prompts(w)[:: wl.GROUP_SIZE]
-    args = config_cls(**_trl_args(workdir), per_device_train_batch_size=w.batch, gradient_accumulation_steps=1,
+    args = config_cls(**_trl_args(w, workdir), per_device_train_batch_size=w.batch, gradient_accumulation_steps=1,
                       num_generations=wl.GROUP_SIZE, max_completion_length=w.response, beta=wl.GROUP_BETA,
                       temperature=1.0, top_k=0, top_p=1.0, max_steps=10**6,
                       generation_kwargs={"min_new_tokens": w.response})
@@ -188,7 +188,7 @@ def _trl_ppo(w: wl.Workload, model_dir: Path, workdir: Path):
     policy = transformers.GPT2LMHeadModel.from_pretrained(model_dir, **NO_DROPOUT["gpt2"])
     ref = transformers.GPT2LMHeadModel.from_pretrained(model_dir, **NO_DROPOUT["gpt2"])
     prompts = Dataset.from_dict({"input_ids": wl.prompts(w).tolist()})
-    args = PPOConfig(**_trl_args(workdir), per_device_train_batch_size=w.batch, gradient_accumulation_steps=1,
+    args = PPOConfig(**_trl_args(w, workdir), per_device_train_batch_size=w.batch, gradient_accumulation_steps=1,
                      num_mini_batches=1, num_ppo_epochs=wl.PPO_EPOCHS, response_length=w.response,
                      local_rollout_forward_batch_size=w.batch, total_episodes=w.batch * 10**6, kl_coef=0.05,
                      num_sample_generations=0, stop_token=None, missing_eos_penalty=None)

@@ -3,13 +3,14 @@ weights, data and settings. Run from the repository root, in the test environmen
 (`pip install -c constraints.txt -e '.[test]'`, which brings torch, transformers and TRL):
 
     python benchmarks/run.py                 # everything; rewrites the table in RESULTS.md
-    python benchmarks/run.py --quick         # tiny model, 2 repeats, prints only
+    python benchmarks/run.py --quick         # tiny model, short batches, 2 repeats, prints only
     python benchmarks/run.py --only sft,dpo  # a subset
 
-Each contender runs in its own process (so threads, caches and peak memory are its own). A
-first step per side is timed apart (compile / warm-up); then the sides take turns, one step
-each (A B A B ...), so drift of the machine hits both alike. TRL 1.12.0, the last release with
-PPO, is installed (once) into benchmarks/.trl-1.12.0 and put first on the PPO reference's path.
+Each contender runs in its own process (so threads, caches and peak memory are its own), on
+the weights one process prepares per model size. A first step per side is timed apart
+(compile / warm-up); then the sides take turns, one step each (A B A B ...), so drift of the
+machine hits both alike. TRL 1.12.0, the last release with PPO, is installed (once) into
+benchmarks/.trl-1.12.0 and put first on the PPO reference's path.
 """
 
 import argparse
@@ -102,13 +103,15 @@ def matmul_peak(workdir: Path) -> dict[str, float]:
 
 
 def bench(w: wl.Workload, repeats: int, workdir: Path) -> dict:
-    """Times of both sides on one workload -> {side: {"first_s", "median_s", "peak_mb"}}."""
-    workdir.mkdir(parents=True)
-    _run_once("prepare", w, workdir, workdir / "prepare.log")
+    """Times of both sides on one workload -> {side: {"first_s", "median_s", "peak_mb"}}.
+    The weights of `w`'s model size are prepared in `workdir` by the first workload of that size."""
+    if not workdir.exists():
+        workdir.mkdir(parents=True)
+        _run_once("prepare", w, workdir, workdir / "prepare.log")
     sides = {}
     try:
         for side in ("ours", "reference"):  # one at a time: set-up peaks stay apart
-            sides[side] = Worker(side, w, workdir, workdir / f"{side}.log")
+            sides[side] = Worker(side, w, workdir, workdir / f"{w.name}-{side}.log")
             sides[side].receive()
         times = {side: [] for side in sides}
         first = {side: worker.step() for side, worker in sides.items()}
@@ -220,7 +223,7 @@ def write_results(text: str, path: Path = RESULTS) -> None:
 
 def main(argv=None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model only, 2 repeats; prints, writes nothing")
+    parser.add_argument("--quick", action="store_true", help="tiny model only, short batches, 2 repeats; prints, writes nothing")
     parser.add_argument("--repeats", type=int, default=None, help="interleaved steps per side (default 5, quick 2)")
     parser.add_argument("--only", default="",
                         help="comma-separated workloads (sft,generation,dpo,ppo,rloo,grpo,reward)")
@@ -243,7 +246,7 @@ def main(argv=None) -> list[list[str]]:
         rows = []
         for i, w in enumerate(chosen):
             print(f"[{i + 1}/{len(chosen)}] {w.label}", file=sys.stderr)
-            rows.append(row(w, bench(w, repeats, tmp / f"{w.name}-{w.size}"), max(peaks.values())))
+            rows.append(row(w, bench(w, repeats, tmp / w.size), max(peaks.values())))
     command = "python benchmarks/run.py" + " ".join(["", *(argv if argv is not None else sys.argv[1:])])
     text = report(command.strip(), peaks, rows, repeats, chosen)
     print(text)

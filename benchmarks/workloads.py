@@ -60,9 +60,12 @@ class Workload:
 
 
 def workloads(quick: bool) -> list[Workload]:
-    sizes = ["tiny"] if quick else ["tiny", "gpt2-small"]
+    if quick:  # every workload once, on short batches: the harness end to end in a test's time
+        return [Workload(name, "tiny", batch=8, prompt=8, response=16)
+                for name in ("sft", "generation", "dpo", "ppo", "rloo", "grpo")] + [
+            Workload("reward", "minilm", batch=8, prompt=0, response=16)]
     out = []
-    for size in sizes:
+    for size in ("tiny", "gpt2-small"):
         out += [
             Workload("sft", size, batch=8, prompt=32, response=96),
             Workload("generation", size, batch=16, prompt=8, response=48),
@@ -72,9 +75,9 @@ def workloads(quick: bool) -> list[Workload]:
             Workload("rloo", size, batch=16, prompt=16, response=48),
             Workload("grpo", size, batch=16, prompt=16, response=48),
         ]
-    if not quick:  # the pretrained policy's shape: the SFT step and generation
-        out += [Workload("sft", "smollm2-135m", batch=8, prompt=32, response=96),
-                Workload("generation", "smollm2-135m", batch=16, prompt=8, response=48)]
+    # the pretrained policy's shape: the SFT step and generation
+    out += [Workload("sft", "smollm2-135m", batch=8, prompt=32, response=96),
+            Workload("generation", "smollm2-135m", batch=16, prompt=8, response=48)]
     return out + [Workload("reward", "minilm", batch=32, prompt=0, response=64)]
 
 

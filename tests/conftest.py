@@ -201,8 +201,8 @@ def pytest_collection_modifyitems(config, items):
     """Every test is in exactly one tier (`-m fast`: every module touched in a few minutes;
     `-m slow`: the rest), so a new test cannot slip out of the fast tier's sight or into it
     unnoticed: a test marked neither or both stops the collection, naming it. Then the order:
-    slow tests first, and among them those that need no tiny run (the benchmark harness, the
-    longest, among them), so that one xdist worker starts on those while the other builds the
+    slow tests first, and among them those that need no tiny run (the benchmark harness among
+    them), so that one xdist worker starts on those while the other builds the
     tiny run; the fast ones last, to fill the gaps. Each group keeps its modules' order."""
     wrong = [f"  {item.nodeid}: {' and '.join(tiers) or 'neither'}" for item in items
              if len(tiers := [t for t in TIERS if item.get_closest_marker(t)]) != 1]

@@ -115,7 +115,8 @@ def test_the_script_prints_the_plan_or_one_error_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "memory plan: sft, gpt2 (2 layers, width 128, vocab 1024)" in out
     assert "update temporaries" in out and "largest part:" in out
-    bad = [(["--config", "configs/tiny/grpo.yaml"], "error: policy=runs/tiny/sft/final: no config.json there"),
+    nowhere = tmp_path / "nowhere"  # not the checkout's runs/, which a pipeline run may have filled
+    bad = [(["--config", "configs/tiny/grpo.yaml", f"policy={nowhere}"], f"error: policy={nowhere}: no config.json there"),
            (["--config", "configs/tiny/grpo.yaml", "--model-config", str(tmp_path / "nowhere")],
             "error: --model-config="),
            (["--config", "configs/tiny/sft.yaml", "train.grad_accum_steps=0"],

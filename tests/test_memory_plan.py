@@ -4,6 +4,7 @@ is one error line."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ from jaxrlhf import memory, parallel
 from jaxrlhf.cli import memory_plan_config, memory_plan_main, parse_memory_plan_args
 from jaxrlhf.models import from_config
 from jaxrlhf.stages import common, grpo, sft
+from jaxrlhf.stages.rollout import rollout_batch, sample, sampling_config
 
 TINY_GPT2 = cfg.read_yaml("configs/tiny/sft.yaml", "config")["model_config"]
 TINY_BERT = cfg.read_yaml("configs/tiny/reward.yaml", "config")["model_config"]
@@ -83,6 +85,13 @@ def test_the_plan_holds_the_real_state_frozen_models_and_kv_cache(tmp_path):
     width = config.sampling.max_prompt_tokens + config.sampling.max_new_tokens
     kv = 2 * TINY_GPT2["n_layer"] * rows * width * TINY_GPT2["n_embd"] * 4  # keys and values, float32
     assert plan.parts["sampler KV cache"] == kv + rows * width * 4 + 4  # + the positions and the write index
+    # The update's batch the plan compiles for is the shape of a real rollout's.
+    settings = sampling_config(config.sampling, SimpleNamespace(eos_token_id=0, pad_token_id=0), module.config)
+    ids = np.ones((config.train.batch_size, config.sampling.max_prompt_tokens), np.int32)
+    real = rollout_batch(sample(module, state.params, ids, ids, jax.random.key(1), settings, mesh),
+                         np.zeros(config.train.batch_size, np.float32))
+    shapes = {k: (v.shape, np.dtype(v.dtype)) for k, v in memory._batch("grpo", config, module, params).items()}
+    assert shapes == {k: (v.shape, v.dtype) for k, v in real.items()}
 
 
 @pytest.mark.fast

@@ -2,6 +2,7 @@
 as transformers' `generate` does, a checkpoint listing them loads, and every check of whether
 a reply ended (missing-EOS penalty, reply trimming) counts each of them."""
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -136,3 +137,15 @@ def test_generation_config_eos_ids_come_before_config_json_and_survive_the_expor
     (tmp_path / "in" / "generation_config.json").write_text(json.dumps({"eos_token_id": [9, "x"]}))
     with pytest.raises(CheckpointError, match=r"generation_config.json: eos_token_id=\[9, 'x'\] must be a token id"):
         load_config(tmp_path / "in")
+
+
+@pytest.mark.fast
+def test_a_dpo_reference_listing_other_eos_ids_is_still_the_policys_architecture():
+    """A hub reference whose generation_config.json lists more EOS ids than the policy's export
+    scores the same token ids: DPO takes it; another width it refuses."""
+    from jaxrlhf.models import GPT2Config
+    from jaxrlhf.stages.dpo import architecture
+
+    policy = GPT2Config.from_hf({"n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 64, "eos_token_id": 3})
+    assert architecture(dataclasses.replace(policy, eos_token_id=(3, 9))) == architecture(policy)
+    assert architecture(dataclasses.replace(policy, n_embd=64)) != architecture(policy)

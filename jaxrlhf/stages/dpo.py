@@ -81,6 +81,13 @@ def _reference_logps(module, params, arrays, mesh, batch_size: int):
     return out
 
 
+def architecture(model_config):
+    """What must match for two models to score the same token ids: all but the special token
+    ids, which say where generation stops (a hub checkpoint's generation_config.json may list
+    more EOS ids than an export of the same model)."""
+    return dataclasses.replace(model_config, bos_token_id=None, eos_token_id=None)
+
+
 def preflight(config: DPOConfig, resume: bool = False) -> dict:
     """Every check the run makes before it writes (the policy and its tokenizer, the context,
     the pairs and their columns, the mesh, the reference and its architecture, the run folder),
@@ -97,7 +104,7 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
     if config.reference is not None and config.loss_type != "slic":
         with on_host():
             _, ref_params, ref_config = load_pretrained(config.reference, head="lm", dtype=config.compute.dtype)
-        if ref_config != model_config:
+        if architecture(ref_config) != architecture(model_config):
             raise ConfigError(f"reference {config.reference} is not the policy's architecture "
                               f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
     ref_params = None if ref_params is None else frozen_params(ref_params, config.compute.dtype)

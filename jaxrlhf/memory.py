@@ -23,7 +23,7 @@ from jaxrlhf import parallel
 from jaxrlhf.cli import stage
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models.hub import from_config
-from jaxrlhf.models.layers import init_cache
+from jaxrlhf.models.layers import frozen_params, init_cache
 from jaxrlhf.sampling import generate
 from jaxrlhf.stages import common
 from jaxrlhf.stages.online_dpo import make_pairs
@@ -226,8 +226,7 @@ def _reward_model_bytes(config, reward_config, compute: dict, mesh) -> int:
     key = "--reward-config" if reward_config else "reward.model"
     hf = model_json(reward_config if reward_config is not None else config.reward.model, key)
     _, params, _ = from_config(hf, None, head="classification", where=key)
-    dtype = jnp.dtype(compute["dtype"])  # frozen models are stored in the compute dtype
-    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), params)
+    params = jax.eval_shape(functools.partial(frozen_params, dtype=compute["dtype"]), params)  # as the scorer stores it
     return device_bytes(laid_out(params, parallel.state_shardings(params, mesh)))
 
 

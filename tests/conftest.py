@@ -55,6 +55,31 @@ def randomize(model, seed: int, std: float = 0.08):
     return model.eval()
 
 
+def assert_same_update(got, want, learning_rate: float, updates: int, tol: float = 1e-5):
+    """Params trained the same way on differently split devices agree to `tol`, but for rounding
+    that Adam turned into a step: a coordinate whose gradient is rounding noise around 0 moves by
+    up to the learning rate each update, with either sign. So at most 0.1% of the coordinates
+    may differ by more than `tol`, and none by more than `learning_rate x updates`; a real
+    difference in the update moves far more of them."""
+    got, want = np.asarray(got), np.asarray(want)
+    off = np.abs(got - want) > tol + tol * np.abs(want)
+    assert off.mean() <= 1e-3, f"{off.sum()} of {off.size} coordinates differ by more than {tol}"
+    np.testing.assert_allclose(got, want, atol=learning_rate * updates, rtol=0)
+
+
+def adam_bound(yaml_name: str, overrides) -> dict:
+    """The learning rate and optimizer updates of a run of `configs/tiny/<yaml_name>` under
+    `overrides` (PPO: steps x epochs x minibatches), for `assert_same_update`."""
+    from jaxrlhf import config as cfg
+
+    given = dict(item.split("=", 1) for item in overrides)
+    tiny = cfg.read_yaml(Path(__file__).resolve().parents[1] / "configs" / "tiny" / yaml_name, "config")
+    per_step = int(given.get("ppo.epochs", tiny.get("ppo", {}).get("epochs", 1))) * int(
+        given.get("ppo.num_minibatches", tiny.get("ppo", {}).get("num_minibatches", 1)))
+    steps = int(given.get("train.steps", tiny["train"]["steps"]))
+    return {"learning_rate": float(tiny["train"]["learning_rate"]), "updates": steps * per_step}
+
+
 def padded_batch(vocab_size: int, lengths, total: int, side: str, seed: int = 0):
     """Random ids `[B, T]` and a 0/1 mask with each row's real tokens on the given side."""
     rng = np.random.default_rng(seed)

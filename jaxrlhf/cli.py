@@ -110,7 +110,7 @@ def finish(body: Callable[[], None], multi_process: bool, advice: Callable[[], s
 # stage name -> module holding its config class, `plan(config)`, `preflight(config, resume)` (every
 # check `run` makes before it writes; run calls it) and `run(config, resume)`
 STAGES = {
-    "data": ("jaxrlhf.politeness", "PolitenessDataConfig"),
+    "data": ("jaxrlhf.tasks.politeness", "PolitenessDataConfig"),
     "gguf": ("jaxrlhf.stages.gguf", "GGUFConfig"),
     "sft": ("jaxrlhf.stages.sft", "SFTConfig"),
     "reward": ("jaxrlhf.stages.reward", "RewardConfig"),

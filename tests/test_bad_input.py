@@ -61,7 +61,7 @@ def evaluate_args(tiny_run, out, *extra, policies=("sft",), best_of=None):
     config = {"policies": {**{Path(p).name: str(tiny_run / p / "final" if "/" not in p else p) for p in policies},
                            **(best_of or {})},
               "reference": str(sft), "prompts": {"path": str(tiny_run / "data" / "eval_prompts.jsonl")},
-              "scorers": {"judge": {"function": "jaxrlhf.politeness:score_responses"}}, "output_dir": str(out),
+              "scorers": {"judge": {"function": "jaxrlhf.tasks.politeness:score_responses"}}, "output_dir": str(out),
               "batch_size": 16, "sampling": {"max_new_tokens": 8, "max_prompt_tokens": 16}}
     path = out.parent / "evaluate.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxrlhf import best_of_n, cli, politeness
+from jaxrlhf import best_of_n, cli
+from jaxrlhf.tasks import politeness
 from jaxrlhf.models import load_tokenizer
 from tests.test_bad_input import evaluate_args
 

@@ -65,7 +65,7 @@ def args(tiny_data, out, policies, reference, *extra, best_of=None):
     """An evaluation of `policies` ({name: folder}) and `best_of` entries against `reference`."""
     config = {"policies": {**{n: str(p) for n, p in policies.items()}, **(best_of or {})}, "reference": str(reference),
               "prompts": {"path": str(tiny_data / "data" / "eval_prompts.jsonl")},
-              "scorers": {"judge": {"function": "jaxrlhf.politeness:score_responses"}}, "output_dir": str(out),
+              "scorers": {"judge": {"function": "jaxrlhf.tasks.politeness:score_responses"}}, "output_dir": str(out),
               "batch_size": 16, "sampling": {"max_new_tokens": 8, "max_prompt_tokens": 16}}
     path = out.parent / "evaluate.yaml"
     path.write_text(json.dumps(config))

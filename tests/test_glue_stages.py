@@ -11,7 +11,7 @@ import pytest
 from jaxrlhf import config as cfg
 from jaxrlhf.config import DataConfig, RewardSource, SamplingSection, TrainConfig
 from jaxrlhf.models import load_pretrained, load_tokenizer, save_pretrained
-from jaxrlhf.politeness import TASKS, write_jsonl
+from jaxrlhf.tasks.politeness import TASKS, write_jsonl
 from jaxrlhf.updates.ppo import PPOConfig
 from tests.conftest import SHRINK, TINY
 from tests.test_glue import next_token_logps, noisy, response_logps, rm_scores
@@ -283,7 +283,7 @@ def test_evaluation_reports_the_kl_and_distinct_n_of_the_responses_it_sampled(ti
     second batch of 12 is filled up with repeats). The policy is the SFT model plus noise, so
     the KL is far from 0."""
     from jaxrlhf import evaluate
-    from jaxrlhf.politeness import score_responses
+    from jaxrlhf.tasks.politeness import score_responses
 
     write_jsonl([{"prompt": p} for p in PROMPTS], tmp_path / "prompts.jsonl")
     reference = tiny_run / "sft" / "final"
@@ -291,7 +291,7 @@ def test_evaluation_reports_the_kl_and_distinct_n_of_the_responses_it_sampled(ti
     config = evaluate.EvaluateConfig(
         policies={"noisy": str(noisy_policy)}, reference=str(reference), output_dir=str(tmp_path / "eval"),
         prompts=DataConfig(path=str(tmp_path / "prompts.jsonl")), batch_size=12,
-        scorers={"ground_truth": RewardSource(function="jaxrlhf.politeness:score_responses")},
+        scorers={"ground_truth": RewardSource(function="jaxrlhf.tasks.politeness:score_responses")},
         sampling=SamplingSection(max_new_tokens=8, max_prompt_tokens=16, temperature=temperature))
     outputs = record_generations(monkeypatch, evaluate)
     evaluate.run(config)

@@ -20,7 +20,7 @@ LLAMA = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 32, "intermed
          "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
          "max_position_embeddings": 64, "tie_word_embeddings": False,
          "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
-GROUND_TRUTH = {"function": "jaxrlhf.politeness:score_responses"}
+GROUND_TRUTH = {"function": "jaxrlhf.tasks.politeness:score_responses"}
 
 
 def _stage(work: Path, name: str, stage: str, config: dict) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrlhf import politeness
+from jaxrlhf.tasks import politeness
 from jaxrlhf.models import load_pretrained, load_tokenizer
 from jaxrlhf.parallel import data_parallel, make_mesh, put_state
 from jaxrlhf.stages import dpo, online_dpo
@@ -36,7 +36,7 @@ def test_each_pair_is_one_prompts_two_replies_the_higher_scored_chosen_ties_to_t
     batches = record_step_batches(monkeypatch, online_dpo)
     generations = record_generations(monkeypatch, online_dpo)
     online_dpo.run(config(tiny_run, tmp_path / "run", "reward.model=null",
-                          "reward.function=jaxrlhf.politeness:score_responses", "train.steps=3"))
+                          "reward.function=jaxrlhf.tasks.politeness:score_responses", "train.steps=3"))
     tokenizer = load_tokenizer(tiny_run / "sft" / "final")
     ties = 0
     for batch, gen in zip(batches, generations, strict=True):

@@ -205,10 +205,10 @@ def test_function_rewards_are_checked():
     from jaxrlhf.parallel import make_mesh
     from jaxrlhf.rewards import make_scorer
 
-    ok = make_scorer(RewardSource(function="jaxrlhf.politeness:score_responses"), make_mesh())
+    ok = make_scorer(RewardSource(function="jaxrlhf.tasks.politeness:score_responses"), make_mesh())
     assert ok(["", ""], [" Thank you!", " Go away."]).tolist() == pytest.approx([np.tanh(0.6), np.tanh(-0.7)])
     with pytest.raises(ConfigError, match="cannot be imported"):
-        make_scorer(RewardSource(function="jaxrlhf.politeness:nope"), make_mesh())
+        make_scorer(RewardSource(function="jaxrlhf.tasks.politeness:nope"), make_mesh())
     bad = make_scorer(RewardSource(function="tests.test_stages:wrong_length"), make_mesh())
     with pytest.raises(JaxRLHFError, match="returned 1 scores for 2 responses"):
         bad(["", ""], ["a", "b"])

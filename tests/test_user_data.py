@@ -15,7 +15,7 @@ import yaml
 from jaxrlhf import cli
 from jaxrlhf import config as cfg
 from jaxrlhf.models import load_pretrained, load_tokenizer
-from jaxrlhf.politeness import write_jsonl
+from jaxrlhf.tasks.politeness import write_jsonl
 from tests.conftest import ROOT, SHRINK, TINY
 from tests.test_bad_input import (CASES, evaluate_args, grpo_args, online_dpo_args, ppo_args, preferences_args,
                                   reward_args, reward_model_without_pad, rloo_args, sft_args)

@@ -151,7 +151,7 @@ def train_tokenizers(texts: list[str], out_dir: Path, gpt2_vocab: int = 1024, be
 
 
 def score_responses(prompts: list[str], responses: list[str]) -> list[float]:
-    """The ground truth as a reward function: `function: jaxrlhf.politeness:score_responses`."""
+    """The ground truth as a reward function: `function: jaxrlhf.tasks.politeness:score_responses`."""
     del prompts
     return [politeness_score(r) for r in responses]
 

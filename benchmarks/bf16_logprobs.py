@@ -15,12 +15,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxrlhf import data  # noqa: E402
 from jaxrlhf.config import ComputeConfig, DataConfig, SamplingSection  # noqa: E402
 from jaxrlhf.models import frozen_params  # noqa: E402
 from jaxrlhf.parallel import gather, make_mesh, put_rows, put_state  # noqa: E402
 from jaxrlhf.stages.common import load_policy  # noqa: E402
-from jaxrlhf.stages.rollout import encode_prompt_rows, sample, sampling_config  # noqa: E402
+from jaxrlhf.stages.rollout import encode_prompt_rows, load_prompt_rows, sample, sampling_config  # noqa: E402
 from jaxrlhf.updates.common import sequence_logps_jit  # noqa: E402
 
 
@@ -28,8 +27,8 @@ def main(policy: str, prompts: str, rows: int) -> None:
     section, mesh = SamplingSection(max_new_tokens=16, max_prompt_tokens=24), make_mesh(None, 1)
     models = {d: load_policy(policy, compute=ComputeConfig(dtype=d)) for d in ("float32", "bfloat16")}
     module, params, config, tokenizer = models["float32"]
-    ids, mask, _ = encode_prompt_rows(data.load_rows(DataConfig(prompts, max_rows=rows), ("prompt",)), tokenizer,
-                                      section, 0)
+    source = DataConfig(prompts, max_rows=rows)
+    ids, mask, _ = encode_prompt_rows(load_prompt_rows(source), tokenizer, section, 0, source, policy)
     out = sample(module, put_state(params, mesh), ids, mask, jax.random.key(0),
                  sampling_config(section, tokenizer, config), mesh)
     reply_only = out.attention_mask.copy()

@@ -18,11 +18,21 @@ from jaxrlhf.errors import ConfigError
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_rows(data: DataConfig, text: tuple[str, ...], numbers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def load_rows(data: DataConfig, text: tuple[str, ...], numbers: tuple[str, ...] = (),
+              conversations: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """Rows with our column names, from a local file or a hub dataset: the `text` columns
-    hold strings and the `numbers` columns finite numbers in every row used, else an error
-    naming the file, the row (counted from 1 in file order; a CSV header is no row) and the column."""
-    return _rows(data, _open(data), text, numbers)
+    hold strings, the `numbers` columns finite numbers and the `conversations` columns text or
+    a conversation (`is_conversation`) in every row used, else an error naming the file, the
+    row (counted from 1 in file order; a CSV header is no row) and the column."""
+    return _rows(data, _open(data), text, numbers, conversations)
+
+
+def is_conversation(value) -> bool:
+    """Whether a prompt is a conversation, TRL's conversational form: a list of messages, each
+    a dict with a "role" and a "content" (as `tokenizer.apply_chat_template` takes them)."""
+    return (isinstance(value, list) and bool(value)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in value))
 
 
 def load_rows_of_a_form(data: DataConfig, forms: dict[str, tuple[str, ...]]) -> tuple[str, list[dict[str, Any]]]:
@@ -79,8 +89,9 @@ def _open(data: DataConfig):
             datasets.enable_progress_bars()
 
 
-def _rows(data: DataConfig, dataset, text: tuple[str, ...], numbers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    columns = {ours: data.columns.get(ours, ours) for ours in (*text, *numbers)}
+def _rows(data: DataConfig, dataset, text: tuple[str, ...], numbers: tuple[str, ...] = (),
+          conversations: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    columns = {ours: data.columns.get(ours, ours) for ours in (*text, *numbers, *conversations)}
     absent = [theirs for theirs in columns.values() if theirs not in dataset.column_names]
     if absent:
         raise ConfigError(f"{data.path}: column(s) {absent} not found; it has {dataset.column_names} "
@@ -94,6 +105,10 @@ def _rows(data: DataConfig, dataset, text: tuple[str, ...], numbers: tuple[str, 
             if not isinstance(row[ours], str):
                 raise ConfigError(f"{data.path}: row {number}, column {columns[ours]!r}: expected text, got "
                                   f"{_shown(row[ours])}")
+        for ours in conversations:
+            if not isinstance(row[ours], str) and not is_conversation(row[ours]):
+                raise ConfigError(f"{data.path}: row {number}, column {columns[ours]!r}: expected text or a "
+                                  f'list of messages {{"role": ..., "content": ...}}, got {_shown(row[ours])}')
         for ours in numbers:
             value = row[ours]
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -159,16 +174,34 @@ def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
-def encode_prompts(tokenizer, prompts: list[str], max_tokens: int, length_range=None, seed: int = 0,
+def prompt_ids(tokenizer, prompts: list) -> list[list[int]]:
+    """The token ids of each prompt: a text as it is (no special tokens added: the prompt is the
+    text the reply continues); a conversation (`is_conversation`) rendered by the tokenizer's
+    chat template with the generation prompt, as TRL's GRPO trainer tokenizes conversational
+    prompts (`apply_chat_template(..., add_generation_prompt=True, tokenize=True)`)."""
+    ids: list = [None] * len(prompts)
+    for chats in (False, True):
+        where = [i for i, p in enumerate(prompts) if isinstance(p, str) != chats]
+        if not where:
+            continue
+        these = [prompts[i] for i in where]
+        encoded = (tokenizer.apply_chat_template(these, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"] if chats else _ids(tokenizer, these))
+        for i, row in zip(where, encoded):
+            ids[i] = list(row)
+    return ids
+
+
+def encode_prompts(tokenizer, prompts: list, max_tokens: int, length_range=None, seed: int = 0,
                    pad_to: int | None = None) -> dict[str, np.ndarray]:
-    """Left-padded prompt `input_ids` and `attention_mask` `[B, P]`, P the longest prompt (or
-    `pad_to`), and `cut` `[B]` marking the prompts longer than `max_tokens`, which keep their
-    last `max_tokens` tokens (the part next to the reply). With `length_range` each prompt is
-    first cut to its first L tokens, L drawn uniformly from the range (deterministic in `seed`;
-    on purpose, so not marked)."""
+    """Left-padded prompt `input_ids` and `attention_mask` `[B, P]` (each prompt's ids as
+    `prompt_ids` makes them), P the longest prompt (or `pad_to`), and `cut` `[B]` marking the
+    prompts longer than `max_tokens`, which keep their last `max_tokens` tokens (the part next
+    to the reply). With `length_range` each prompt is first cut to its first L tokens, L drawn
+    uniformly from the range (deterministic in `seed`; on purpose, so not marked)."""
     rng = np.random.default_rng(seed)
     rows = []
-    for ids in _ids(tokenizer, prompts):
+    for ids in prompt_ids(tokenizer, prompts):
         if length_range is not None:
             ids = ids[: rng.integers(length_range[0], length_range[1] + 1)]
         rows.append(ids)

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxrlhf import best_of_n, data, diagnostics, outputs
+from jaxrlhf import best_of_n, diagnostics, outputs
 from jaxrlhf.config import (ComputeConfig, DataConfig, MeshConfig, RewardSource, SamplingSection, check, check_no_remat,
                             pad_token_key)
 from jaxrlhf.parallel import check_rows, gather, make_mesh, on_host, on_main, put_rows, put_state
@@ -19,8 +19,8 @@ from jaxrlhf.models import frozen_params, load_config
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.stages.common import load_policy, policy_tokenizer
 from jaxrlhf.updates.common import sequence_logps_jit
-from jaxrlhf.stages.rollout import (PROMPT_COLUMNS, decode_responses, encode_prompt_rows, off_policy_settings, sample,
-                                    sampling_config)
+from jaxrlhf.stages.rollout import (PROMPT_COLUMNS, decode_responses, encode_prompt_rows, load_prompt_rows,
+                                    off_policy_settings, sample, sampling_config)
 
 COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 
@@ -136,8 +136,8 @@ def preflight(config: EvaluateConfig, resume: bool = False, overwrite: bool = Fa
                                    model_configs[checkpoints[entry.policy]], mesh, config.compute.dtype)
     with on_host():
         ref_module, ref_params, _, _ = load_policy(config.reference, pad_token=config.pad_token, compute=config.compute)
-    rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
-    prompts = {path: encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
+    rows = load_prompt_rows(config.prompts)
+    prompts = {path: encode_prompt_rows(rows, tokenizer, config.sampling, config.seed, config.prompts, path)
                for path, tokenizer in tokenizers.items()}
     scorers = {name: make_scorer(source, mesh, f"scorers.{name}", config.compute.dtype)
                for name, source in config.scorers.items()}

@@ -33,12 +33,13 @@ def test_rollout_prompts_cut_to_fit_are_counted_in_a_warning(tokenizer):
     """Every stage that samples encodes its prompts here: a prompt longer than
     sampling.max_prompt_tokens keeps its end, and the count of such prompts is reported, as
     every other cut to fit is."""
-    from jaxrlhf.config import SamplingSection
+    from jaxrlhf.config import DataConfig, SamplingSection
     from jaxrlhf.stages.rollout import encode_prompt_rows
 
     rows = [{"prompt": "Request: Please walk the dog and feed the cat today.\nReply:"}, {"prompt": "Hi\nReply:"}] * 3
     with pytest.warns(UserWarning, match=r"^3 of 6 prompts cut to sampling.max_prompt_tokens=6 \(their end kept\)$"):
-        ids, mask, texts = encode_prompt_rows(rows, tokenizer, SamplingSection(max_prompt_tokens=6), seed=0)
+        ids, mask, texts = encode_prompt_rows(rows, tokenizer, SamplingSection(max_prompt_tokens=6), 0,
+                                              DataConfig("prompts.jsonl"), "policy")
     assert mask.sum(1).max() == 6 and texts[0].endswith("\nReply:") and texts[1] == "Hi\nReply:"
 
 
@@ -77,3 +78,57 @@ def test_batch_order_is_a_pure_function_of_the_step():
     assert not np.array_equal(data.batch_indices(10, 3, 0, seed=0), data.batch_indices(10, 3, 3, seed=0))
     with pytest.raises(ConfigError, match="batch_size=11 is larger than the 10 rows"):
         data.batch_indices(10, 11, 0, seed=0)
+
+
+# SmolLM2-135M-Instruct's chat template (a default system message, ChatML turns).
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful AI assistant<|im_end|>\n' }}{% endif %}"
+          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_conversational_prompts_are_rendered_by_the_chat_template_with_the_generation_prompt(tokenizer, tmp_path):
+    """A prompts file of conversations (TRL's conversational form) is encoded, by the function
+    every sampling stage encodes its prompts with, exactly as
+    `apply_chat_template(messages, add_generation_prompt=True)` tokenizes them; the rows keep
+    the messages (the prompt a reward function is given)."""
+    import copy
+    import json
+
+    from jaxrlhf.config import DataConfig, SamplingSection
+    from jaxrlhf.stages.rollout import encode_prompt_rows, load_prompt_rows
+
+    chat = copy.deepcopy(tokenizer)
+    chat.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    chat.chat_template = CHATML
+    conversations = [[{"role": "user", "content": "What is 2 + 3?"}],
+                     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Walk the dog."}]]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"prompt": c}) + "\n" for c in conversations))
+    source = DataConfig(str(path))
+    rows = load_prompt_rows(source)
+    ids, mask, texts = encode_prompt_rows(rows, chat, SamplingSection(max_prompt_tokens=200), 0, source, "policy")
+    assert [r["prompt"] for r in rows] == conversations
+    for row_ids, row_mask, text, messages in zip(ids, mask, texts, conversations):
+        want = chat.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+        assert list(row_ids[row_mask == 1]) == list(want)
+        assert text == chat.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert texts[0].endswith("<|im_start|>assistant\n") and "<|im_start|>system" in texts[0]
+
+
+def test_conversational_prompts_without_a_chat_template_are_one_error_naming_the_file_and_column(tokenizer, tmp_path):
+    from jaxrlhf.config import DataConfig, SamplingSection
+    from jaxrlhf.stages.rollout import encode_prompt_rows, load_prompt_rows
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text('{"question": [{"role": "user", "content": "What is 2 + 3?"}]}\n')
+    source = DataConfig(str(path), columns={"prompt": "question"})
+    rows = load_prompt_rows(source)
+    assert not getattr(tokenizer, "chat_template", None)
+    with pytest.raises(ConfigError, match=rf"^{path}: column 'question' holds conversations, but the tokenizer of "
+                                          r"runs/x/sft has no chat template to render them; [^\n]*$"):
+        encode_prompt_rows(rows, tokenizer, SamplingSection(), 0, source, "runs/x/sft")
+    path.write_text('{"question": [{"role": "user", "text": "What is 2 + 3?"}]}\n')
+    with pytest.raises(ConfigError, match=rf"^{path}: row 1, column 'question': expected text or a list of messages "):
+        load_prompt_rows(source)

@@ -76,7 +76,7 @@ def test_online_dpo_loss_is_offline_dpos_on_the_same_pairs(loss_type, tiny_run, 
     tokenizer = load_tokenizer(sft, model_config)
     cfg = config(tiny_run, tmp_path / "unused")
     rows = [json.loads(line) for line in (tiny_run / "data" / "prompts.jsonl").read_text().splitlines()[:8]]
-    ids, mask, texts = encode_prompt_rows(rows, tokenizer, cfg.sampling, 0)
+    ids, mask, texts = encode_prompt_rows(rows, tokenizer, cfg.sampling, 0, cfg.prompts, cfg.policy)
     mesh = make_mesh(1, 1)
     both = np.concatenate([np.arange(8), np.arange(8)])
     gen = sample(module, put_state(params, mesh), ids[both], mask[both], jax.random.key(3),

@@ -9,7 +9,7 @@ from typing import Literal
 import jax
 import numpy as np
 
-from jaxrlhf import data, outputs
+from jaxrlhf import outputs
 from jaxrlhf.config import (ComputeConfig, DataConfig, MeshConfig, RewardSource, SamplingSection, check, check_no_remat,
                             pad_token_key)
 from jaxrlhf.errors import JaxRLHFError, OutputError
@@ -17,7 +17,8 @@ from jaxrlhf.models import frozen_params
 from jaxrlhf.parallel import check_rows, is_main, make_mesh, on_host, on_main, put_state
 from jaxrlhf.rewards import make_scorer
 from jaxrlhf.stages.common import load_policy
-from jaxrlhf.stages.rollout import PROMPT_COLUMNS, decode_responses, encode_prompt_rows, sample, sampling_config
+from jaxrlhf.stages.rollout import (PROMPT_COLUMNS, decode_responses, encode_prompt_rows, load_prompt_rows, sample,
+                                    sampling_config)
 
 COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 
@@ -84,8 +85,8 @@ def preflight(config: PreferencesConfig, resume: bool = False, overwrite: bool =
         module, params, model_config, tokenizer = load_policy(config.policy, pad_token=config.pad_token,
                                                               compute=config.compute)
     scorer = make_scorer(config.reward, mesh, dtype=config.compute.dtype)
-    rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
-    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
+    rows = load_prompt_rows(config.prompts)
+    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed, config.prompts, config.policy)
     settings = sampling_config(config.sampling, tokenizer, model_config)
     return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer,
             "prompts": (ids, mask, texts), "settings": settings}

@@ -6,14 +6,23 @@ import jax
 import numpy as np
 
 from jaxrlhf import data, diagnostics, parallel
-from jaxrlhf.config import SamplingSection, check
+from jaxrlhf.config import DataConfig, SamplingSection, check
+from jaxrlhf.errors import ConfigError
 from jaxrlhf.models.configs import token_ids
 from jaxrlhf.rewards import make_scorer, penalise_missing_eos
 from jaxrlhf.stages import common
 from jaxrlhf.sampling import GenerateOutput, SamplingConfig, generate
 
-# The column every stage that samples from prompts reads, with an example row.
-PROMPT_COLUMNS = {"prompts": {"prompt": "Request: Can you fix my bike?\nReply:"}}
+# The column every stage that samples from prompts reads, with an example row of each form: a
+# text the reply continues, or a conversation the policy's chat template renders (TRL's forms).
+PROMPT_COLUMNS = {"prompts": {"prompt": "Request: Can you fix my bike?\nReply:"},
+                  "conversational prompts": {"prompt": [{"role": "user", "content": "Can you fix my bike?"}]}}
+
+
+def load_prompt_rows(prompts: DataConfig) -> list[dict]:
+    """The rows of a prompts file; each row's `prompt` is a text or a conversation (a list of
+    messages, kept as it is: it is the prompt a reward function is given)."""
+    return data.load_rows(prompts, (), conversations=("prompt",))
 
 
 def check_on_policy(section: SamplingSection, temperature: float, method: str, key: str) -> None:
@@ -61,9 +70,20 @@ def sampling_config(section: SamplingSection, tokenizer, model_config) -> Sampli
         eos_token_id=eos_token_ids(tokenizer, model_config), pad_token_id=tokenizer.pad_token_id)
 
 
-def encode_prompt_rows(rows, tokenizer, section: SamplingSection, seed: int):
-    """All prompts, left-padded to one width (one compiled shape) -> ids, mask, the texts the
-    policy actually sees (after any truncation: the prompts cut to fit are counted in a warning)."""
+def encode_prompt_rows(rows, tokenizer, section: SamplingSection, seed: int, source: DataConfig, policy: str):
+    """All prompts (the rows of `source`, encoded by `policy`'s tokenizer as `data.prompt_ids`
+    says: a conversation through its chat template), left-padded to one width (one compiled
+    shape) -> ids, mask, the texts the policy actually sees (after any truncation: the prompts
+    cut to fit are counted in a warning)."""
+    if any(data.is_conversation(r["prompt"]) for r in rows):
+        column = source.columns.get("prompt", "prompt")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(f"{source.path}: column {column!r} holds conversations, but the tokenizer of {policy} "
+                              "has no chat template to render them; give the prompts as text, or a policy whose "
+                              "tokenizer has a chat template")
+        if section.prompt_length_range is not None:
+            raise ConfigError(f"sampling.prompt_length_range would cut the conversations of {source.path} (column "
+                              f"{column!r}) before their generation prompt; leave it unset for conversational prompts")
     enc = data.encode_prompts(tokenizer, [r["prompt"] for r in rows], section.max_prompt_tokens,
                               section.prompt_length_range, seed)
     data.warn_cut(enc["cut"], f"prompts cut to sampling.max_prompt_tokens={section.max_prompt_tokens} "
@@ -88,12 +108,12 @@ def online_preflight(config, stage: str, resume: bool, *, value_head: bool = Fal
             rng=jax.random.key(train.seed))
     mesh = common.train_mesh(train, minibatches, section)
     scorer = make_scorer(config.reward, mesh, dtype=config.compute.dtype)
-    rows = data.load_rows(config.prompts, tuple(PROMPT_COLUMNS["prompts"]))
+    rows = load_prompt_rows(config.prompts)
     k = samples_per_prompt
     check(k == 1 or train.batch_size // k <= len(rows),  # (k == 1: check_output's batch check says it)
           f"train.batch_size={train.batch_size} / {section}.num_generations={k} = {train.batch_size // k} prompts "
           f"per step, more than the {len(rows)} prompts of {config.prompts.path}")
-    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
+    ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed, config.prompts, config.policy)
     sampler = sampling_config(config.sampling, tokenizer, model_config)
     output = common.check_output(stage, train, config, resume, len(rows) * k,
                                  inputs=(config.policy, config.reward.model, config.prompts.path))

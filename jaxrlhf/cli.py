@@ -111,6 +111,7 @@ def finish(body: Callable[[], None], multi_process: bool, advice: Callable[[], s
 # check `run` makes before it writes; run calls it) and `run(config, resume)`
 STAGES = {
     "data": ("jaxrlhf.tasks.politeness", "PolitenessDataConfig"),
+    "arithmetic_data": ("jaxrlhf.tasks.arithmetic", "ArithmeticDataConfig"),
     "gguf": ("jaxrlhf.stages.gguf", "GGUFConfig"),
     "sft": ("jaxrlhf.stages.sft", "SFTConfig"),
     "reward": ("jaxrlhf.stages.reward", "RewardConfig"),

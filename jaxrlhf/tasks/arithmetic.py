@@ -114,7 +114,7 @@ class ArithmeticDataConfig:
     output_dir: str = "runs/smollm2-math/data"
     seed: int = 0
     train_rows: int = 1024
-    eval_rows: int = 200
+    eval_rows: int = 128
     max_number: int = 10  # the largest number in a sum or difference (factors: up to half of it)
 
     def __post_init__(self):

@@ -6,6 +6,7 @@ Nested sections are nested dataclasses (`train.learning_rate=1e-4` on the comman
 
 import dataclasses
 import difflib
+import importlib.util
 import re
 import types
 import typing
@@ -55,6 +56,8 @@ def _coerce(value: Any, t, where: str) -> Any:
         for option in typing.get_args(t):
             if isinstance(value, dict) and dataclasses.is_dataclass(option):
                 return _coerce(value, option, where)  # a section: its own errors say what is wrong in it
+            if isinstance(value, (list, tuple)) and typing.get_origin(option) in (list, tuple):
+                return _coerce(value, option, where)  # a list: its items' own errors say which is wrong
             try:
                 return _coerce(value, option, where)
             except ConfigError:
@@ -338,23 +341,29 @@ class SamplingSection:
 class RewardSource:
     """A reward: our trained reward model or any HF sequence classifier (`model`, scoring the
     logit of `label`, a name or index, default 0), or a Python function `module:function`
-    (importable, or `module.py` in the working directory or beside the config file) or
-    `path/to/file.py:function`, called as f(prompts, responses) -> one float per response."""
+    (importable, `module.py` in the working directory or beside the config, or `file.py:function`;
+    see `rewards.function_scorer`); its scores times `weight` (TRL's `reward_weights`) add to
+    the total; `name` labels its metrics `rewards/<name>/mean|std`."""
 
     model: str | None = None
     label: str | int | None = None
     function: str | None = None
-    # What the scorer reads: the response alone, or prompt + response.
-    text: Literal["response", "prompt+response"] = "response"
+    text: Literal["response", "prompt+response"] = "response"  # what a model scorer reads
     max_length: int = 128
     batch_size: int = 64
     pad_token: str | None = pad_token_key()
+    weight: float = 1.0
+    name: str | None = None
 
     def __post_init__(self):
         check((self.model is None) != (self.function is None),
               "a reward source needs exactly one of model (a checkpoint) or function ('module:function')")
         check(self.function is None or ":" in self.function,
               f"function={self.function!r} must look like 'package.module:function'")
+        check(self.name is None or (bool(self.name) and "/" not in self.name), f"name={self.name!r}: empty or has '/'")
+
+
+Reward = RewardSource | tuple[RewardSource, ...]  # a stage's `reward:`: one source, or a weighted list
 
 
 def locate_reward_functions(config, config_dir: Path | None):
@@ -365,6 +374,8 @@ def locate_reward_functions(config, config_dir: Path | None):
         return _located(config, config_dir)
     if isinstance(config, dict):
         return {k: locate_reward_functions(v, config_dir) for k, v in config.items()}
+    if isinstance(config, tuple) and any(isinstance(v, RewardSource) for v in config):
+        return tuple(locate_reward_functions(v, config_dir) for v in config)
     if dataclasses.is_dataclass(config):
         changes = {f.name: locate_reward_functions(getattr(config, f.name), config_dir)
                    for f in dataclasses.fields(config)}
@@ -373,8 +384,6 @@ def locate_reward_functions(config, config_dir: Path | None):
 
 
 def _located(source: RewardSource, config_dir: Path | None) -> RewardSource:
-    import importlib.util
-
     if source.function is None:
         return source
     module, _, name = source.function.rpartition(":")

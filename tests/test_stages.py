@@ -215,8 +215,6 @@ def test_function_rewards_are_checked():
     with pytest.raises(JaxRLHFError, match="raised ZeroDivisionError"):
         make_scorer(RewardSource(function="tests.test_stages:raises"), make_mesh())(["a"], ["b"])
     for name, message in (("nothing", r"returned None; it must return one number per response"),
-                          ("some_none", r"returned None for 2 of its 3 scores \(the first: response 2, "
-                                        r"counted from 1\)"),
                           ("a_nan", r"returned a non-finite score for 1 of 3 responses \(the first: response 3, "
                                     r"counted from 1: nan\)")):
         with pytest.raises(JaxRLHFError, match=rf"^reward function tests.test_stages:{name} {message}"):
@@ -241,10 +239,6 @@ def a_dict(prompts, responses):
 
 def nothing(prompts, responses):
     return None
-
-
-def some_none(prompts, responses):
-    return [1.0] + [None] * (len(responses) - 1)
 
 
 def a_nan(prompts, responses):

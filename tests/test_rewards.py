@@ -80,6 +80,11 @@ def aligned(prompts, completions, task, n, **kwargs):
     return [float(x) for x in n]
 
 
+def correct(prompts, responses, answer):
+    """1.0 when the reply's last word is the row's answer; None (not applicable) for an empty reply."""
+    return [None if not r.split() else float(r.split()[-1] == a) for r, a in zip(responses, answer)]
+
+
 def source(function: str, **kwargs) -> RewardSource:
     return RewardSource(function=f"{HERE}:{function}", **kwargs)
 
@@ -177,6 +182,43 @@ def test_a_list_of_sources_loads_from_yaml_with_each_items_own_errors():
         from_dict(GRPOStageConfig, {**base, "reward": [{"model": "rm"}, {"model": "rm", "wieght": 1}]}, "c")
     with pytest.raises(ConfigError, match=r"reward source names \['a', 'a'\] repeat"):
         make_scorer((source("length", name="a"), source("length", name="a")), make_mesh())
+
+
+@pytest.mark.fast
+def test_an_evaluation_scorer_of_several_sources_reports_each_ones_mean_and_standard_error():
+    """A scorer listing a 0/1 correctness source and a length source: results.json's row and
+    results.md's table hold the weighted total (mean, SE, median, std, per token) and each
+    source's mean +- SE (the correctness one: accuracy +- its SE over the replies it applies to),
+    as NumPy computes them."""
+    from types import SimpleNamespace
+
+    from jaxrlhf import evaluate
+    from jaxrlhf.rewards import score_columns
+
+    config = SimpleNamespace(scorers={"task": (), "judge": ()}, collapse_ngram=2)
+    scorers = {"task": make_scorer((source("correct"), source("length", weight=0.1)), make_mesh()),
+               "judge": make_scorer(source("length"), make_mesh())}
+    replies = ["it is 4", "5", "", "so 6", "7", "the answer is 9"]
+    rows = [{"prompt": "q", "answer": a} for a in ("4", "4", "2", "6", "8", "9")]
+    scores = score_columns(scorers, ["q"] * 6, replies, rows)
+    assert list(scores) == ["task", "task/correct", "task/length", "judge"]
+    lengths = np.asarray([len(r) for r in replies], np.float64)
+    hits = np.asarray([1, 0, np.nan, 1, 0, 1])
+    tokens = [[1, 2]] * 6
+    row = evaluate._results(config, SimpleNamespace(decode=str), replies, tokens, scores, np.zeros(6),
+                            np.full(6, 3), tokens)
+    known = hits[~np.isnan(hits)]
+    assert row["task/correct/mean"] == pytest.approx(known.mean())
+    assert row["task/correct/se"] == pytest.approx(known.std(ddof=1) / np.sqrt(5))
+    assert row["task/length/se"] == pytest.approx(lengths.std(ddof=1) / np.sqrt(6))
+    total = np.nan_to_num(hits) + 0.1 * lengths
+    assert row["task/mean"] == pytest.approx(total.mean()) and row["task/median"] == pytest.approx(np.median(total))
+    assert row["task/se"] == pytest.approx(total.std(ddof=1) / np.sqrt(6))
+    assert "judge/correct/mean" not in row and row["judge/se"] == pytest.approx(row["task/length/se"])
+    head = evaluate._tables({"p": row}, config)[0][0]
+    assert head == ("| policy | task/mean | task/se | task/median | task/std | task/per_token | task/correct/mean | "
+                    "task/correct/se | task/length/mean | task/length/se | judge/mean | judge/se | judge/median | "
+                    "judge/std | judge/per_token | response_tokens | kl_to_reference |")
 
 
 # --- Through the stages' own run -------------------------------------------------------------

@@ -178,8 +178,9 @@ def describe(cls, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name, t = prefix + f.name, hints[f.name]
-        if dataclasses.is_dataclass(t):
-            lines += describe(t, name + ".")
+        section = next((a for a in typing.get_args(t) if dataclasses.is_dataclass(a)), t)  # e.g. a reward source
+        if dataclasses.is_dataclass(section):
+            lines += [f"  {name} (a section, or a list of them)"] * (section is not t) + describe(section, name + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
@@ -339,11 +340,10 @@ class SamplingSection:
 
 @dataclasses.dataclass(frozen=True)
 class RewardSource:
-    """A reward: our trained reward model or any HF sequence classifier (`model`, scoring the
-    logit of `label`, a name or index, default 0), or a Python function `module:function`
-    (importable, `module.py` in the working directory or beside the config, or `file.py:function`;
-    see `rewards.function_scorer`); its scores times `weight` (TRL's `reward_weights`) add to
-    the total; `name` labels its metrics `rewards/<name>/mean|std`."""
+    """A reward: our trained reward model or any HF classifier (`model`, its logit `label`, a name
+    or index, default 0), or a Python function `module:function` (importable, `module.py` in the
+    working directory or beside the config, or `file.py:function`; see `rewards.function_scorer`),
+    its scores times `weight` (TRL's `reward_weights`) in the total, `name` on its metrics."""
 
     model: str | None = None
     label: str | int | None = None

@@ -221,6 +221,16 @@ def test_an_evaluation_scorer_of_several_sources_reports_each_ones_mean_and_stan
                     "judge/std | judge/per_token | response_tokens | kl_to_reference |")
 
 
+@pytest.mark.fast
+def test_a_run_recorded_before_reward_weights_resumes_but_a_changed_weight_is_refused():
+    from jaxrlhf.stages.common import _changes
+
+    old = {"reward": {"function": "m:f", "model": None}}
+    assert _changes(old, {"reward": {"function": "m:f", "model": None, "weight": 1.0, "name": None}}, ()) == ""
+    assert _changes(old, {"reward": {"function": "m:f", "model": None, "weight": 2.0, "name": None}}, ()) == \
+        "reward.weight (1.0 -> 2.0)"
+
+
 # --- Through the stages' own run -------------------------------------------------------------
 
 

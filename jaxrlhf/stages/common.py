@@ -275,7 +275,7 @@ def _check_same_run(out: Path, saved: dict, record: dict) -> None:
 
 # Keys added after run folders were first written, with the value that does what those runs did:
 # a config.json written before a key existed reads as that value, so such a run still resumes.
-ADDED_SINCE = {"compute.dtype": "float32", "compute.remat": "none"}
+ADDED_SINCE = {"compute.dtype": "float32", "compute.remat": "none", "reward.weight": 1.0, "reward.name": None}
 
 
 def _changes(saved: dict, record: dict, free: tuple[str, ...]) -> str:

@@ -116,7 +116,10 @@ def function_scorer(source: RewardSource) -> SourceScorer:
         raise ConfigError(f"reward function {source.function!r} cannot be imported: {e} (a module is looked for "
                           "on the Python path, then as a .py file in the working directory and beside the "
                           "config file)") from None
-    params = inspect.signature(fn).parameters
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): (prompts, responses) alone
+        params = {}
     by_keyword = "completions" in params
     texts = {"prompts", "completions"} if by_keyword else set(list(params)[:2])
     every = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -8,7 +8,7 @@ import argparse
 import functools
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 
 def _stage(name: str, argv: list[str] | None) -> int:
@@ -150,29 +150,37 @@ def gguf_to_hf_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# subcommand -> (what it does, in one line; what runs it on the arguments after its name). A stage's
-# subcommand is its name in cli.STAGES (and in pipeline files) with "-" for "_".
-COMMANDS: dict[str, tuple[str, Callable[[list[str] | None], int]]] = {
-    "sft": ("supervised fine-tuning on prompt/response pairs or plain text", functools.partial(_stage, "sft")),
-    "reward": ("train a reward model (regression on scores or pairwise on chosen/rejected)",
-               functools.partial(_stage, "reward")),
-    "ppo": ("PPO against a reward source, KL-leashed to the starting policy", functools.partial(_stage, "ppo")),
-    "rloo": ("RLOO: k samples per prompt, leave-one-out baseline, no value head", functools.partial(_stage, "rloo")),
-    "grpo": ("GRPO: k samples per prompt, advantages normalised within each group", functools.partial(_stage, "grpo")),
-    "preferences": ("sample replies per prompt, score them, write preference pairs",
-                    functools.partial(_stage, "preferences")),
-    "dpo": ("DPO, IPO, hinge and SLiC-HF on preference pairs", functools.partial(_stage, "dpo")),
-    "online-dpo": ("online DPO: pairs sampled from the current policy every step, scored by a reward source",
-                   functools.partial(_stage, "online_dpo")),
-    "evaluate": ("compare policies on the same prompts: rewards, KL, diversity, length; table, plot, replies",
-                 functools.partial(_stage, "evaluate")),
-    "chat": ("chat with any checkpoint in the terminal", chat_main),
-    "export": ("export a run's checkpoint to Hugging Face layout", export_main),
-    "pipeline": ("run every stage of a pipeline file in order (default: the offline tiny one)", _pipeline),
-    "frontier": ("the reward-KL frontier: every method swept over its KL knob, evaluated, plotted",
-                 functools.partial(_stage, "frontier")),
-    "memory-plan": ("a training stage's memory per device from its config, compiled, never run", _memory_plan),
-    "gguf-to-hf": ("convert a GGUF model (Llama family) to a Hugging Face folder, offline", gguf_to_hf_main),
+class Command(NamedTuple):
+    summary: str  # what it does, in one line (`jaxrlhf --help`)
+    run: Callable[[list[str] | None], int]  # on the arguments after its name -> the exit code
+    stage: str | None = None  # the stage it runs: its name in cli.STAGES and in pipeline files
+
+
+def stage_command(stage: str, summary: str) -> Command:
+    return Command(summary, functools.partial(_stage, stage), stage)
+
+
+# A stage's subcommand is its name with "-" for "_".
+COMMANDS: dict[str, Command] = {
+    "sft": stage_command("sft", "supervised fine-tuning on prompt/response pairs or plain text"),
+    "reward": stage_command("reward", "train a reward model (regression on scores or pairwise on chosen/rejected)"),
+    "ppo": stage_command("ppo", "PPO against a reward source, KL-leashed to the starting policy"),
+    "rloo": stage_command("rloo", "RLOO: k samples per prompt, leave-one-out baseline, no value head"),
+    "grpo": stage_command("grpo", "GRPO: k samples per prompt, advantages normalised within each group"),
+    "preferences": stage_command("preferences", "sample replies per prompt, score them, write preference pairs"),
+    "dpo": stage_command("dpo", "DPO, IPO, hinge and SLiC-HF on preference pairs"),
+    "online-dpo": stage_command("online_dpo", "online DPO: pairs sampled from the current policy every step, "
+                                              "scored by a reward source"),
+    "evaluate": stage_command("evaluate", "compare policies on the same prompts: rewards, KL, diversity, length; "
+                                          "table, plot, replies"),
+    "chat": Command("chat with any checkpoint in the terminal", chat_main),
+    "export": Command("export a run's checkpoint to Hugging Face layout", export_main),
+    "pipeline": Command("run every stage of a pipeline file in order (default: the offline tiny one)", _pipeline),
+    "frontier": stage_command("frontier", "the reward-KL frontier: every method swept over its KL knob, evaluated, "
+                                          "plotted"),
+    "memory-plan": Command("a training stage's memory per device from its config, compiled, never run",
+                           _memory_plan),
+    "gguf-to-hf": Command("convert a GGUF model (Llama family) to a Hugging Face folder, offline", gguf_to_hf_main),
 }
 
 USAGE = "usage: jaxrlhf COMMAND [ARGS ...]   (jaxrlhf COMMAND --help: its flags and config keys)"
@@ -182,7 +190,7 @@ def help_text() -> str:
     """`jaxrlhf --help`: the usage and every subcommand with its line."""
     width = max(map(len, COMMANDS))
     return "\n".join([USAGE, "", "RLHF in JAX: one command per stage and tool.", "", "commands:",
-                      *(f"  {name:<{width}}  {summary}" for name, (summary, _) in COMMANDS.items())])
+                      *(f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items())])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,4 +205,4 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, file=sys.stderr)
         print(f"error: {what}; one of {', '.join(COMMANDS)} (jaxrlhf --help says what each does)", file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]][1](argv[1:])
+    return COMMANDS[argv[0]].run(argv[1:])

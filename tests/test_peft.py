@@ -34,8 +34,17 @@ MODELS = {
              transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                      intermediate_size=48, num_labels=1),
              ["query", "value", "dense"]),  # "dense": the attention output, FFN and pooler projections
+    "distilbert": (transformers.DistilBertForSequenceClassification,
+                   transformers.DistilBertConfig(vocab_size=64, dim=32, hidden_dim=40, n_layers=2, n_heads=2,
+                                                 num_labels=2),
+                   ["q_lin", "v_lin", "lin1"]),
 }
-TASK = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "bert": "SEQ_CLS"}
+TASK = {"gpt2": "CAUSAL_LM", "llama": "CAUSAL_LM", "bert": "SEQ_CLS", "distilbert": "SEQ_CLS"}
+# Our module names where they differ from the HF ones PEFT's targets name.
+FLAX_NAMES = {"dense": ("attn_out", "ffn_in", "ffn_out", "pooler"), "q_lin": ("query",), "v_lin": ("value",),
+              "lin1": ("ffn_in",)}
+# A sequence classifier's heads PEFT saves whole ("classifier" also selects DistilBERT's pre_classifier).
+HEADS = {"bert": ["classifier"], "distilbert": ["classifier", "pre_classifier"]}
 IDS, MASK = padded_batch(64, lengths=[7, 7], total=7, side="right", seed=5)
 RANK, ALPHA = 4, 12.0
 
@@ -50,10 +59,9 @@ def exported_base(tmp_path, family):
 
 
 def random_adapters(params, family, seed=0):
-    """Non-zero lora_a [in, r] and lora_b [r, out] on every kernel whose module PEFT's list of
-    names selects (matched on the module's last name, as our Flax and HF names agree for these)."""
-    names = {"dense": ("attn_out", "ffn_in", "ffn_out", "pooler")}.get
-    wanted = {n for t in MODELS[family][2] for n in (names(t) or (t,))}
+    """Non-zero lora_a [in, r] and lora_b [r, out] on every kernel the family's PEFT targets
+    select (matched on our module's last name, through FLAX_NAMES where it differs from HF's)."""
+    wanted = {n for t in MODELS[family][2] for n in FLAX_NAMES.get(t, (t,))}
     rng = np.random.default_rng(seed)
     out = {}
     for path, kernel in flatten_dict(params).items():
@@ -92,9 +100,8 @@ def settings(family, targets=None):
 def test_our_adapter_loads_in_peft_with_the_logits_of_our_merged_params(tmp_path, family):
     module, params, base = exported_base(tmp_path, family)
     adapters = random_adapters(params, family)
-    heads = None
-    if family == "bert":  # a reward model's trained head, saved whole (PEFT's modules_to_save)
-        heads = {"classifier": {k: np.asarray(v) + 0.3 for k, v in params["classifier"].items()}}
+    # A reward model's trained head, saved whole (PEFT's modules_to_save).
+    heads = {m: {k: np.asarray(v) + 0.3 for k, v in params[m].items()} for m in HEADS.get(family, [])}
     save_adapter(tmp_path / "adapter", adapters, settings(family), family, tmp_path / "base", modules_to_save=heads)
     tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     want = torch_logits(tuned)
@@ -107,18 +114,19 @@ def test_our_adapter_loads_in_peft_with_the_logits_of_our_merged_params(tmp_path
 
 @pytest.mark.parametrize("family", tiered(sorted(MODELS), fast={"llama"}))
 def test_a_peft_adapter_loads_with_the_logits_peft_computes(tmp_path, family):
-    targets = {"gpt2": ["c_attn", "c_fc"], "llama": "all-linear", "bert": ["query", "key"]}[family]
+    targets = {"gpt2": ["c_attn", "c_fc"], "llama": "all-linear", "bert": ["query", "key"],
+               "distilbert": ["k_lin", "out_lin", "lin2"]}[family]
     module, params, base = exported_base(tmp_path, family)
     torch.manual_seed(0)
     tuned = peft.get_peft_model(base, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets,
                                                       task_type=TASK[family], init_lora_weights=False)).eval()
-    if family == "bert":  # the classifier PEFT trains whole, moved off the base's
-        with torch.no_grad():
-            tuned.base_model.model.classifier.modules_to_save["default"].weight.add_(0.3)
+    with torch.no_grad():  # the heads PEFT trains whole, moved off the base's
+        for m in HEADS.get(family, []):
+            getattr(tuned.base_model.model, m).modules_to_save["default"].weight.add_(0.3)
     tuned.save_pretrained(tmp_path / "theirs")
     adapters, got = load_adapter(tmp_path / "theirs", params, family)
     heads = load_modules_to_save(tmp_path / "theirs", params, family)
-    assert set(flatten_dict(heads)) == ({("classifier", "kernel"), ("classifier", "bias")} if family == "bert" else set())
+    assert set(flatten_dict(heads)) == {(m, leaf) for m in HEADS.get(family, []) for leaf in ("kernel", "bias")}
     # PEFT saves "all-linear" as the module paths it chose; they come back as names. It saves
     # every list from a set: in no fixed order.
     names = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -179,30 +187,29 @@ BAD = {
 }
 
 
+@pytest.fixture(scope="module")
+def gpt2_params(tmp_path_factory):
+    cls, config, _ = MODELS["gpt2"]
+    folder = tmp_path_factory.mktemp("gpt2")
+    cls(config).save_pretrained(folder)  # loaded through transformers' init: nothing to compile
+    return load_pretrained(folder)[1]
+
+
 @pytest.mark.fast
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_a_bad_adapter_folder_is_one_line_naming_it(tmp_path, case):
-    cls, config, _ = MODELS["gpt2"]
-    module, params, _ = load_pretrained(_saved(tmp_path, cls(config)))
-    folder = save_adapter(tmp_path / "adapter", random_adapters(params, "gpt2"), settings("gpt2"), "gpt2", None)
+def test_a_bad_adapter_folder_is_one_line_naming_it(tmp_path, gpt2_params, case):
+    folder = save_adapter(tmp_path / "adapter", random_adapters(gpt2_params, "gpt2"), settings("gpt2"), "gpt2", None)
     break_it, message, file = BAD[case]
     break_it(folder)
     with pytest.raises(CheckpointError) as info:
-        load_adapter(folder, params, "gpt2")
+        load_adapter(folder, gpt2_params, "gpt2")
     text = str(info.value)
     assert "\n" not in text and message in text and str(folder) in text and file in text, text
 
 
-def _saved(tmp_path, model):
-    model.save_pretrained(tmp_path / "hf")
-    return tmp_path / "hf"
-
-
 @pytest.mark.fast
-def test_save_refuses_adapters_that_do_not_fit_their_settings(tmp_path):
-    cls, config, _ = MODELS["gpt2"]
-    _, params, _ = load_pretrained(_saved(tmp_path, cls(config)))
-    adapters = random_adapters(params, "gpt2")
+def test_save_refuses_adapters_that_do_not_fit_their_settings(tmp_path, gpt2_params):
+    adapters = random_adapters(gpt2_params, "gpt2")
     with pytest.raises(ConfigError, match=r"^adapters at transformer/h_0/attn/c_attn: expected lora_a \[in, 8\]"):
         save_adapter(tmp_path / "a", adapters, {**settings("gpt2"), "rank": 8}, "gpt2", None)
     with pytest.raises(ConfigError, match=r"\(transformer\.h\.0\.attn\.c_proj\) are not among the targets"):

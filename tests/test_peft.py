@@ -172,8 +172,11 @@ BAD = {
     "no config": (lambda f: (f / "adapter_config.json").unlink(), "has no adapter_config.json", ""),
     "no weights": (lambda f: (f / "adapter_model.safetensors").unlink(), "has no adapter_model.safetensors", ""),
     "not LoRA": (lambda f: _edit_config(f, peft_type="IA3"), "peft_type 'IA3' is not supported", "adapter_config"),
+    "r of 0": (lambda f: _edit_config(f, r=0), "r must be a positive integer, got 0", "adapter_config"),
     "rslora": (lambda f: _edit_config(f, use_rslora=True), "use_rslora=True is not supported", "adapter_config"),
     "dora": (lambda f: _edit_config(f, use_dora=True), "use_dora=True is not supported", "adapter_config"),
+    "PiSSA": (lambda f: _edit_config(f, init_lora_weights="pissa_niter_4"), "init_lora_weights='pissa_niter_4'",
+              "adapter_config"),
     "rank pattern": (lambda f: _edit_config(f, rank_pattern={"c_fc": 8}), "rank_pattern=", "adapter_config"),
     "another family's targets": (lambda f: _edit_config(f, target_modules=["q_proj", "c_attn"]),
                                  "target_modules 'q_proj' names no linear module of this gpt2 model", "adapter_config"),
@@ -214,4 +217,6 @@ def test_save_refuses_adapters_that_do_not_fit_their_settings(tmp_path, gpt2_par
         save_adapter(tmp_path / "a", adapters, {**settings("gpt2"), "rank": 8}, "gpt2", None)
     with pytest.raises(ConfigError, match=r"\(transformer\.h\.0\.attn\.c_proj\) are not among the targets"):
         save_adapter(tmp_path / "a", adapters, settings("gpt2", ["c_attn", "c_fc"]), "gpt2", None)
+    with pytest.raises(ConfigError, match=r"^adapter settings: targets must be 'all-linear' or a list"):
+        save_adapter(tmp_path / "a", adapters, settings("gpt2", r".*c_attn"), "gpt2", None)
     assert not (tmp_path / "a").exists()

@@ -41,6 +41,9 @@ ALL_LINEAR = "all-linear"
 _PLAIN = {"use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
           "lora_bias": False, "use_qalora": False, "layer_replication": None, "trainable_token_indices": None,
           "target_parameters": None, "alora_invocation_tokens": None, "use_bdlora": None}
+# Initialisations that leave the base weights alone (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA change
+# them: their adapters fit only the changed base, unless PEFT converted them on saving).
+_BASE_KEEPING_INITS = (True, False, "gaussian", "orthogonal", "eva")
 
 
 def _arch(family: str):
@@ -74,6 +77,9 @@ def save_adapter(folder: str | os.PathLike, adapters: Params, settings: dict, fa
 
     arch = _arch(family)
     rank, alpha, dropout, targets = _checked(settings)
+    if isinstance(targets, str) and targets != ALL_LINEAR:  # PEFT's regex form is for reading only
+        raise ConfigError(f"adapter settings: targets must be {ALL_LINEAR!r} or a list of module names, "
+                          f"got {targets!r}")
     tensors, adapted = {}, []
     for path, pair in _modules(adapters).items():
         name = arch.module_names("/".join(path))
@@ -123,18 +129,21 @@ def save_adapter(folder: str | os.PathLike, adapters: Params, settings: dict, fa
     return outputs.replace_folder(folder, "adapter", build, overwrite=overwrite, **record)
 
 
-def _checked(settings: dict) -> tuple[int, float, float, list[str] | str]:
-    rank, alpha, dropout, targets = (settings.get(k) for k in ("rank", "alpha", "dropout", "targets"))
+def _checked(settings: dict, keys=("rank", "alpha", "dropout", "targets"), where="adapter settings",
+             error=ConfigError) -> tuple[int, float, float, list[str] | str]:
+    """(rank, alpha, dropout, targets) read from `settings` under `keys` (PEFT's names in its
+    config), each checked; `error` names `where`."""
+    rank, alpha, dropout, targets = (settings.get(k) for k in keys)
+    dropout = 0.0 if dropout is None else dropout
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"adapter settings: rank must be a positive integer, got {rank!r}")
+        raise error(f"{where}: {keys[0]} must be a positive integer, got {rank!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ConfigError(f"adapter settings: alpha must be a number, got {alpha!r}")
+        raise error(f"{where}: {keys[1]} must be a number, got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise ConfigError(f"adapter settings: dropout must be a number in [0, 1), got {dropout!r}")
-    if targets != ALL_LINEAR and not (isinstance(targets, list) and targets
-                                      and all(isinstance(t, str) for t in targets)):
-        raise ConfigError(f"adapter settings: targets must be {ALL_LINEAR!r} or a list of module names, "
-                          f"got {targets!r}")
+        raise error(f"{where}: {keys[2]} must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(targets, str) and not (isinstance(targets, list) and targets
+                                             and all(isinstance(t, str) for t in targets)):
+        raise error(f"{where}: {keys[3]} must be {ALL_LINEAR!r} or a list of module names, got {targets!r}")
     return rank, float(alpha), float(dropout), targets
 
 
@@ -234,15 +243,11 @@ def _read_config(config_path: Path) -> tuple[int, float, float, list[str] | str]
         if config.get(key) and config[key] != plain:
             raise CheckpointError(f"{config_path}: {key}={config[key]!r} is not supported; jaxrlhf loads plain "
                                   f"LoRA adapters ({key}={plain!r})")
-    targets = config.get("target_modules")
-    try:
-        rank, alpha, dropout, _ = _checked({"rank": config.get("r"), "alpha": config.get("lora_alpha"),
-                                            "dropout": config.get("lora_dropout") or 0.0,
-                                            "targets": [targets] if isinstance(targets, str) else targets})
-    except ConfigError as e:
-        raise CheckpointError(f"{config_path}: {str(e).removeprefix('adapter settings: ')} "
-                              "(as r, lora_alpha, lora_dropout, target_modules)") from None
-    return rank, alpha, dropout, targets
+    init = config.get("init_lora_weights", True)
+    if (init if isinstance(init, bool) else str(init).lower()) not in _BASE_KEEPING_INITS:
+        raise CheckpointError(f"{config_path}: init_lora_weights={init!r} changed the base weights the adapter fits; "
+                              "save it with PEFT's path_initial_model_for_weight_conversion to load it on the base")
+    return _checked(config, ("r", "lora_alpha", "lora_dropout", "target_modules"), str(config_path), CheckpointError)
 
 
 def _check_targets(config_path: Path, targets: list[str] | str, names: set[str], family: str) -> None:

@@ -173,7 +173,7 @@ def read_yaml(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def describe(cls, prefix: str = "") -> list[str]:
-    """One line per key (nested ones dotted), with type and default: the scripts' --help."""
+    """One line per key (nested ones dotted), with type and default: each stage's --help (`jaxrlhf STAGE --help`)."""
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -89,9 +89,9 @@ def test_chat_keeps_the_conversation_in_the_prompt(tiny_run):
 @pytest.mark.slow
 def test_chat_script_keeps_the_session_through_a_line_that_is_not_utf8(tiny_run, monkeypatch, capsys):
     import io
-    import runpy
 
-    main = runpy.run_path(str(ROOT / "scripts" / "chat.py"))["main"]
+    from jaxrlhf.commands import chat_main as main
+
     lines = b"Can you walk the \xff\xfe dog?\nThanks!\n/quit\n"
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
     assert main([str(tiny_run / "sft" / "final"), "--max-new-tokens", "8", "--seed", "3"]) == 0

@@ -300,7 +300,7 @@ def export(out: Path, module, params, tokenizer) -> Path:
                                    source=str(out.resolve()))
         except OutputError as e:
             raise OutputError(f"{e}; the checkpoints in {out / 'checkpoints'} are complete: export one with "
-                              "scripts/export.py") from None
+                              "jaxrlhf export") from None
         print(f"exported {type(module).__name__} in Hugging Face layout to {path}")
 
     # Every process returns once the export is on disk: the next stage of a pipeline reads it.

@@ -1,6 +1,6 @@
-"""The command line every stage script shares: `--config FILE`, `key=value` overrides,
-`--dry-run` (every check the run makes before it writes, then the plan), `--resume`, and
-errors as one clear line."""
+"""The command line every stage shares (`jaxrlhf STAGE`, dispatched by jaxrlhf/commands.py):
+`--config FILE`, `key=value` overrides, `--dry-run` (every check the run makes before it
+writes, then the plan), `--resume`, and errors as one clear line."""
 
 import argparse
 import dataclasses
@@ -82,7 +82,7 @@ def resume_advice(config, who: str = "every process") -> str:
 
 
 def finish(body: Callable[[], None], multi_process: bool, advice: Callable[[], str]) -> int:
-    """Run a script's `body` -> its exit code: 0; 2 with one error line; 130 on a Ctrl-C, saying
+    """Run a command's `body` -> its exit code: 0; 2 with one error line; 130 on a Ctrl-C, saying
     where the run stands (`advice()`). The other processes of a multi-process run are told how
     this one ended (`multihost.finished`, `multihost.stopped`), so they stop naming it rather than
     wait for it. There a runtime error is most often a collective cut short by a lost process,
@@ -165,11 +165,11 @@ def describe_columns(module) -> list[str]:
 
 
 def parse_stage_args(name: str, argv=None):
-    """A stage script's command line -> (module, argparse namespace); `--help` lists the
+    """A stage's command line (`jaxrlhf STAGE ...`) -> (module, argparse namespace); `--help` lists the
     stage's data columns (with an example row each) and every config key."""
     module, config_cls = stage(name)
     parser = argparse.ArgumentParser(
-        prog=f"{name}.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=f"jaxrlhf {name.replace('_', '-')}", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=(module.__doc__ or "").strip(),
         epilog="\n".join([*describe_columns(module), "", "config keys (set in the YAML file or as key=value):",
                           *cfg.describe(config_cls)]).lstrip("\n"))
@@ -234,11 +234,11 @@ def stage_main(name: str, argv=None) -> int:
 
 
 def parse_memory_plan_args(argv=None):
-    """`memory_plan.py`'s command line -> argparse namespace."""
+    """`jaxrlhf memory-plan`'s command line -> argparse namespace."""
     parser = argparse.ArgumentParser(
-        prog="memory_plan.py", description="Per-device bytes of a training stage's params, optimizer state, frozen "
-        "models, update temporaries and sampler KV cache on its mesh, from shapes alone (no weights read: config.json "
-        "only; the update is compiled, never run), and the lever that brings the largest part down.")
+        prog="jaxrlhf memory-plan", description="Per-device bytes of a training stage's params, optimizer state, "
+        "frozen models, update temporaries and sampler KV cache on its mesh, from shapes alone (no weights read: "
+        "config.json only; the update is compiled, never run), and the lever that brings the largest part down.")
     parser.add_argument("--config", type=Path, required=True, help="the stage's YAML config")
     parser.add_argument("--stage", help="the training stage it configures (default: the file's name, e.g. grpo.yaml; "
                                         "slic.yaml is dpo)")
@@ -255,7 +255,7 @@ def parse_memory_plan_args(argv=None):
 
 
 def memory_plan_config(args):
-    """The training stage `memory_plan.py`'s arguments name, and its config -> (name, config)."""
+    """The training stage `jaxrlhf memory-plan`'s arguments name, and its config -> (name, config)."""
     name = args.stage or {"slic": "dpo"}.get(args.config.stem, args.config.stem)
     if name not in STAGES or not trains(stage(name)[1]):
         raise JaxRLHFError(f"--stage: say which training stage {args.config} configures (one of "
@@ -265,7 +265,7 @@ def memory_plan_config(args):
 
 @one_line_warnings
 def memory_plan_main(argv=None) -> int:
-    """`memory_plan.py`: a training stage's per-device memory from its config, compiled, never run."""
+    """`jaxrlhf memory-plan`: a training stage's per-device memory from its config, compiled, never run."""
     args = parse_memory_plan_args(argv)
 
     def body():
@@ -300,7 +300,8 @@ def load_pipeline(path: Path) -> list[tuple[str, object, object]]:
 @one_line_warnings
 def pipeline_main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="pipeline.py", description="Run every stage of a pipeline file in order (default: the offline tiny one).")
+        prog="jaxrlhf pipeline",
+        description="Run every stage of a pipeline file in order (default: the offline tiny one).")
     parser.add_argument("--config", type=Path, default=Path("configs/tiny/pipeline.yaml"))
     parser.add_argument("--dry-run", action="store_true",
                         help="validate every stage config, run every check of the stages whose inputs exist "

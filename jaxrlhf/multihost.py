@@ -1,7 +1,7 @@
 """The processes of a multi-process run: joining them (`initialize_multihost`), agreeing on
 their settings before anything runs (`check_same_settings`), and a heartbeat watchdog, so that a
 process lost or stopped by its own error ends the others with one line naming it and the way on
-(`finished`, `stopped`, `await_lost_process`: how `cli` ends a script). The mesh they share is
+(`finished`, `stopped`, `await_lost_process`: how `cli` ends a command). The mesh they share is
 `parallel`'s."""
 
 import atexit

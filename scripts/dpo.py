@@ -1,8 +1,8 @@
-"""Run the dpo stage: `python scripts/dpo.py --config FILE [key=value ...]` (--help lists the keys)."""
+"""`python scripts/dpo.py ARGS ...` is `jaxrlhf dpo ARGS ...` (an alias kept for old commands)."""
 
 import sys
 
-from jaxrlhf.cli import stage_main
+from jaxrlhf.commands import main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("dpo"))
+    sys.exit(main(["dpo", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
-"""Run the evaluate stage: `python scripts/evaluate.py --config FILE [key=value ...]` (--help lists the keys)."""
+"""`python scripts/evaluate.py ARGS ...` is `jaxrlhf evaluate ARGS ...` (an alias kept for old commands)."""
 
 import sys
 
-from jaxrlhf.cli import stage_main
+from jaxrlhf.commands import main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("evaluate"))
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
-"""Run the grpo stage: `python scripts/grpo.py --config FILE [key=value ...]` (--help lists the keys)."""
+"""`python scripts/grpo.py ARGS ...` is `jaxrlhf grpo ARGS ...` (an alias kept for old commands)."""
 
 import sys
 
-from jaxrlhf.cli import stage_main
+from jaxrlhf.commands import main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("grpo"))
+    sys.exit(main(["grpo", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
-"""Run the preferences stage: `python scripts/make_preferences.py --config FILE [key=value ...]` (--help lists the keys)."""
+"""`python scripts/make_preferences.py ARGS ...` is `jaxrlhf preferences ARGS ...` (an alias kept for old commands)."""
 
 import sys
 
-from jaxrlhf.cli import stage_main
+from jaxrlhf.commands import main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("preferences"))
+    sys.exit(main(["preferences", *sys.argv[1:]]))

@@ -1,9 +1,8 @@
-"""Plan a training stage's memory per device before running it, from shapes alone:
-`python scripts/memory_plan.py --config FILE [--model-config NAME|FILE] [--devices N] [key=value ...]`."""
+"""`python scripts/memory_plan.py ARGS ...` is `jaxrlhf memory-plan ARGS ...` (an alias kept for old commands)."""
 
 import sys
 
-from jaxrlhf.cli import memory_plan_main
+from jaxrlhf.commands import main
 
 if __name__ == "__main__":
-    sys.exit(memory_plan_main())
+    sys.exit(main(["memory-plan", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
-"""Run the online_dpo stage: `python scripts/online_dpo.py --config FILE [key=value ...]` (--help lists the keys)."""
+"""`python scripts/online_dpo.py ARGS ...` is `jaxrlhf online-dpo ARGS ...` (an alias kept for old commands)."""
 
 import sys
 
-from jaxrlhf.cli import stage_main
+from jaxrlhf.commands import main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("online_dpo"))
+    sys.exit(main(["online-dpo", *sys.argv[1:]]))

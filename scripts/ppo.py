@@ -1,8 +1,8 @@
-"""Run the ppo stage: `python scripts/ppo.py --config FILE [key=value ...]` (--help lists the keys)."""
+"""`python scripts/ppo.py ARGS ...` is `jaxrlhf ppo ARGS ...` (an alias kept for old commands)."""
 
 import sys
 
-from jaxrlhf.cli import stage_main
+from jaxrlhf.commands import main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("ppo"))
+    sys.exit(main(["ppo", *sys.argv[1:]]))

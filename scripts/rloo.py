@@ -1,8 +1,8 @@
-"""Run the rloo stage: `python scripts/rloo.py --config FILE [key=value ...]` (--help lists the keys)."""
+"""`python scripts/rloo.py ARGS ...` is `jaxrlhf rloo ARGS ...` (an alias kept for old commands)."""
 
 import sys
 
-from jaxrlhf.cli import stage_main
+from jaxrlhf.commands import main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("rloo"))
+    sys.exit(main(["rloo", *sys.argv[1:]]))

@@ -1,8 +1,8 @@
-"""Run the sft stage: `python scripts/sft.py --config FILE [key=value ...]` (--help lists the keys)."""
+"""`python scripts/sft.py ARGS ...` is `jaxrlhf sft ARGS ...` (an alias kept for old commands)."""
 
 import sys
 
-from jaxrlhf.cli import stage_main
+from jaxrlhf.commands import main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("sft"))
+    sys.exit(main(["sft", *sys.argv[1:]]))

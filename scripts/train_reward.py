@@ -1,8 +1,8 @@
-"""Run the reward stage: `python scripts/train_reward.py --config FILE [key=value ...]` (--help lists the keys)."""
+"""`python scripts/train_reward.py ARGS ...` is `jaxrlhf reward ARGS ...` (an alias kept for old commands)."""
 
 import sys
 
-from jaxrlhf.cli import stage_main
+from jaxrlhf.commands import main
 
 if __name__ == "__main__":
-    sys.exit(stage_main("reward"))
+    sys.exit(main(["reward", *sys.argv[1:]]))

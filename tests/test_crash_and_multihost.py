@@ -23,8 +23,9 @@ pytestmark = pytest.mark.slow
 ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "PYTHONPATH": str(ROOT)}
 
 
-def script(name, args):
-    return [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args]
+def command(name, args):
+    """`jaxrlhf NAME ARGS` (this checkout's, through ENV's PYTHONPATH) as a process's argv."""
+    return [sys.executable, "-m", "jaxrlhf", name, *args]
 
 
 def finished_steps(run):
@@ -67,9 +68,9 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_run, tmp_path, sta
         return make_args(tiny_run, out, f"train.steps={steps}", f"train.save_every={save_every}",
                          f"train.log_every={save_every}")
 
-    subprocess.run(script(stage, args(tmp_path / "straight")), env=ENV, cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(command(stage, args(tmp_path / "straight")), env=ENV, cwd=ROOT, check=True, capture_output=True)
     killed = tmp_path / "killed"
-    kill_midway(script(stage, args(killed)), killed, after, seed=len(stage))
+    kill_midway(command(stage, args(killed)), killed, after, seed=len(stage))
     done = finished_steps(killed)
     # A kill while writing the next checkpoint leaves only an unfinished temporary folder,
     # which resume must pass over: plant one past the last good step.
@@ -78,7 +79,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_run, tmp_path, sta
     for f in list(partial.rglob("*"))[:3]:
         if f.is_file():
             f.unlink()
-    result = subprocess.run(script(stage, [*args(killed), "--resume"]), env=ENV, cwd=ROOT, capture_output=True,
+    result = subprocess.run(command(stage, [*args(killed), "--resume"]), env=ENV, cwd=ROOT, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming {stage} from step {done[-1]}" in result.stderr
@@ -136,7 +137,7 @@ def test_two_processes_of_a_script_end_with_the_one_process_model(tiny_run, tmp_
     device each, next to the plain one-process command."""
     port = free_port()
     one, two = (make_args(tiny_run, tmp_path / out, *extra) for out in ("one", "two"))
-    with processes([script(stage, one), *(script(stage, [*two, *multihost_flags(port, i)]) for i in range(2))],
+    with processes([command(stage, one), *(command(stage, [*two, *multihost_flags(port, i)]) for i in range(2))],
                    ENV, tmp_path):
         pass
     ta, tb = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("one", "two"))
@@ -152,7 +153,7 @@ def test_processes_started_with_different_settings_all_refuse_before_compiling(t
     port, run = free_port(), tmp_path / "run"
     overrides = [["train.learning_rate=1e-3"], ["train.learning_rate=2e-3", "train.batch_size=16"]]
     started = time.monotonic()
-    with processes([script("sft", [*sft_args(tiny_data, run, *overrides[i]), *multihost_flags(port, i)])
+    with processes([command("sft", [*sft_args(tiny_data, run, *overrides[i]), *multihost_flags(port, i)])
                     for i in range(2)], ENV, tmp_path, timeout=120, expect=2):
         pass
     took = time.monotonic() - started
@@ -194,14 +195,14 @@ def test_a_process_slow_to_report_the_settings_verdict_still_says_it_in_its_own_
 
 
 def test_a_lost_process_stops_the_other_in_one_line_naming_it_and_the_checkpoint(tiny_data, tmp_path):
-    """Two processes of `scripts/sft.py` checkpointing every step; process 1 is killed: process 0
+    """Two processes of `jaxrlhf sft` checkpointing every step; process 1 is killed: process 0
     stops within the heartbeat timeout with one line naming process 1 and the last complete
     checkpoint (the one on disk), no runtime fatal log or traceback (it used to abort 100 s
     later with both)."""
     port, run, timeout = free_port(), tmp_path / "run", 5
     args = sft_args(tiny_data, run, "train.steps=1000", "train.save_every=1", "train.log_every=1000",
                     "train.keep_checkpoints=2")
-    cmds = [script("sft", [*args, *multihost_flags(port, i), "--heartbeat-timeout", str(timeout)]) for i in range(2)]
+    cmds = [command("sft", [*args, *multihost_flags(port, i), "--heartbeat-timeout", str(timeout)]) for i in range(2)]
     with processes(cmds, ENV, tmp_path, timeout=180, expect=[2, -9]) as procs:
         for _ in range(7500):  # polls 20 ms apart, for up to 2.5 minutes
             if finished_steps(run):
@@ -222,7 +223,7 @@ def test_a_lost_process_stops_the_other_in_one_line_naming_it_and_the_checkpoint
 
 @pytest.mark.parametrize("failing", [1, 0])
 def test_a_process_stopped_by_its_own_error_stops_the_other_naming_it(tiny_run, tmp_path, failing):
-    """Two processes of `scripts/ppo.py` whose reward function fails on one of them only: that
+    """Two processes of `jaxrlhf ppo` whose reward function fails on one of them only: that
     one stops with its one line, and the other, which would wait for it in the update's
     collectives, stops within the heartbeat timeout naming it and its error (process 0, which
     holds the runtime's service, stops after the other has said so)."""
@@ -231,7 +232,7 @@ def test_a_process_stopped_by_its_own_error_stops_the_other_naming_it(tiny_run, 
         f"import jax\n\n\ndef score(prompts, responses):\n    if jax.process_index() == {failing}:\n"
         f"        raise RuntimeError('no scores on process {failing}')\n    return [0.0] * len(responses)\n")
     args = ppo_args(tiny_run, run, "reward.model=null", f"reward.function={tmp_path / 'flaky.py'}:score")
-    cmds = [script("ppo", [*args, *multihost_flags(port, i), "--heartbeat-timeout", str(timeout)]) for i in range(2)]
+    cmds = [command("ppo", [*args, *multihost_flags(port, i), "--heartbeat-timeout", str(timeout)]) for i in range(2)]
     with processes(cmds, ENV, tmp_path, timeout=180, expect=2):
         pass
     error = f"reward function {tmp_path / 'flaky.py'}:score raised RuntimeError: no scores on process {failing}"

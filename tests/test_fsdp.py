@@ -74,14 +74,14 @@ def test_fsdp_splits_large_leaves_and_keeps_small_ones_whole():
 def test_a_run_resumes_on_another_mesh_and_exports_on_one_device(tiny_run, tmp_path, monkeypatch):
     """Checkpoints hold global arrays in the layout of the mesh that wrote them: a run stopped on
     4 data-parallel devices resumes on an fsdp=4 mesh with the uninterrupted run's params, and
-    `scripts/export.py` in a one-device process exports its fsdp checkpoint unchanged."""
+    `jaxrlhf export` in a one-device process exports its fsdp checkpoint unchanged."""
     import subprocess
 
     from safetensors.numpy import load_file
 
     from jaxrlhf.stages import sft
     from tests.conftest import ROOT, interrupt_at_call
-    from tests.test_crash_and_multihost import ENV, script
+    from tests.test_crash_and_multihost import ENV, command
 
     def config(out, *mesh):
         return stage_config(sft, "sft.yaml", tiny_run, out, ["train.steps=6", "train.batch_size=16",
@@ -96,7 +96,7 @@ def test_a_run_resumes_on_another_mesh_and_exports_on_one_device(tiny_run, tmp_p
     for a, b in zip(final_params(straight), final_params(resumed), strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5, rtol=1e-5)
     # The step-6 checkpoint was written by the fsdp=4 mesh; export it where there is one device.
-    result = subprocess.run(script("export", [str(tmp_path / "moved"), str(tmp_path / "exported")]), env=ENV,
+    result = subprocess.run(command("export", [str(tmp_path / "moved"), str(tmp_path / "exported")]), env=ENV,
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     want, got = load_file(resumed / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")

@@ -1,13 +1,10 @@
 """GGUF files that cannot be converted are refused at once, in one line naming the file, and a
 folder of the user's is refused before the conversion starts (minutes, for a real model)."""
 
-import runpy
-
 import numpy as np
 import pytest
 
 from jaxrlhf.errors import CheckpointError, OutputError
-from tests.conftest import ROOT
 
 gguf = pytest.importorskip("gguf")
 
@@ -41,7 +38,8 @@ def test_a_truncated_gguf_is_named_with_both_sizes(tiny_gguf):
 
 
 def test_gguf_to_hf_refuses_a_folder_of_user_files_before_converting(tiny_gguf, capsys):
-    main = runpy.run_path(str(ROOT / "scripts" / "gguf_to_hf.py"))["main"]
+    from jaxrlhf.commands import gguf_to_hf_main as main
+
     out = tiny_gguf.parent / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("mine")

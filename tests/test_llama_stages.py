@@ -1,6 +1,6 @@
 """A Llama policy through every stage, as users run them: the tiny pipeline's data, then SFT of
 a fresh Llama (grouped-query attention, untied LM head), PPO with a value head, preference
-pairs, DPO and SLiC-HF, evaluation, chat and scripts/export.py, on the tests' 4 devices."""
+pairs, DPO and SLiC-HF, evaluation, chat and `jaxrlhf export`, on the tests' 4 devices."""
 
 import json
 import os
@@ -83,10 +83,10 @@ def test_every_stage_trains_and_exports_a_llama_policy(llama_run):
 
 
 def test_export_script_rebuilds_a_llama_ppo_checkpoint(llama_run, tmp_path):
-    """scripts/export.py on the PPO run (value head in the checkpoint, untied LM head): the
+    """`jaxrlhf export` on the PPO run (value head in the checkpoint, untied LM head): the
     export equals the stage's own final/ export."""
     from jaxrlhf.models import load_pretrained
-    from scripts.export import main
+    from jaxrlhf.commands import export_main as main
 
     assert main([str(llama_run / "ppo"), str(tmp_path / "ppo")]) == 0
     _, ours, _ = load_pretrained(tmp_path / "ppo")

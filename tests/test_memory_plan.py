@@ -1,4 +1,4 @@
-"""The memory plan (`scripts/memory_plan.py`): its figures are those of the real compiled step
+"""The memory plan (`jaxrlhf memory-plan`): its figures are those of the real compiled step
 and the real laid-out state, it plans an 8B shape from its config.json alone, and a bad input
 is one error line."""
 
@@ -141,7 +141,7 @@ def test_the_script_prints_the_plan_or_one_error_line(tmp_path, capsys):
 @pytest.mark.fast
 def test_the_readme_plan_commands_load_as_written():
     lines = [line.split()[2:] for line in Path("README.md").read_text().splitlines()
-             if line.startswith("python scripts/memory_plan.py ")]
+             if line.startswith("jaxrlhf memory-plan ")]
     assert lines
     for argv in lines:
         args = parse_memory_plan_args(argv)

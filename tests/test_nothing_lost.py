@@ -5,7 +5,6 @@ story after a resume, and a write that fails mid-run ends with one line and a ru
 import json
 import os
 import re
-import runpy
 import shutil
 import signal
 import subprocess
@@ -17,11 +16,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxrlhf import cli
+from jaxrlhf.commands import export_main
 from jaxrlhf.outputs import MARK
 from tests.conftest import ROOT, SHRINK, TINY, interrupt_at_call
 from tests.test_bad_input import evaluate_args, ppo_args, sft_args
-
-export_main = runpy.run_path(str(ROOT / "scripts" / "export.py"))["main"]
 
 
 def snapshot(folder) -> dict[str, bytes]:

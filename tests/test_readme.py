@@ -21,26 +21,35 @@ def quickstart_commands() -> list[str]:
 def test_quickstart_has_two_commands_and_ci_runs_the_test_one():
     commands = quickstart_commands()
     assert len(commands) == 2
-    assert "scripts/pipeline.py" in commands[0]
+    assert commands[0].endswith("pip install -q -c constraints.txt -e . && .venv/bin/jaxrlhf pipeline")
     assert "pytest" in commands[1]
     assert commands[1] in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-# The stage scripts the README's examples call, by file name.
-SCRIPTS = {"sft.py": "sft", "train_reward.py": "reward", "ppo.py": "ppo", "make_preferences.py": "preferences",
-           "dpo.py": "dpo", "evaluate.py": "evaluate", "rloo.py": "rloo", "grpo.py": "grpo",
-           "online_dpo.py": "online_dpo", "frontier.py": "frontier"}
+def readme_shell_commands() -> list[str]:
+    """Every command in the README's shell blocks (a line's `&&`-joined commands apart)."""
+    readme = (ROOT / "README.md").read_text()
+    return [command.strip() for block in re.findall(r"```sh\n(.*?)```", readme, flags=re.S)
+            for line in block.splitlines() for command in line.split("&&") if command.strip()]
+
+
+def test_the_readme_shows_every_jaxrlhf_subcommand_and_only_those():
+    """The README's commands are `jaxrlhf COMMAND ...` (the scripts are aliases it only mentions),
+    each naming a subcommand there is, and between them every one."""
+    from jaxrlhf.commands import COMMANDS
+
+    shown = [c.split()[1] for c in readme_shell_commands() if c.split()[0].split("/")[-1] == "jaxrlhf"]
+    assert set(shown) == set(COMMANDS), set(shown) ^ set(COMMANDS)
+    assert not [c for c in readme_shell_commands() if "scripts/" in c]
 
 
 def readme_stage_commands() -> list[list[str]]:
-    """Every `python scripts/<stage>.py ...` line in the README's shell blocks, as argv (the memory plan's are
-    tests/test_memory_plan.py's)."""
+    """Every `jaxrlhf COMMAND --config ...` in the README's shell blocks, as argv after `jaxrlhf`
+    (the memory plan's are tests/test_memory_plan.py's)."""
     import shlex
 
-    readme = (ROOT / "README.md").read_text()
-    lines = [line for block in re.findall(r"```sh\n(.*?)```", readme, flags=re.S) for line in block.splitlines()]
-    return [shlex.split(line)[1:] for line in lines
-            if (m := re.match(r"python scripts/(\w+\.py) --config", line)) and m[1] != "memory_plan.py"]
+    return [shlex.split(c)[1:] for c in readme_shell_commands()
+            if re.match(r"jaxrlhf [\w-]+ --config", c) and not c.startswith("jaxrlhf memory-plan ")]
 
 
 def test_the_readme_override_examples_run_as_written(capsys, monkeypatch):
@@ -52,20 +61,21 @@ def test_the_readme_override_examples_run_as_written(capsys, monkeypatch):
 
     from jaxrlhf import cli
     from jaxrlhf import config as cfg
+    from jaxrlhf.commands import COMMANDS
 
     monkeypatch.chdir(ROOT)
     commands = readme_stage_commands()
-    pipeline = [c for c in commands if c[0] == "scripts/pipeline.py"]
-    stages = [c for c in commands if c[0] != "scripts/pipeline.py"]
+    pipeline = [c for c in commands if c[0] == "pipeline"]
+    stages = [c for c in commands if c[0] != "pipeline"]
     assert len(stages) >= 6 and pipeline
-    for script, *args in pipeline:
+    for _, *args in pipeline:
         for name, module, config in cli.load_pipeline(Path(args[args.index("--config") + 1])):
             assert module.plan(config), (args, name)
     inline = re.findall(r"`((?:train|sampling|ppo)\.\w+=[^`\s]+)`", (ROOT / "README.md").read_text())
     assert "train.learning_rate=1e-4" in inline
-    stages.append(["scripts/sft.py", "--config", "configs/tiny/sft.yaml", *inline])
-    for script, *args in stages:
-        name = SCRIPTS[script.split("/")[-1]]
+    stages.append(["sft", "--config", "configs/tiny/sft.yaml", *inline])
+    for command, *args in stages:
+        name = COMMANDS[command].stage
         module, parsed = cli.parse_stage_args(name, [*args, "--dry-run"])
         assert module.plan(cli.stage_config(name, parsed)), args
         overrides = [a for a in args if "=" in a and not a.startswith("-")]

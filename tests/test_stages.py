@@ -89,9 +89,9 @@ def test_chat_keeps_the_conversation_in_the_prompt(tiny_run):
 @pytest.mark.slow
 def test_chat_script_keeps_the_session_through_a_line_that_is_not_utf8(tiny_run, monkeypatch, capsys):
     import io
-    import runpy
 
-    main = runpy.run_path(str(ROOT / "scripts" / "chat.py"))["main"]
+    from jaxrlhf.commands import chat_main as main
+
     lines = b"Can you walk the \xff\xfe dog?\nThanks!\n/quit\n"
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
     assert main([str(tiny_run / "sft" / "final"), "--max-new-tokens", "8", "--seed", "3"]) == 0
@@ -215,8 +215,6 @@ def test_function_rewards_are_checked():
     with pytest.raises(JaxRLHFError, match="raised ZeroDivisionError"):
         make_scorer(RewardSource(function="tests.test_stages:raises"), make_mesh())(["a"], ["b"])
     for name, message in (("nothing", r"returned None; it must return one number per response"),
-                          ("some_none", r"returned None for 2 of its 3 scores \(the first: response 2, "
-                                        r"counted from 1\)"),
                           ("a_nan", r"returned a non-finite score for 1 of 3 responses \(the first: response 3, "
                                     r"counted from 1: nan\)")):
         with pytest.raises(JaxRLHFError, match=rf"^reward function tests.test_stages:{name} {message}"):
@@ -241,10 +239,6 @@ def a_dict(prompts, responses):
 
 def nothing(prompts, responses):
     return None
-
-
-def some_none(prompts, responses):
-    return [1.0] + [None] * (len(responses) - 1)
 
 
 def a_nan(prompts, responses):

@@ -275,7 +275,7 @@ def _check_same_run(out: Path, saved: dict, record: dict) -> None:
 
 # Keys added after run folders were first written, with the value that does what those runs did:
 # a config.json written before a key existed reads as that value, so such a run still resumes.
-ADDED_SINCE = {"compute.dtype": "float32", "compute.remat": "none"}
+ADDED_SINCE = {"compute.dtype": "float32", "compute.remat": "none", "reward.weight": 1.0, "reward.name": None}
 
 
 def _changes(saved: dict, record: dict, free: tuple[str, ...]) -> str:
@@ -300,7 +300,7 @@ def export(out: Path, module, params, tokenizer) -> Path:
                                    source=str(out.resolve()))
         except OutputError as e:
             raise OutputError(f"{e}; the checkpoints in {out / 'checkpoints'} are complete: export one with "
-                              "scripts/export.py") from None
+                              "jaxrlhf export") from None
         print(f"exported {type(module).__name__} in Hugging Face layout to {path}")
 
     # Every process returns once the export is on disk: the next stage of a pipeline reads it.

@@ -16,7 +16,7 @@ from jaxrlhf.config import RewardSource, from_dict
 from jaxrlhf.errors import ConfigError, JaxRLHFError
 from jaxrlhf.models import load_tokenizer
 from jaxrlhf.parallel import make_mesh
-from jaxrlhf.politeness import TASKS, write_jsonl
+from jaxrlhf.tasks.politeness import TASKS, write_jsonl
 from jaxrlhf.rewards import make_scorer, source_metrics
 from tests.conftest import randomize
 from tests.test_glue_stages import record_step_batches, split_rollout

@@ -263,6 +263,31 @@ class ComputeConfig:
     remat: Literal["none", "block"] = "none"
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters instead of full fine-tuning (README, "LoRA adapters"): the base model is
+    frozen; only the adapters (and PPO's value head, a reward model's classifier) train. PEFT's
+    names and defaults: `targets` are PEFT's module names (GPT-2 c_attn, c_proj, c_fc; Llama
+    q_proj ... down_proj; BERT query, key, value, dense), or all-linear; null: PEFT's default for
+    the model type. `adapter`: a PEFT adapter folder to start from (its rank, alpha and targets
+    must be these)."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0  # on each adapter's input, in the loss passes only
+    targets: tuple[str, ...] | str | None = None
+    adapter: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.targets, str):  # PEFT takes one name as a string too ("all-linear")
+            object.__setattr__(self, "targets", (self.targets,))
+        check(self.rank >= 1, f"rank={self.rank} must be at least 1")
+        check(self.alpha > 0, f"alpha={self.alpha} must be > 0")
+        check(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        check(self.targets is None or len(self.targets) > 0, "targets=[] names no layer; leave it out (null) for "
+                                                             "PEFT's default or name the layers")
+
+
 def check_no_remat(compute: ComputeConfig, stage: str) -> None:
     """A stage that trains nothing has no backward pass for `compute.remat` to save memory in."""
     check(compute.remat == "none", f"compute.remat={compute.remat!r} does nothing in {stage}, which trains "

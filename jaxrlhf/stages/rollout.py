@@ -98,7 +98,8 @@ def online_preflight(config, stage: str, resume: bool, *, value_head: bool = Fal
     output = common.check_output(stage, train, config, resume, len(rows) * k,
                                  inputs=(config.policy, config.reward.model, config.prompts.path))
     return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer, "rows": rows,
-            "prompts": (ids, mask, texts), "sampler": sampler, "output": output}
+            "prompts": (ids, mask, texts), "sampler": sampler, "output": output,
+            "adapters": common.starting_adapters(config.lora, params, model_config.model_type)}
 
 
 def decode_responses(tokenizer, out, eos_ids: tuple[int, ...]) -> list[str]:

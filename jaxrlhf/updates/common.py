@@ -16,6 +16,7 @@ from jax import lax
 from jaxrlhf import group_losses, losses
 from jaxrlhf.config import check_choices
 from jaxrlhf.errors import ConfigError
+from jaxrlhf.models import lora
 from jaxrlhf.parallel import constrain_rows, psum
 
 Params = Any
@@ -44,11 +45,26 @@ class TrainState(struct.PyTreeNode):
     # and reference logprobs, values) run in chunks of the same rows. So the update holds one
     # microbatch's activations and logits at a time, plus whole-batch `[B, N]` scores.
     grad_accum_steps: int = struct.field(pytree_node=False, default=1)
+    # LoRA: the frozen base model (also the reference: the adapter off), and the adapters' scale
+    # alpha / r; `params` then holds only the trained leaves (`lora.trainable`).
+    base_params: Params | None = None
+    lora_scale: float | None = struct.field(pytree_node=False, default=None)
 
     @classmethod
     def create(cls, module, params, tx, **frozen) -> "TrainState":
         return cls(apply_fn=module.apply, tx=tx, step=jnp.zeros((), jnp.int32), params=params,
                    opt_state=tx.init(params), **frozen)
+
+    def model_params(self, params: Params) -> Params:
+        """The params a forward pass reads for trained `params` (with LoRA: the base with the
+        adapters beside its kernels, `lora.combine`)."""
+        return params if self.base_params is None else lora.combine(self.base_params, params, self.lora_scale)
+
+    @property
+    def reference(self) -> Params | None:
+        """The frozen reference policy's params: `ref_params`, else with LoRA the base (the
+        adapter off, no second copy)."""
+        return self.base_params if self.ref_params is None else self.ref_params
 
 
 def make_optimizer(
@@ -115,7 +131,8 @@ def in_chunks(fn, tree, chunks: int, what: str):
 def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | None) -> tuple[TrainState, Metrics]:
     """One optimizer update on the whole `batch` (arrays with rows on axis 0).
 
-    `loss_fn(params, batch) -> (loss share, metric shares)`: means over `count_fn(batch)`
+    `loss_fn(params, batch) -> (loss share, metric shares)`, `params` as a forward pass reads
+    them (`state.model_params`): means over `count_fn(batch)`
     (the loss's denominator on this device's batch: its tokens, or `rows`), as shares of the
     mean over devices when `axis_name` is set. The batch is split into
     `state.grad_accum_steps` = k microbatches `[k, B / k, ...]`, microbatch j holding rows
@@ -127,7 +144,8 @@ def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | Non
     micro = split_rows(batch, k, f"grad_accum_steps={k} microbatches")
     counts_K = psum(jax.vmap(count_fn)(micro), axis_name)  # each microbatch's count on all devices
     weights_K = counts_K / jnp.maximum(jnp.sum(counts_K), 1.0)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # The gradient is taken of the trained leaves alone (with LoRA: no base-sized gradient).
+    grad_fn = jax.value_and_grad(lambda params, batch: loss_fn(state.model_params(params), batch), has_aux=True)
 
     def accumulate(total, xs):
         microbatch, weight = xs
@@ -141,10 +159,10 @@ def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | Non
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
-    if state.skip_nonfinite:
+    if state.skip_nonfinite:  # only what the update changed is chosen (no copy of frozen params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        kept = state.replace(step=state.step + 1)
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+        new = new.replace(**{f: jax.tree.map(lambda a, b: jnp.where(finite, a, b), getattr(new, f), getattr(state, f))
+                             for f in ("params", "opt_state")})
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new, metrics
 

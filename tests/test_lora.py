@@ -15,10 +15,10 @@ from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import from_config, lora
 from jaxrlhf.sampling import SamplingConfig, generate
 from jaxrlhf.stages import common, grpo, sft
-from jaxrlhf.updates import TrainState, make_dpo_step, make_grpo_update
+from jaxrlhf.updates import TrainState, make_dpo_step, make_grpo_update, make_sft_step
 from jaxrlhf.updates.grpo import GRPOConfig
 from tests.test_memory_plan import TINY_BERT, TINY_GPT2, checkpoint, grpo_config
-from tests.test_steps import GPT2, pair_batch, rollout_batch
+from tests.test_steps import GPT2, pair_batch, rollout_batch, sft_batch
 
 pytestmark = pytest.mark.fast
 
@@ -131,7 +131,7 @@ def test_the_base_as_reference_gives_the_update_of_an_explicit_reference_copy(me
     adapters = random_b(lora.init(params, ALL_LINEAR, "gpt2", jax.random.key(1)))  # the policy is not the base
     tx = optax.sgd(0.5)
     if method == "grpo":
-        step, batch = make_grpo_update(GRPOConfig(num_generations=2, beta=0.5, epochs=2)), rollout_batch()
+        step, batch = make_grpo_update(GRPOConfig(num_generations=2, beta=0.5)), rollout_batch()
     else:
         step, batch = make_dpo_step("sigmoid", beta=0.5), pair_batch()
     state = TrainState.create(module, lora.trainable(params, adapters), tx, base_params=params, lora_scale=2.0)
@@ -181,3 +181,14 @@ def test_the_memory_plan_counts_base_adapters_and_their_optimizer_state_and_no_r
                                     grpo.training(grpo_config([*shared, "lora.rank=4"])))
     assert {x.dtype for x in jax.tree.leaves(state.base_params)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+
+
+def test_dropout_draws_on_the_adapters_input_in_the_loss_passes_only():
+    module, params = model("gpt2")
+    adapters = random_b(lora.init(params, ALL_LINEAR, "gpt2", jax.random.key(1)))
+    state = TrainState.create(module, lora.trainable(params, adapters), optax.sgd(0.1), base_params=params,
+                              lora_scale=2.0, lora_dropout=0.5)
+    step = jax.jit(make_sft_step())
+    losses = [float(step(state, sft_batch(), jax.random.key(k))[1]["loss"]) for k in (0, 0, 1)]
+    assert losses[0] == losses[1] != losses[2]  # the update's key draws the dropout
+    assert "lora_dropout" not in str(jax.tree_util.tree_structure(state.model_params(state.params)))  # scoring

@@ -100,14 +100,17 @@ def test_chat_script_keeps_the_session_through_a_line_that_is_not_utf8(tiny_run,
 
 
 @pytest.mark.fast
-def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("lora", [[], ["lora.rank=4", "lora.targets=all-linear"]], ids=["full", "lora"])
+def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, tmp_path, monkeypatch, capsys, lora):
+    """With LoRA too: its checkpoints hold the adapters alone (the base reloads from the model)."""
     from jaxrlhf.stages import sft
     from jaxrlhf.models import load_pretrained
+    from jaxrlhf.trainer import Checkpoints
 
     def config(out):
         overrides = SHRINK["sft.yaml"] + [f"train.output_dir={out}", "train.steps=8", "train.save_every=3",
                                           f"tokenizer={tiny_data / 'data' / 'tokenizers' / 'gpt2'}",
-                                          f"data.path={tiny_data / 'data' / 'sft.jsonl'}"]
+                                          f"data.path={tiny_data / 'data' / 'sft.jsonl'}", *lora]
         return cfg.load(sft.SFTConfig, TINY / "sft.yaml", overrides)
 
     sft.run(config(tmp_path / "straight"))
@@ -125,6 +128,8 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, 
     _, b, _ = load_pretrained(tmp_path / "interrupted" / "final")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    saved = Checkpoints(tmp_path / "interrupted", keep=2).restore_params(8)
+    assert set(saved) == ({"lora", "heads"} if lora else {"transformer"})
 
 
 @pytest.mark.fast

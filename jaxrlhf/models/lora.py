@@ -135,13 +135,16 @@ def trainable(params, adapters) -> dict:
     return {"lora": adapters, "heads": {k: jax.tree.map(jnp.array, params[k]) for k in HEADS if k in params}}
 
 
-def combine(base, trained: dict, lora_scale: float) -> dict:
+def combine(base, trained: dict, lora_scale: float, dropout: tuple[float, jax.Array] | None = None) -> dict:
     """The params a forward pass reads: `base` with the trained heads, and each adapter's A and
-    scale * B beside its Dense's kernel (`layers.Dense` adds x A (scale B))."""
+    scale * B beside its Dense's kernel (`layers.Dense` adds x A (scale B)). `dropout` (rate,
+    key): each adapter's input dropped at that rate, with its own key (a loss pass's)."""
     params = {**base, **trained["heads"]}
-    for path, pair in _pairs(trained["lora"]):
+    for i, (path, pair) in enumerate(_pairs(trained["lora"])):
+        extra = {} if dropout is None else {"lora_dropout": {
+            "rate": jnp.float32(dropout[0]), "key": jax.random.key_data(jax.random.fold_in(dropout[1], i))}}
         params = _set(params, path, {**_get(params, path), "lora_a": pair["lora_a"],
-                                     "lora_b": lora_scale * pair["lora_b"]})
+                                     "lora_b": lora_scale * pair["lora_b"], **extra})
     return params
 
 

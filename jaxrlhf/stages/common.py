@@ -217,7 +217,7 @@ def initial_state(module, params, train: cfg.TrainConfig, training: Training, ad
     if adapters is None:
         adapters = lora.init(params, training.lora, module.config.model_type, jax.random.key(train.seed))
     state = TrainState.create(module, lora.trainable(params, adapters), tx, base_params=frozen_params(
-        params, module.dtype), lora_scale=lora.scale(training.lora), **frozen)
+        params, module.dtype), lora_scale=lora.scale(training.lora), lora_dropout=training.lora["dropout"], **frozen)
     return state, lr
 
 

@@ -49,16 +49,21 @@ class TrainState(struct.PyTreeNode):
     # alpha / r; `params` then holds only the trained leaves (`lora.trainable`).
     base_params: Params | None = None
     lora_scale: float | None = struct.field(pytree_node=False, default=None)
+    lora_dropout: float = struct.field(pytree_node=False, default=0.0)  # on the adapters' input, in the loss
 
     @classmethod
     def create(cls, module, params, tx, **frozen) -> "TrainState":
         return cls(apply_fn=module.apply, tx=tx, step=jnp.zeros((), jnp.int32), params=params,
                    opt_state=tx.init(params), **frozen)
 
-    def model_params(self, params: Params) -> Params:
+    def model_params(self, params: Params, dropout_key: jax.Array | None = None) -> Params:
         """The params a forward pass reads for trained `params` (with LoRA: the base with the
-        adapters beside its kernels, `lora.combine`)."""
-        return params if self.base_params is None else lora.combine(self.base_params, params, self.lora_scale)
+        adapters beside its kernels, `lora.combine`, and their dropout drawn from `dropout_key`
+        if given: the loss passes)."""
+        if self.base_params is None:
+            return params
+        dropout = None if dropout_key is None or not self.lora_dropout else (self.lora_dropout, dropout_key)
+        return lora.combine(self.base_params, params, self.lora_scale, dropout)
 
     @property
     def reference(self) -> Params | None:
@@ -128,7 +133,8 @@ def in_chunks(fn, tree, chunks: int, what: str):
     return merge_rows(lax.map(fn, split_rows(tree, chunks, what)))
 
 
-def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | None) -> tuple[TrainState, Metrics]:
+def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | None,
+               key: jax.Array | None = None) -> tuple[TrainState, Metrics]:
     """One optimizer update on the whole `batch` (arrays with rows on axis 0).
 
     `loss_fn(params, batch) -> (loss share, metric shares)`, `params` as a forward pass reads
@@ -139,21 +145,24 @@ def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | Non
     j, j + k, j + 2k, ... (so that on a mesh each device's rows split among all k), run one
     after another (`lax.scan`); each microbatch's loss, gradient and metrics are scaled by its
     share of the whole batch's count, so their sum (then over devices) is the whole batch's
-    mean: k microbatches give the update of one, however their token counts differ."""
+    mean: k microbatches give the update of one, however their token counts differ. `key` draws
+    LoRA's dropout (each microbatch its own), when the state has any."""
     k = state.grad_accum_steps
     micro = split_rows(batch, k, f"grad_accum_steps={k} microbatches")
     counts_K = psum(jax.vmap(count_fn)(micro), axis_name)  # each microbatch's count on all devices
     weights_K = counts_K / jnp.maximum(jnp.sum(counts_K), 1.0)
     # The gradient is taken of the trained leaves alone (with LoRA: no base-sized gradient).
-    grad_fn = jax.value_and_grad(lambda params, batch: loss_fn(state.model_params(params), batch), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda params, batch, key: loss_fn(state.model_params(params, key), batch),
+                                 has_aux=True)
+    keys_K = jax.random.split(key, k) if key is not None and state.lora_dropout else None
 
     def accumulate(total, xs):
-        microbatch, weight = xs
-        return jax.tree.map(lambda t, x: t + weight * x, total, grad_fn(state.params, microbatch)), None
+        microbatch, weight, key = xs
+        return jax.tree.map(lambda t, x: t + weight * x, total, grad_fn(state.params, microbatch, key)), None
 
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                         jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro)))
-    ((loss, metrics), grads), _ = lax.scan(accumulate, zeros, (micro, weights_K))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+        grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), None if keys_K is None else keys_K[0]))
+    ((loss, metrics), grads), _ = lax.scan(accumulate, zeros, (micro, weights_K, keys_K))
     grads, loss, metrics = psum((grads, loss, metrics), axis_name)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -233,13 +242,15 @@ def minibatch_epochs(state: TrainState, loss_fn, scored, count_fn, key, epochs: 
     device = 0 if axis_name is None else lax.axis_index(axis_name)
     rollout = all_rows(scored, axis_name)
 
-    def minibatch(state, idx):
+    def minibatch(state, xs):
+        idx, dropout_key = xs
         return apply_loss(state, loss_fn, constrain_rows(jax.tree.map(lambda x: x[idx], rollout)), count_fn,
-                          axis_name)
+                          axis_name, dropout_key)
 
     def epoch(state, epoch_key):
         order = jax.random.permutation(epoch_key, b * devices).reshape(num_minibatches, devices, mb)
-        return lax.scan(minibatch, state, order[:, device])
+        dropout_keys = jax.random.split(jax.random.fold_in(epoch_key, 1), num_minibatches)  # LoRA's, if any
+        return lax.scan(minibatch, state, (order[:, device], dropout_keys))
 
     return lax.scan(epoch, state, jax.random.split(key, epochs))
 

@@ -51,7 +51,6 @@ def make_dpo_step(
         return jnp.split(sequence_logps(state.apply_fn, params, *both), 2)
 
     def step(state: TrainState, batch, key):
-        del key
         if loss_type != "slic" and "ref_chosen_logps" not in batch:
             def reference(pairs):  # in the loss's microbatches: one microbatch's logits at a time
                 ref = summed_logps(state, state.reference, pairs)
@@ -88,6 +87,6 @@ def make_dpo_step(
                         "rewards/accuracies": mean((margin > 0).astype(jnp.float32), axis_name)}
             return mean(per_pair, axis_name), jax.lax.stop_gradient(metrics)
 
-        return apply_loss(state, loss_fn, batch, rows, axis_name)
+        return apply_loss(state, loss_fn, batch, rows, axis_name, key)  # key: LoRA's dropout, if any
 
     return step

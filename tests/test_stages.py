@@ -130,6 +130,11 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, 
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     saved = Checkpoints(tmp_path / "interrupted", keep=2).restore_params(8)
     assert set(saved) == ({"lora", "heads"} if lora else {"transformer"})
+    from jaxrlhf.stages.export import export_run  # the checkpoint exports as final/ (LoRA: merged onto the base)
+
+    _, c, _ = load_pretrained(export_run(tmp_path / "interrupted", tmp_path / "exported"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.fast

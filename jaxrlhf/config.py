@@ -275,12 +275,10 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0  # on each adapter's input, in the loss passes only
-    targets: tuple[str, ...] | str | None = None
+    targets: tuple[str, ...] | str | None = None  # one name as a string too, as PEFT takes "all-linear"
     adapter: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.targets, str):  # PEFT takes one name as a string too ("all-linear")
-            object.__setattr__(self, "targets", (self.targets,))
         check(self.rank >= 1, f"rank={self.rank} must be at least 1")
         check(self.alpha > 0, f"alpha={self.alpha} must be > 0")
         check(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")

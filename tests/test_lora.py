@@ -151,13 +151,14 @@ def test_the_lora_section_refuses_what_peft_would_not_take():
                                (["lora.ranks=4"], "lora: unknown key 'ranks'; did you mean 'rank'")):
         with pytest.raises(ConfigError, match=message):
             cfg.load(sft.SFTConfig, "configs/tiny/sft.yaml", overrides)
-    assert cfg.load(sft.SFTConfig, "configs/tiny/sft.yaml", ["lora.targets=all-linear"]).lora.targets == ("all-linear",)
+    assert cfg.load(sft.SFTConfig, "configs/tiny/sft.yaml", ["lora.targets=all-linear"]).lora.targets == "all-linear"
     assert cfg.load(sft.SFTConfig, "configs/tiny/sft.yaml").lora is None  # absent: full fine-tuning
     with pytest.raises(ConfigError, match=r"lora.targets=\['q_proj'\]: \['q_proj'\] not among gpt2's linear layers"):
         lora.module_names(["q_proj"], "gpt2")
     with pytest.raises(ConfigError, match="'all-linear' stands alone"):
         lora.module_names(["all-linear", "c_fc"], "gpt2")
     assert lora.module_names(None, "llama") == {"q_proj", "v_proj"}  # PEFT's default targets
+    assert lora.module_names("all-linear", "llama") == lora.module_names(["all-linear"], "llama")
     assert lora.module_names(["dense"], "bert") == {"attn_out", "ffn_in", "ffn_out", "pooler"}
 
 

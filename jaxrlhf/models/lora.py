@@ -48,8 +48,12 @@ ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output
 
 def settings(rank: int = 8, alpha: float = 8.0, dropout: float = 0.0, targets=None) -> dict:
     """The settings dict (PEFT's defaults: r 8, alpha 8, no dropout, the family's targets)."""
-    return {"rank": rank, "alpha": float(alpha), "dropout": float(dropout),
-            "targets": None if targets is None else list(targets)}
+    return {"rank": rank, "alpha": float(alpha), "dropout": float(dropout), "targets": _names(targets)}
+
+
+def _names(targets) -> list[str] | None:
+    """PEFT's `target_modules` as a list (it takes one name as a string too: "all-linear")."""
+    return None if targets is None else [targets] if isinstance(targets, str) else list(targets)
 
 
 def scale(lora: dict) -> float:
@@ -62,7 +66,7 @@ def module_names(targets, family: str, key: str = "lora.targets") -> frozenset[s
     names = PEFT_NAMES.get(family)
     if names is None:
         raise ConfigError(f"LoRA supports gpt2, llama, bert and distilbert models, not {family!r}")
-    targets = DEFAULT_TARGETS[family] if targets is None else tuple(targets)
+    targets = DEFAULT_TARGETS[family] if targets is None else tuple(_names(targets))
     if ALL_LINEAR in targets:
         targets = tuple(names) if targets == (ALL_LINEAR,) else None
         if targets is None:

@@ -105,7 +105,6 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, 
     """With LoRA too: its checkpoints hold the adapters alone (the base reloads from the model)."""
     from jaxrlhf.stages import sft
     from jaxrlhf.models import load_pretrained
-    from jaxrlhf.trainer import Checkpoints
 
     def config(out):
         overrides = SHRINK["sft.yaml"] + [f"train.output_dir={out}", "train.steps=8", "train.save_every=3",
@@ -128,8 +127,11 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, 
     _, b, _ = load_pretrained(tmp_path / "interrupted" / "final")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    saved = Checkpoints(tmp_path / "interrupted", keep=2).restore_params(8)
-    assert set(saved) == ({"lora", "heads"} if lora else {"transformer"})
+    import orbax.checkpoint as ocp
+
+    saved = ocp.StandardCheckpointer().metadata(tmp_path / "interrupted" / "checkpoints" / "8" / "state")
+    assert saved.item_metadata.tree["base_params"] is None  # LoRA: the base is not in the checkpoint
+    assert set(saved.item_metadata.tree["params"]) == ({"lora", "heads"} if lora else {"transformer"})
     from jaxrlhf.stages.export import export_run  # the checkpoint exports as final/ (LoRA: merged onto the base)
 
     _, c, _ = load_pretrained(export_run(tmp_path / "interrupted", tmp_path / "exported"))

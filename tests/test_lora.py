@@ -17,10 +17,10 @@ from jaxrlhf.sampling import SamplingConfig, generate
 from jaxrlhf.stages import common, grpo, sft
 from jaxrlhf.updates import TrainState, make_dpo_step, make_grpo_update, make_reward_step, make_sft_step
 from jaxrlhf.updates.grpo import GRPOConfig
+from tests.conftest import tiered
 from tests.test_memory_plan import TINY_BERT, TINY_GPT2, checkpoint, grpo_config
 from tests.test_steps import GPT2, pair_batch, regression_batch, rollout_batch, sft_batch
 
-pytestmark = pytest.mark.fast
 
 LLAMA = dict(model_type="llama", vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, bos_token_id=1,
@@ -57,7 +57,7 @@ def outputs(module, params, family):
     return np.asarray(out if family == "bert" else out.logits)
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+@pytest.mark.parametrize("family", tiered(["gpt2", "llama", "bert"], fast={"gpt2"}))
 def test_a_fresh_adapter_is_the_base_model_exactly(family):
     module, params = model(family)
     adapters = lora.init(params, ALL_LINEAR, family, jax.random.key(1))
@@ -71,6 +71,7 @@ def test_a_fresh_adapter_is_the_base_model_exactly(family):
     assert np.abs(outputs(module, trained, family) - outputs(module, params, family)).max() > 1e-3  # it is read
 
 
+@pytest.mark.fast
 def test_the_sampler_runs_the_adapter_in_its_cached_decode():
     module, params = model("gpt2")
     adapters = lora.init(params, ALL_LINEAR, "gpt2", jax.random.key(1))
@@ -88,6 +89,7 @@ def test_the_sampler_runs_the_adapter_in_its_cached_decode():
     assert (greedy(trained) != greedy(params)).any()
 
 
+@pytest.mark.fast
 def test_merge_is_base_plus_scaled_ab_with_the_adapter_models_logits():
     module, params = model("llama")
     adapters = random_b(lora.init(params, lora.settings(rank=2, targets=["q_proj", "down_proj"]), "llama",
@@ -101,6 +103,7 @@ def test_merge_is_base_plus_scaled_ab_with_the_adapter_models_logits():
     np.testing.assert_allclose(outputs(module, merged, "llama"), outputs(module, combined, "llama"), atol=1e-5)
 
 
+@pytest.mark.fast
 def test_only_the_adapters_and_heads_train_and_hold_optimizer_state():
     """A BERT reward model: the gradient and Adam's moments are the adapters' and the
     classifier's (PEFT's modules_to_save); the base comes out of an update bit for bit as it
@@ -121,7 +124,7 @@ def test_only_the_adapters_and_heads_train_and_hold_optimizer_state():
     assert min(jax.tree.leaves(moved["heads"])) > 0 and max(jax.tree.leaves(moved["lora"])) > 0
 
 
-@pytest.mark.parametrize("method", ["grpo", "dpo"])
+@pytest.mark.parametrize("method", tiered(["grpo", "dpo"], fast={"grpo"}))
 def test_the_base_as_reference_gives_the_update_of_an_explicit_reference_copy(method):
     module, params = model("gpt2")
     adapters = random_b(lora.init(params, ALL_LINEAR, "gpt2", jax.random.key(1)))  # the policy is not the base
@@ -140,6 +143,7 @@ def test_the_base_as_reference_gives_the_update_of_an_explicit_reference_copy(me
     assert got_metrics[kl] == want_metrics[kl] != 0.0
 
 
+@pytest.mark.fast
 def test_the_lora_section_refuses_what_peft_would_not_take():
     for overrides, message in ((["lora.rank=0"], "lora: rank=0 must be at least 1"),
                                (["lora.alpha=-1"], "lora: alpha=-1.0 must be > 0"),
@@ -158,6 +162,7 @@ def test_the_lora_section_refuses_what_peft_would_not_take():
     assert lora.module_names(["dense"], "bert") == {"attn_out", "ffn_in", "ffn_out", "pooler"}
 
 
+@pytest.mark.fast
 def test_the_memory_plan_counts_base_adapters_and_their_optimizer_state_and_no_reference(tmp_path):
     """GRPO with a KL (a reference) under bfloat16: with LoRA the plan's params are the
     bfloat16 base plus the float32 adapters, the optimizer state is the adapters' alone, and
@@ -180,6 +185,7 @@ def test_the_memory_plan_counts_base_adapters_and_their_optimizer_state_and_no_r
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.fast
 def test_dropout_draws_on_the_adapters_input_in_the_loss_passes_only():
     module, params = model("gpt2")
     adapters = random_b(lora.init(params, ALL_LINEAR, "gpt2", jax.random.key(1)))

@@ -129,13 +129,15 @@ def run(config: DPOConfig, resume: bool = False):
     train = config.train
     ready = preflight(config, resume)
     module, tokenizer, arrays, n, mesh = (ready[k] for k in ("module", "tokenizer", "arrays", "rows", "mesh"))
+    # As many sequences at a time as the update's loss microbatch scores (its pairs' chosen and
+    # rejected): the reference pass needs no more memory than the update.
+    chunk = 2 * train.batch_size // train.grad_accum_steps
+    if ready["ref_params"] is not None:
+        arrays |= _reference_logps(module, put_state(ready["ref_params"], mesh), arrays, mesh, chunk)
     out, state, lr = common.start_training(ready, train, spec := training(config))
-    reference = None if config.loss_type == "slic" else \
-        put_state(ready["ref_params"], mesh) if ready["ref_params"] is not None else state.base_params
-    if reference is not None:
-        # As many sequences at a time as the update's loss microbatch scores (its pairs' chosen
-        # and rejected): this pass needs no more memory than the update.
-        arrays |= _reference_logps(module, reference, arrays, mesh, 2 * train.batch_size // train.grad_accum_steps)
+    if config.lora is not None and config.reference is None and config.loss_type != "slic":
+        # The reference is the state's own frozen base (the adapter off): no second copy.
+        arrays |= _reference_logps(module, state.base_params, arrays, mesh, chunk)
     step = data_parallel(spec.step, mesh, state)
 
     def step_fn(state, i):

@@ -41,8 +41,8 @@ PEFT_NAMES = {
                    "lin1": ("ffn_in",), "lin2": ("ffn_out",), "pre_classifier": ("pre_classifier",)},
 }
 # PEFT's defaults when no targets are given (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-DEFAULT_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj"), "bert": ("query", "value"),
-                   "distilbert": ("q_lin", "v_lin")}
+# (None for DistilBERT: PEFT asks for target_modules there.)
+DEFAULT_TARGETS = {"gpt2": ("c_attn",), "llama": ("q_proj", "v_proj"), "bert": ("query", "value")}
 ALL_LINEAR = "all-linear"  # PEFT's shorthand: every linear layer but the output (LM or classifier) head
 
 
@@ -66,6 +66,9 @@ def module_names(targets, family: str, key: str = "lora.targets") -> frozenset[s
     names = PEFT_NAMES.get(family)
     if names is None:
         raise ConfigError(f"LoRA supports gpt2, llama, bert and distilbert models, not {family!r}")
+    if targets is None and family not in DEFAULT_TARGETS:
+        raise ConfigError(f"{key}: PEFT has no default targets for {family}; name them (from {sorted(names)}) "
+                          f"or give {ALL_LINEAR!r}")
     targets = DEFAULT_TARGETS[family] if targets is None else tuple(_names(targets))
     if ALL_LINEAR in targets:
         targets = tuple(names) if targets == (ALL_LINEAR,) else None

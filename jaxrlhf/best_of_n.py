@@ -27,6 +27,7 @@ from jaxrlhf.config import check
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models.layers import frozen_params, init_cache
 from jaxrlhf.parallel import on_host, put_state
+from jaxrlhf.rewards import score_columns
 from jaxrlhf.stages.common import load_policy
 from jaxrlhf.stages.rollout import decode_responses, sample, sampling_config
 
@@ -109,10 +110,10 @@ def check_memory(name: str, entry: BestOfN, batch_size: int, section, model_conf
 
 def evaluate(entry: BestOfN, path: str, config, prompts, scorers, mesh, score_kl: bool):
     """Best-of-`entry.best_of` from the policy at `path` on every prompt (`prompts`: its ids,
-    mask and texts), `config.batch_size` prompts per call (x N rows), picked by
-    `scorers[entry.scorer]`, the kept replies then scored by every scorer -> (replies, their
-    token ids without EOS, {scorer: scores [P]}, KL to the reference [P], response lengths
-    [P], info), as `evaluate._sample_policy` plus `info`. The KL of a prompt is its plug-in
+    mask, texts and rows), `config.batch_size` prompts per call (x N rows), picked by
+    `scorers[entry.scorer]`'s total, the kept replies then scored by every scorer -> (replies,
+    their token ids without EOS, {score column: scores [P]} (`rewards.score_columns`), KL to
+    the reference [P], response lengths [P], info), as `evaluate._sample_policy` plus `info`. The KL of a prompt is its plug-in
     estimate when `score_kl` (the base policy is the evaluation's reference, sampled from its
     tempered softmax), else NaN: unknown.
 
@@ -125,7 +126,7 @@ def evaluate(entry: BestOfN, path: str, config, prompts, scorers, mesh, score_kl
         module, params, model_config, tokenizer = load_policy(path, pad_token=config.pad_token, compute=config.compute)
     params = put_state(frozen_params(params, config.compute.dtype), mesh)
     settings = sampling_config(config.sampling, tokenizer, model_config)
-    ids_PxT, mask_PxT, texts = prompts
+    ids_PxT, mask_PxT, texts, prompt_rows = prompts
     n, b, p = entry.best_of, config.batch_size, len(texts)
     replies, tokens, lengths, scores_PxN = [], [], [], []
     for start in range(0, p, b):
@@ -136,7 +137,8 @@ def evaluate(entry: BestOfN, path: str, config, prompts, scorers, mesh, score_kl
                      keys)
         texts_out = decode_responses(tokenizer, out, settings.eos_ids)
         tokens_out = diagnostics.reply_tokens(out, settings.eos_ids)
-        s_BxN = scorers[entry.scorer]([texts[j] for j in rows], texts_out).reshape(n, b).T
+        s_BxN = scorers[entry.scorer]([texts[j] for j in rows], texts_out, [prompt_rows[j] for j in rows])
+        s_BxN = s_BxN.reshape(n, b).T
         best_B = pick_best(s_BxN) * b + np.arange(b)
         keep = min(b, p - start)
         replies += [texts_out[r] for r in best_B[:keep]]
@@ -148,7 +150,7 @@ def evaluate(entry: BestOfN, path: str, config, prompts, scorers, mesh, score_kl
     info = {"best_of": n, "policy": entry.policy, "scorer": entry.scorer, "kl_bound": kl_bound(n),
             "kl_estimate": float(kls_P.mean())}
     kls_P = kls_P if score_kl else np.full(p, np.nan)
-    scores = {s: scorer(texts, replies) for s, scorer in scorers.items()}
+    scores = score_columns(scorers, texts, replies, prompt_rows)
     return replies, tokens, scores, kls_P, np.asarray(lengths), info
 
 

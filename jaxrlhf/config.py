@@ -6,6 +6,7 @@ Nested sections are nested dataclasses (`train.learning_rate=1e-4` on the comman
 
 import dataclasses
 import difflib
+import importlib.util
 import re
 import types
 import typing
@@ -55,6 +56,8 @@ def _coerce(value: Any, t, where: str) -> Any:
         for option in typing.get_args(t):
             if isinstance(value, dict) and dataclasses.is_dataclass(option):
                 return _coerce(value, option, where)  # a section: its own errors say what is wrong in it
+            if isinstance(value, (list, tuple)) and typing.get_origin(option) in (list, tuple):
+                return _coerce(value, option, where)  # a list: its items' own errors say which is wrong
             try:
                 return _coerce(value, option, where)
             except ConfigError:
@@ -175,8 +178,9 @@ def describe(cls, prefix: str = "") -> list[str]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         name, t = prefix + f.name, hints[f.name]
-        if dataclasses.is_dataclass(t):
-            lines += describe(t, name + ".")
+        section = next((a for a in typing.get_args(t) if dataclasses.is_dataclass(a)), t)  # e.g. a reward source
+        if dataclasses.is_dataclass(section):
+            lines += [f"  {name} (a section, or a list of them)"] * (section is not t) + describe(section, name + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
@@ -359,25 +363,30 @@ class SamplingSection:
 
 @dataclasses.dataclass(frozen=True)
 class RewardSource:
-    """A reward: our trained reward model or any HF sequence classifier (`model`, scoring the
-    logit of `label`, a name or index, default 0), or a Python function `module:function`
-    (importable, or `module.py` in the working directory or beside the config file) or
-    `path/to/file.py:function`, called as f(prompts, responses) -> one float per response."""
+    """A reward: our trained reward model or any HF classifier (`model`, its logit `label`, a name
+    or index, default 0), or a Python function `module:function` (importable, `module.py` in the
+    working directory or beside the config, or `file.py:function`; see `rewards.function_scorer`),
+    its scores times `weight` (TRL's `reward_weights`) in the total, `name` on its metrics."""
 
     model: str | None = None
     label: str | int | None = None
     function: str | None = None
-    # What the scorer reads: the response alone, or prompt + response.
-    text: Literal["response", "prompt+response"] = "response"
+    text: Literal["response", "prompt+response"] = "response"  # what a model scorer reads
     max_length: int = 128
     batch_size: int = 64
     pad_token: str | None = pad_token_key()
+    weight: float = 1.0
+    name: str | None = None
 
     def __post_init__(self):
         check((self.model is None) != (self.function is None),
               "a reward source needs exactly one of model (a checkpoint) or function ('module:function')")
         check(self.function is None or ":" in self.function,
               f"function={self.function!r} must look like 'package.module:function'")
+        check(self.name is None or (bool(self.name) and "/" not in self.name), f"name={self.name!r}: empty or has '/'")
+
+
+Reward = RewardSource | tuple[RewardSource, ...]  # a stage's `reward:`: one source, or a weighted list
 
 
 def locate_reward_functions(config, config_dir: Path | None):
@@ -388,6 +397,8 @@ def locate_reward_functions(config, config_dir: Path | None):
         return _located(config, config_dir)
     if isinstance(config, dict):
         return {k: locate_reward_functions(v, config_dir) for k, v in config.items()}
+    if isinstance(config, tuple) and any(isinstance(v, RewardSource) for v in config):
+        return tuple(locate_reward_functions(v, config_dir) for v in config)
     if dataclasses.is_dataclass(config):
         changes = {f.name: locate_reward_functions(getattr(config, f.name), config_dir)
                    for f in dataclasses.fields(config)}
@@ -396,8 +407,6 @@ def locate_reward_functions(config, config_dir: Path | None):
 
 
 def _located(source: RewardSource, config_dir: Path | None) -> RewardSource:
-    import importlib.util
-
     if source.function is None:
         return source
     module, _, name = source.function.rpartition(":")

@@ -18,11 +18,14 @@ from jaxrlhf.errors import ConfigError
 _FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def load_rows(data: DataConfig, text: tuple[str, ...], numbers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def load_rows(data: DataConfig, text: tuple[str, ...], numbers: tuple[str, ...] = (),
+              every_column: bool = False) -> list[dict[str, Any]]:
     """Rows with our column names, from a local file or a hub dataset: the `text` columns
     hold strings and the `numbers` columns finite numbers in every row used, else an error
-    naming the file, the row (counted from 1 in file order; a CSV header is no row) and the column."""
-    return _rows(data, _open(data), text, numbers)
+    naming the file, the row (counted from 1 in file order; a CSV header is no row) and the
+    column. With `every_column` a row also holds the data's other columns, under their names
+    (what a reward function gets beside the prompts)."""
+    return _rows(data, _open(data), text, numbers, every_column)
 
 
 def load_rows_of_a_form(data: DataConfig, forms: dict[str, tuple[str, ...]]) -> tuple[str, list[dict[str, Any]]]:
@@ -79,14 +82,17 @@ def _open(data: DataConfig):
             datasets.enable_progress_bars()
 
 
-def _rows(data: DataConfig, dataset, text: tuple[str, ...], numbers: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def _rows(data: DataConfig, dataset, text: tuple[str, ...], numbers: tuple[str, ...] = (),
+          every_column: bool = False) -> list[dict[str, Any]]:
     columns = {ours: data.columns.get(ours, ours) for ours in (*text, *numbers)}
     absent = [theirs for theirs in columns.values() if theirs not in dataset.column_names]
     if absent:
         raise ConfigError(f"{data.path}: column(s) {absent} not found; it has {dataset.column_names} "
                           f"(map ours to yours with data.columns)")
+    others = [c for c in dataset.column_names if every_column and c not in {*columns, *columns.values()}]
     end = len(dataset) if data.max_rows is None else min(len(dataset), data.skip_rows + data.max_rows)
-    rows = [{ours: dataset[i][theirs] for ours, theirs in columns.items()} for i in range(data.skip_rows, end)]
+    rows = [{**{c: row[c] for c in others}, **{ours: row[theirs] for ours, theirs in columns.items()}}
+            for row in (dataset[i] for i in range(data.skip_rows, end))]
     if not rows:
         raise ConfigError(f"{data.path}: no rows to use (it has {len(dataset)}; skip_rows={data.skip_rows})")
     for number, row in enumerate(rows, data.skip_rows + 1):

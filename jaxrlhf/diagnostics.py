@@ -66,3 +66,13 @@ def per_token(scores_B: np.ndarray, tokens_B: np.ndarray) -> float:
     """Mean over replies of score / reply length in tokens (a reply's tokens count its EOS, so
     never 0): reward per token, to see a score bought with shorter or longer replies."""
     return float(np.mean(np.asarray(scores_B, np.float64) / np.maximum(np.asarray(tokens_B, np.float64), 1)))
+
+
+def mean_and_se(scores_B: np.ndarray) -> tuple[float, float]:
+    """The mean of the scores that are known (NaN: a reward function's None, left out) and its
+    standard error, std (Bessel-corrected) / sqrt(count): for a 0/1 score, accuracy +- its SE.
+    NaN where none (the SE: fewer than two) are known."""
+    known = np.asarray(scores_B, np.float64)
+    known = known[~np.isnan(known)]
+    mean = float(known.mean()) if known.size else float("nan")
+    return mean, float(known.std(ddof=1) / np.sqrt(known.size)) if known.size > 1 else float("nan")

@@ -12,11 +12,11 @@ import jax
 import numpy as np
 
 from jaxrlhf import best_of_n, data, diagnostics, outputs
-from jaxrlhf.config import (ComputeConfig, DataConfig, MeshConfig, RewardSource, SamplingSection, check, check_no_remat,
+from jaxrlhf.config import (ComputeConfig, DataConfig, MeshConfig, Reward, SamplingSection, check, check_no_remat,
                             pad_token_key)
 from jaxrlhf.parallel import check_rows, gather, make_mesh, on_host, on_main, put_rows, put_state
 from jaxrlhf.models import frozen_params, load_config
-from jaxrlhf.rewards import make_scorer
+from jaxrlhf.rewards import make_scorer, reward_models, score_columns
 from jaxrlhf.stages.common import load_policy, policy_tokenizer
 from jaxrlhf.updates.common import sequence_logps_jit
 from jaxrlhf.stages.rollout import (PROMPT_COLUMNS, decode_responses, encode_prompt_rows, off_policy_settings, sample,
@@ -31,7 +31,7 @@ class EvaluateConfig:
     policies: dict[str, str | best_of_n.BestOfN]
     reference: str  # KL is measured against this policy
     prompts: DataConfig
-    scorers: dict[str, RewardSource]  # name -> reward source
+    scorers: dict[str, Reward]  # name -> a reward source, or a list of weighted ones (each reported too)
     output_dir: str = "runs/eval"
     batch_size: int = 64
     seed: int = 0
@@ -62,8 +62,8 @@ def distinct_n(texts: list[str], n: int) -> float:
 
 
 def _sample_policy(config, path, ref, prompts, scorers, mesh, score_kl: bool):
-    """A policy's replies to every prompt (`prompts`: ids, mask, texts in its own tokens) ->
-    (texts, token ids without EOS, {scorer: scores}, KLs to the reference (NaN unless
+    """A policy's replies to every prompt (`prompts`: ids, mask, texts in its own tokens, rows)
+    -> (texts, token ids without EOS, {score column: scores} (`rewards.score_columns`), KLs to the reference (NaN unless
     `score_kl`), lengths in tokens counting EOS). Prompt i's reply is keyed by i, its index in
     the prompt file, so it does not depend on `batch_size` or the devices."""
     with on_host():  # the whole model is built on the host, then laid out on the mesh
@@ -71,7 +71,7 @@ def _sample_policy(config, path, ref, prompts, scorers, mesh, score_kl: bool):
     params = put_state(frozen_params(params, config.compute.dtype), mesh)
     settings = sampling_config(config.sampling, tokenizer, model_config)
     ref_module, ref_params = ref
-    ids, mask, texts = prompts
+    ids, mask, texts, rows = prompts
     responses, tokens, kls, lengths = [], [], [], []
     n = len(texts)
     for start in range(0, n, config.batch_size):
@@ -92,7 +92,7 @@ def _sample_policy(config, path, ref, prompts, scorers, mesh, score_kl: bool):
         policy_lp, ref_lp = (gather(sequence_logps_jit(m.apply, p, *scored, temperature=config.sampling.temperature))
                              for m, p in ((module, params), (ref_module, ref_params)))
         kls += list((policy_lp - ref_lp)[:keep])
-    scores = {s: scorer(texts, responses) for s, scorer in scorers.items()}
+    scores = score_columns(scorers, texts, responses, rows)
     return responses, tokens, scores, np.asarray(kls), np.asarray(lengths)
 
 
@@ -120,7 +120,7 @@ def preflight(config: EvaluateConfig, resume: bool = False, overwrite: bool = Fa
     out_dir = Path(config.output_dir)
     checkpoints = _checkpoints(config)
     reads = (*checkpoints.values(), config.reference, config.prompts.path,
-             *(s.model for s in config.scorers.values()))
+             *(m for s in config.scorers.values() for m in reward_models(s)))
     outputs.check_apart(out_dir, reads, "output_dir")
     outputs.check_replaceable(out_dir, "evaluation", overwrite)
     model_configs = {path: load_config(path, head="lm") for path in dict.fromkeys((config.reference,
@@ -136,11 +136,13 @@ def preflight(config: EvaluateConfig, resume: bool = False, overwrite: bool = Fa
                                    model_configs[checkpoints[entry.policy]], mesh, config.compute.dtype)
     with on_host():
         ref_module, ref_params, _, _ = load_policy(config.reference, pad_token=config.pad_token, compute=config.compute)
-    rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
-    prompts = {path: encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
+    rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]), every_column=True)
+    prompts = {path: (*encode_prompt_rows(rows, tokenizer, config.sampling, config.seed), rows)
                for path, tokenizer in tokenizers.items()}
     scorers = {name: make_scorer(source, mesh, f"scorers.{name}", config.compute.dtype)
                for name, source in config.scorers.items()}
+    for scorer in scorers.values():
+        scorer.check_columns(rows)
     return {"mesh": mesh, "reference": (ref_module, ref_params), "tokenizer": tokenizers[config.reference],
             "prompts": prompts, "scorers": scorers}
 
@@ -212,10 +214,15 @@ def _results(config, tokenizer, responses, tokens, scores, kls, lengths, referen
     """One policy's row of results.json (keys starting with _ are not table columns)."""
     collapse = diagnostics.collapse(tokens, reference_tokens, config.collapse_ngram)
     gram = collapse["ngram"]
+    totals = {s: v for s, v in scores.items() if s in config.scorers}
     return {
-        **{f"{s}/{stat}": float(fn(v)) for s, v in scores.items()
+        **{f"{s}/{stat}": float(fn(v)) for s, v in totals.items()
            for stat, fn in (("mean", np.mean), ("median", np.median), ("std", np.std))},
-        **{f"{s}/per_token": diagnostics.per_token(v, lengths) for s, v in scores.items()},
+        **{f"{s}/per_token": diagnostics.per_token(v, lengths) for s, v in totals.items()},
+        # The standard error of each mean; a source's mean and SE leave out its None replies (NaN).
+        **{f"{s}/se": diagnostics.mean_and_se(v)[1] for s, v in totals.items()},
+        **{f"{s}/{stat}": x for s, v in scores.items() if s not in totals
+           for stat, x in zip(("mean", "se"), diagnostics.mean_and_se(v))},
         "kl_to_reference": float(kls.mean()),
         "response_tokens": float(lengths.mean()),
         "distinct_1": distinct_n(responses, 1),
@@ -231,8 +238,11 @@ def _results(config, tokenizer, responses, tokens, scores, kls, lengths, referen
 
 
 def _tables(results, config) -> list[list[str]]:
-    """Markdown tables: the scores beside length, reward per token and KL; diversity and collapse."""
-    scores = [f"{s}/{stat}" for s in config.scorers for stat in ("mean", "median", "std", "per_token")]
+    """Markdown tables: the scores (each scorer's total, each source of a scorer of several)
+    beside length, reward per token and KL; diversity and collapse."""
+    columns = list(next(iter(results.values()))["_scores"])
+    scores = [f"{s}/{stat}" for s in columns
+              for stat in (("mean", "se", "median", "std", "per_token") if s in config.scorers else ("mean", "se"))]
     diversity = ["distinct_1", "distinct_2", "distinct_1_tokens", "distinct_2_tokens", "collapse_share",
                  "collapse_reference_share", "_collapse_ngram"]
     return [_table(results, [*scores, "response_tokens", "kl_to_reference"]), _table(results, diversity)]
@@ -291,7 +301,7 @@ def _write(out_dir: Path, config, results, samples, tables, notes, plot: bool) -
                 f.write(json.dumps({"policy": name, "prompt": prompt, "reply": reply, "tokens": int(lengths[i]),
                                     "kl_to_reference": float(kls[i]) if known else None,
                                     "kl_estimator": estimator if known else None,
-                                    "scores": {s: float(scores[s][i]) for s in scorer_names}}) + "\n")
+                                    "scores": {s: _known(v[i]) for s, v in scores.items()}}) + "\n")
     prompts = samples[names[0]][0]
     show = min(config.samples_to_show, len(prompts))
     lines = ["# Samples (same prompts, side by side, scored by every scorer)\n"]
@@ -307,6 +317,11 @@ def _write(out_dir: Path, config, results, samples, tables, notes, plot: bool) -
     (out_dir / "samples.md").write_text("\n".join(lines))
     if plot:
         _plot(out_dir / "rewards.png", results, scorer_names)
+
+
+def _known(x) -> float | None:
+    """A score for JSON: None where unknown (NaN: a reward function's None)."""
+    return None if np.isnan(x) else float(x)
 
 
 def _plot(path: Path, results, scorer_names) -> None:

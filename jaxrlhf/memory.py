@@ -24,6 +24,7 @@ from jaxrlhf.cli import stage
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models.hub import from_config
 from jaxrlhf.models.layers import frozen_params, init_cache
+from jaxrlhf.rewards import reward_models
 from jaxrlhf.sampling import generate
 from jaxrlhf.stages import common
 from jaxrlhf.stages.online_dpo import make_pairs
@@ -221,14 +222,15 @@ def compiled_memory(step, mesh, state, batch) -> dict:
 
 
 def _reward_model_bytes(config, reward_config, compute: dict, mesh) -> int:
-    """A reward model's params as the scorer holds them on the mesh (none for a function)."""
-    if config.reward.model is None:
-        return 0
-    key = "--reward-config" if reward_config else "reward.model"
-    hf = model_json(reward_config if reward_config is not None else config.reward.model, key)
-    _, params, _ = from_config(hf, None, head="classification", where=key)
-    params = jax.eval_shape(functools.partial(frozen_params, dtype=compute["dtype"]), params)  # as the scorer stores it
-    return device_bytes(laid_out(params, parallel.state_shardings(params, mesh)))
+    """The reward models' params as the scorer holds them on the mesh (none for a function)."""
+    total = 0
+    for model in reward_models(config.reward):
+        key = "--reward-config" if reward_config else "reward.model"
+        hf = model_json(reward_config if reward_config is not None else model, key)
+        _, params, _ = from_config(hf, None, head="classification", where=key)
+        params = jax.eval_shape(functools.partial(frozen_params, dtype=compute["dtype"]), params)  # as scored
+        total += device_bytes(laid_out(params, parallel.state_shardings(params, mesh)))
+    return total
 
 
 def describe_model(hf: dict) -> str:

@@ -175,5 +175,6 @@ def test_a_bfloat16_stage_trains_float32_params_against_bfloat16_frozen_models(t
                                   np.asarray(state.params["transformer"]["wte"]["embedding"].astype(jnp.bfloat16)))
     policy = state.apply_fn.__self__
     assert policy.dtype == jnp.bfloat16 and policy.remat
-    closure = inspect.getclosurevars(scorer).nonlocals
+    [(_, model_score)] = scorer.parts.values()  # the one source: (weight, its scorer)
+    closure = inspect.getclosurevars(model_score).nonlocals
     assert dtypes(closure["params"]) == {"bfloat16"}

@@ -195,3 +195,24 @@ def test_dropout_draws_on_the_adapters_input_in_the_loss_passes_only():
     losses = [float(step(state, sft_batch(), jax.random.key(k))[1]["loss"]) for k in (0, 0, 1)]
     assert losses[0] == losses[1] != losses[2]  # the update's key draws the dropout
     assert "lora_dropout" not in str(jax.tree_util.tree_structure(state.model_params(state.params)))  # scoring
+
+
+@pytest.mark.fast
+def test_a_stage_starts_from_a_peft_adapter_folder_with_its_settings_and_saved_head(tmp_path):
+    """`lora.adapter`: the folder's adapters (and a classifier head PEFT saved whole) are the
+    start; a rank, alpha or targets other than the folder's is refused, naming the keys."""
+    from jaxrlhf.models import peft
+
+    module, params = model("bert")
+    adapters = random_b(lora.init(params, ALL_LINEAR, "bert", jax.random.key(1)))
+    head = {"classifier": jax.tree.map(lambda x: x + 1.0, params["classifier"])}
+    peft.save_adapter(tmp_path / "adapter", adapters, lora.peft_settings(ALL_LINEAR, "bert"), "bert", None,
+                      modules_to_save=head)
+    section = cfg.LoRAConfig(rank=4, alpha=8.0, targets="all-linear", adapter=str(tmp_path / "adapter"))
+    start, with_head = common.starting_adapters(section, params, "bert")
+    for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(adapters), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(with_head["classifier"]["kernel"], head["classifier"]["kernel"])
+    np.testing.assert_array_equal(with_head["bert"]["pooler"]["kernel"], params["bert"]["pooler"]["kernel"])
+    with pytest.raises(ConfigError, match="has rank 4, alpha 8.0 .* set lora.rank, lora.alpha and lora.targets"):
+        common.starting_adapters(cfg.LoRAConfig(rank=4, adapter=str(tmp_path / "adapter")), params, "bert")

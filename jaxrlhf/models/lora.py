@@ -56,6 +56,13 @@ def _names(targets) -> list[str] | None:
     return None if targets is None else [targets] if isinstance(targets, str) else list(targets)
 
 
+def peft_settings(lora: dict, family: str) -> dict:
+    """`lora` with its targets as PEFT's config names them: the family's default for null,
+    the string "all-linear" for that shorthand."""
+    targets = lora["targets"] or list(DEFAULT_TARGETS[family])
+    return {**lora, "targets": ALL_LINEAR if targets == [ALL_LINEAR] else targets}
+
+
 def scale(lora: dict) -> float:
     return lora["alpha"] / lora["rank"]
 

@@ -1,18 +1,18 @@
 """What every stage does the same way: models in, optimizer, the run folder, the export."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxrlhf import config as cfg
 from jaxrlhf import data, outputs, parallel
 from jaxrlhf.errors import ConfigError, JaxRLHFError, OutputError
-from jaxrlhf.models import from_config, frozen_params, load_pretrained, load_tokenizer, lora, save_pretrained
+from jaxrlhf.models import from_config, frozen_params, load_pretrained, load_tokenizer, lora, peft, save_pretrained
 from jaxrlhf.updates.common import TrainState, make_optimizer
 from jaxrlhf.trainer import Checkpoints, run_loop
 
@@ -183,23 +183,27 @@ def lora_settings(section: cfg.LoRAConfig | None) -> dict | None:
     return None if section is None else lora.settings(section.rank, section.alpha, section.dropout, section.targets)
 
 
+def adapter_input(config) -> str | None:
+    """The PEFT adapter folder a stage starts from (`lora.adapter`), among the paths it reads."""
+    return None if config.lora is None else config.lora.adapter
+
+
 def starting_adapters(section: cfg.LoRAConfig | None, params, family: str):
     """Preflight of a stage's `lora` section against its model (the targets must name the
-    model's layers) -> the adapters to start from: `lora.adapter`'s, or None (fresh ones, or no
-    LoRA)."""
+    model's layers) -> (the adapters to start from: `lora.adapter`'s, or None for fresh ones or
+    no LoRA; `params` with the modules the adapter folder saves whole, a classifier's head)."""
     if section is None:
-        return None
+        return None, params
     names = lora.module_names(section.targets, family)
     if section.adapter is None:
-        return None
-    from jaxrlhf.models import peft  # the one place a PEFT adapter folder is read
-
+        return None, params
     adapters, saved = peft.load_adapter(section.adapter, params, family)
     if (saved["rank"], saved["alpha"], sorted(lora.paths(adapters))) != (section.rank, section.alpha,
                                                                          sorted(lora.target_paths(params, names))):
         raise ConfigError(f"lora.adapter {section.adapter} has rank {saved['rank']}, alpha {saved['alpha']} and "
                           f"targets {saved['targets']}; set lora.rank, lora.alpha and lora.targets to match")
-    return adapters
+    whole = flatten_dict(peft.load_modules_to_save(section.adapter, params, family))
+    return adapters, unflatten_dict({**flatten_dict(params), **whole})
 
 
 def initial_state(module, params, train: cfg.TrainConfig, training: Training, adapters=None):
@@ -310,7 +314,8 @@ def _check_same_run(out: Path, saved: dict, record: dict) -> None:
 
 # Keys added after run folders were first written, with the value that does what those runs did:
 # a config.json written before a key existed reads as that value, so such a run still resumes.
-ADDED_SINCE = {"compute.dtype": "float32", "compute.remat": "none", "lora": None}
+ADDED_SINCE = {"compute.dtype": "float32", "compute.remat": "none", "reward.weight": 1.0, "reward.name": None,
+               "lora": None}
 
 
 def _changes(saved: dict, record: dict, free: tuple[str, ...]) -> str:
@@ -340,7 +345,11 @@ def export(out: Path, module, state: TrainState, tokenizer, lora_settings: dict 
     if getattr(module, "value_head", False):
         module, params = module.clone(value_head=False), {k: v for k, v in params.items() if k != "v_head"}
     params = parallel.gather(params)
-    adapters = None if lora_settings is None else parallel.gather(state.params["lora"])
+    family = module.config.model_type
+    if lora_settings is not None:  # PEFT keeps a classifier's head whole beside the adapter (PPO's value head is ours)
+        adapters, heads = parallel.gather((state.params["lora"], state.params["heads"]))
+        adapter = (adapters, lora.peft_settings(lora_settings, family), {k: v for k, v in heads.items()
+                                                                        if k != "v_head"})
 
     def write():
         try:
@@ -350,11 +359,10 @@ def export(out: Path, module, state: TrainState, tokenizer, lora_settings: dict 
             raise OutputError(f"{e}; the checkpoints in {out / 'checkpoints'} are complete: export one with "
                               "jaxrlhf export") from None
         print(f"exported {type(module).__name__} in Hugging Face layout to {path}")
-        # TEMPORARY until jaxrlhf.models.peft (the PEFT format) is on main: then drop the find_spec.
-        if adapters is not None and importlib.util.find_spec("jaxrlhf.models.peft") is not None:
-            from jaxrlhf.models import peft  # the one place a PEFT adapter folder is written
-
-            peft.save_adapter(out / "adapter", adapters, lora_settings, module.config.model_type, base_model)
+        if lora_settings is not None:
+            adapters, settings, heads = adapter
+            peft.save_adapter(out / "adapter", adapters, settings, family, base_model, modules_to_save=heads or None,
+                              source=str(out.resolve()))
             print(f"exported its LoRA adapter in PEFT's format to {out / 'adapter'}")
 
     # Every process returns once the export is on disk: the next stage of a pipeline reads it.

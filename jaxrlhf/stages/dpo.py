@@ -101,7 +101,7 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
     rows = data.load_rows(config.data, tuple(COLUMNS["pairs"]))
     arrays = _pair_arrays(rows, tokenizer, config.max_length, config.data)
     mesh = common.train_mesh(train)
-    adapters = common.starting_adapters(config.lora, params, model_config.model_type)
+    adapters, params = common.starting_adapters(config.lora, params, model_config.model_type)
     # With LoRA and no other reference, the reference is the state's frozen base (`run`).
     ref_params = None if config.loss_type == "slic" or config.lora is not None else params
     if config.reference is not None and config.loss_type != "slic":
@@ -112,7 +112,8 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
                               f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
     ref_params = None if ref_params is None else frozen_params(ref_params, config.compute.dtype)
     output = common.check_output("dpo", train, config, resume, len(rows),
-                                 inputs=(config.policy, config.reference, config.data.path))
+                                 inputs=(config.policy, config.reference, config.data.path,
+                                         common.adapter_input(config)))
     return {"module": module, "params": params, "ref_params": ref_params, "tokenizer": tokenizer, "arrays": arrays,
             "rows": len(rows), "mesh": mesh, "output": output, "adapters": adapters}
 

@@ -10,6 +10,7 @@ import numpy as np
 from jaxrlhf import data
 from jaxrlhf.config import check
 from jaxrlhf.parallel import data_parallel
+from jaxrlhf.rewards import describe_reward
 from jaxrlhf.stages import common
 from jaxrlhf.stages.rollout import check_on_policy, sample, scored_batch, online_preflight
 
@@ -31,7 +32,7 @@ def check_config(config, section: str, name: str) -> None:
 
 def plan(config, section: str, name: str, knobs: str) -> str:
     method, train = getattr(config, section), config.train
-    reward = config.reward.model or config.reward.function
+    reward = describe_reward(config.reward)
     return (f"{name}: {config.policy} vs reward {reward}, prompts {config.prompts.path}, {train.steps} steps x "
             f"{train.batch_size // method.num_generations} prompts x {method.num_generations} samples of "
             f"{config.sampling.max_new_tokens} tokens, {method.epochs} epochs x {method.num_minibatches} "
@@ -62,7 +63,7 @@ def run(config, section: str, make_update, resume: bool = False):
     ready = preflight(config, section, resume)
     module, tokenizer, mesh, scorer, rows, sampler = (
         ready[key] for key in ("module", "tokenizer", "mesh", "scorer", "rows", "sampler"))
-    ids, mask, texts = ready["prompts"]
+    ids, mask = ready["prompts"][:2]
     prompts_per_step = train.batch_size // k
     out, state, lr = common.start_training(ready, train, spec := training(config, section, make_update))
     update = data_parallel(spec.step, mesh, state)
@@ -74,10 +75,11 @@ def run(config, section: str, make_update, resume: bool = False):
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         rollout = sample(module, state.model_params(state.params), ids[idx], mask[idx], gen_key, sampler, mesh)
-        batch = scored_batch(rollout, [texts[j] for j in idx], tokenizer, sampler, scorer, config.missing_eos_penalty)
+        batch, reward_metrics = scored_batch(rollout, idx, ready["prompts"], tokenizer, sampler, scorer,
+                                             config.missing_eos_penalty)
         rollout_s = time.perf_counter() - started
         state, metrics = update(state, batch, update_key)
-        return state, {**metrics, "time/rollout_s": rollout_s}
+        return state, {**metrics, **reward_metrics, "time/rollout_s": rollout_s}
 
     state = common.train_loop(out, state, step_fn, train, resume, section, extra_metrics=lambda s: {"learning_rate": lr(s)})
     return common.export(out, module, state, tokenizer, spec.lora, config.policy)

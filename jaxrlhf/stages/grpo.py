@@ -4,7 +4,7 @@ token-loss normalisations (grpo, dr_grpo, dapo, bnpo) and GSPO's sequence-level 
 
 import dataclasses
 
-from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, RewardSource, SamplingSection,
+from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, Reward, SamplingSection,
                             TrainConfig, pad_token_key)
 from jaxrlhf.stages import grouped
 from jaxrlhf.stages.rollout import PROMPT_COLUMNS
@@ -16,7 +16,7 @@ COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 @dataclasses.dataclass(frozen=True)
 class GRPOStageConfig:
     policy: str  # the starting policy (usually the SFT export); also the frozen reference
-    reward: RewardSource
+    reward: Reward  # one source, or a list of weighted sources
     prompts: DataConfig
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)

@@ -10,12 +10,12 @@ import jax
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, RewardSource, SamplingSection,
+from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, Reward, SamplingSection,
                             TrainConfig, check, pad_token_key)
 from jaxrlhf.parallel import data_parallel
-from jaxrlhf.rewards import penalise_missing_eos, replies_ended
+from jaxrlhf.rewards import describe_reward, replies_ended
 from jaxrlhf.stages import common
-from jaxrlhf.stages.rollout import PROMPT_COLUMNS, decode_responses, sample, online_preflight
+from jaxrlhf.stages.rollout import PROMPT_COLUMNS, online_preflight, sample, score_rollout
 from jaxrlhf.updates.dpo import make_dpo_step
 
 COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
@@ -24,7 +24,7 @@ COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 @dataclasses.dataclass(frozen=True)
 class OnlineDPOConfig:
     policy: str  # the starting policy (usually the SFT export); also the frozen reference
-    reward: RewardSource
+    reward: Reward  # one source, or a list of weighted sources
     prompts: DataConfig
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     beta: float = 0.1
@@ -44,7 +44,7 @@ class OnlineDPOConfig:
 
 
 def plan(config: OnlineDPOConfig) -> str:
-    reward = config.reward.model or config.reward.function
+    reward = describe_reward(config.reward)
     return (f"online {config.loss_type} DPO: {config.policy} vs reward {reward}, prompts {config.prompts.path}, "
             f"{config.train.steps} steps x {config.train.batch_size} prompts x 2 replies of "
             f"{config.sampling.max_new_tokens} tokens, beta {config.beta} -> {config.train.output_dir}/final")
@@ -109,7 +109,7 @@ def run(config: OnlineDPOConfig, resume: bool = False):
     ready = preflight(config, resume)
     module, tokenizer, mesh, scorer, rows, sampler = (
         ready[k] for k in ("module", "tokenizer", "mesh", "scorer", "rows", "sampler"))
-    ids, mask, texts = ready["prompts"]
+    ids, mask = ready["prompts"][:2]
     out, state, lr = common.start_training(ready, train, spec := training(config))
     step = data_parallel(spec.step, mesh, state)
 
@@ -119,15 +119,14 @@ def run(config: OnlineDPOConfig, resume: bool = False):
         gen_key, step_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         rollout = sample(module, state.model_params(state.params), ids[both], mask[both], gen_key, sampler, mesh)
-        scores = scorer([texts[j] for j in both], decode_responses(tokenizer, rollout, sampler.eos_ids))
-        if config.missing_eos_penalty is not None:
-            scores = penalise_missing_eos(scores, rollout, sampler.eos_ids, config.missing_eos_penalty)
+        scores, reward_metrics = score_rollout(rollout, both, ready["prompts"], tokenizer, sampler, scorer,
+                                               config.missing_eos_penalty)
         batch, first_chosen = make_pairs(rollout.sequences, rollout.attention_mask, rollout.response_mask.shape[1],
                                          scores)
         rollout_s = time.perf_counter() - started
         state, metrics = step(state, batch, step_key)
         extra = trl_metrics(metrics, scores, first_chosen, replies_ended(rollout, sampler.eos_ids), config.beta)
-        return state, {**metrics, **extra, "time/rollout_s": rollout_s}
+        return state, {**metrics, **extra, **reward_metrics, "time/rollout_s": rollout_s}
 
     state = common.train_loop(out, state, step_fn, train, resume, "online_dpo", desc="online dpo",
                               extra_metrics=lambda s: {"learning_rate": lr(s)})

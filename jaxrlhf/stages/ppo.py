@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import data
-from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, RewardSource, SamplingSection,
+from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, Reward, SamplingSection,
                             TrainConfig, check, pad_token_key)
 from jaxrlhf.parallel import data_parallel
+from jaxrlhf.rewards import describe_reward
 from jaxrlhf.updates.ppo import PPOConfig, check_kl_horizon, make_ppo_update
 from jaxrlhf.stages import common
 from jaxrlhf.stages.rollout import PROMPT_COLUMNS, check_on_policy, sample, scored_batch, online_preflight
@@ -21,7 +22,7 @@ COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 @dataclasses.dataclass(frozen=True)
 class PPOStageConfig:
     policy: str  # the starting policy (usually the SFT export); also the frozen reference
-    reward: RewardSource
+    reward: Reward  # one source, or a list of weighted sources
     prompts: DataConfig
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
     ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)
@@ -43,7 +44,7 @@ class PPOStageConfig:
 
 
 def plan(config: PPOStageConfig) -> str:
-    reward = config.reward.model or config.reward.function
+    reward = describe_reward(config.reward)
     kl = f"adaptive toward {config.ppo.kl_target}" if config.ppo.kl_target else "fixed"
     return (f"PPO: {config.policy} vs reward {reward}, prompts {config.prompts.path}, {config.train.steps} steps x "
             f"{config.train.batch_size} rollouts of {config.sampling.max_new_tokens} tokens, {config.ppo.epochs} "
@@ -68,7 +69,7 @@ def run(config: PPOStageConfig, resume: bool = False):
     ready = preflight(config, resume)
     module, tokenizer, mesh, scorer, rows, sampler = (
         ready[k] for k in ("module", "tokenizer", "mesh", "scorer", "rows", "sampler"))
-    ids, mask, texts = ready["prompts"]
+    ids, mask = ready["prompts"][:2]
     out, state, lr = common.start_training(ready, train, spec := training(config))
     update = data_parallel(spec.step, mesh, state)
 
@@ -77,10 +78,11 @@ def run(config: PPOStageConfig, resume: bool = False):
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         rollout = sample(module, state.model_params(state.params), ids[idx], mask[idx], gen_key, sampler, mesh)
-        batch = scored_batch(rollout, [texts[j] for j in idx], tokenizer, sampler, scorer, config.missing_eos_penalty)
+        batch, reward_metrics = scored_batch(rollout, idx, ready["prompts"], tokenizer, sampler, scorer,
+                                             config.missing_eos_penalty)
         rollout_s = time.perf_counter() - started
         state, metrics = update(state, batch, update_key)
-        return state, {**metrics, "time/rollout_s": rollout_s}
+        return state, {**metrics, **reward_metrics, "time/rollout_s": rollout_s}
 
     state = common.train_loop(out, state, step_fn, train, resume, "ppo", extra_metrics=lambda s: {"learning_rate": lr(s)})
     return common.export(out, module, state, tokenizer, spec.lora, config.policy)

@@ -10,12 +10,12 @@ import jax
 import numpy as np
 
 from jaxrlhf import data, outputs
-from jaxrlhf.config import (ComputeConfig, DataConfig, MeshConfig, RewardSource, SamplingSection, check, check_no_remat,
+from jaxrlhf.config import (ComputeConfig, DataConfig, MeshConfig, Reward, SamplingSection, check, check_no_remat,
                             pad_token_key)
 from jaxrlhf.errors import JaxRLHFError, OutputError
 from jaxrlhf.models import frozen_params
 from jaxrlhf.parallel import check_rows, is_main, make_mesh, on_host, on_main, put_state
-from jaxrlhf.rewards import make_scorer
+from jaxrlhf.rewards import describe_reward, make_scorer, reward_models
 from jaxrlhf.stages.common import load_policy
 from jaxrlhf.stages.rollout import PROMPT_COLUMNS, decode_responses, encode_prompt_rows, sample, sampling_config
 
@@ -25,7 +25,7 @@ COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 @dataclasses.dataclass(frozen=True)
 class PreferencesConfig:
     policy: str
-    reward: RewardSource
+    reward: Reward  # one source, or a list of weighted sources
     prompts: DataConfig
     output: str  # the pairs file (JSONL: prompt, chosen, rejected, chosen_score, rejected_score)
     samples_per_prompt: int = 4
@@ -48,7 +48,7 @@ class PreferencesConfig:
 
 def plan(config: PreferencesConfig) -> str:
     return (f"preference pairs: {config.samples_per_prompt} samples per prompt of {config.prompts.path} from "
-            f"{config.policy}, scored by {config.reward.model or config.reward.function}, pairing "
+            f"{config.policy}, scored by {describe_reward(config.reward)}, pairing "
             f"{config.pairing} (margin > {config.min_margin}) -> {config.output}")
 
 
@@ -70,7 +70,7 @@ def preflight(config: PreferencesConfig, resume: bool = False, overwrite: bool =
     writing nothing -> what the run needs, or None when `resume` keeps the pairs file there.
     `--dry-run` runs exactly this."""
     path = Path(config.output)
-    outputs.check_apart(path, (config.policy, config.reward.model, config.prompts.path), "output")
+    outputs.check_apart(path, (config.policy, *reward_models(config.reward), config.prompts.path), "output")
     if path.is_file() and resume:
         print(f"{path} already holds this stage's pairs (written whole); kept")
         return None
@@ -84,11 +84,12 @@ def preflight(config: PreferencesConfig, resume: bool = False, overwrite: bool =
         module, params, model_config, tokenizer = load_policy(config.policy, pad_token=config.pad_token,
                                                               compute=config.compute)
     scorer = make_scorer(config.reward, mesh, dtype=config.compute.dtype)
-    rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]))
+    rows = data.load_rows(config.prompts, tuple(COLUMNS["prompts"]), every_column=True)
+    scorer.check_columns(rows)
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, config.seed)
     settings = sampling_config(config.sampling, tokenizer, model_config)
     return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer,
-            "prompts": (ids, mask, texts), "settings": settings}
+            "prompts": (ids, mask, texts, rows), "settings": settings}
 
 
 def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False) -> Path:
@@ -100,7 +101,7 @@ def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False
     if ready is None:
         return path
     module, tokenizer, mesh, scorer, settings = (ready[k] for k in ("module", "tokenizer", "mesh", "scorer", "settings"))
-    ids, mask, texts = ready["prompts"]
+    ids, mask, texts, rows = ready["prompts"]
     params = put_state(frozen_params(ready["params"], config.compute.dtype), mesh)
     k, pairs, generations = config.samples_per_prompt, [], 0
     from tqdm.auto import tqdm
@@ -112,7 +113,7 @@ def run(config: PreferencesConfig, resume: bool = False, overwrite: bool = False
         key = jax.random.fold_in(jax.random.key(config.seed), start)
         out = sample(module, params, ids[rep], mask[rep], key, settings, mesh)
         responses = decode_responses(tokenizer, out, settings.eos_ids)
-        scores = scorer([texts[j] for j in rep], responses)
+        scores = scorer([texts[j] for j in rep], responses, [rows[j] for j in rep])
         for n, j in enumerate(idx[: min(config.batch_size, len(texts) - start)]):
             sl = slice(n * k, (n + 1) * k)
             pairs += make_pairs(texts[j], responses[sl], scores[sl], config.pairing, config.min_margin)

@@ -132,11 +132,11 @@ def preflight(config: RewardConfig, resume: bool = False) -> dict:
     n = len(next(iter(arrays.values())))
     mesh = common.train_mesh(train)
     output = common.check_output("reward", train, config, resume, n,
-                                 inputs=(config.model, config.tokenizer, config.data.path,
+                                 inputs=(config.model, config.tokenizer, config.data.path, common.adapter_input(config),
                                          config.eval_data and config.eval_data.path))
+    adapters, params = common.starting_adapters(config.lora, params, module.config.model_type)
     return {"module": module, "params": params, "tokenizer": tokenizer, "arrays": arrays, "held_out": held_out,
-            "rows": n, "mesh": mesh, "output": output,
-            "adapters": common.starting_adapters(config.lora, params, module.config.model_type)}
+            "rows": n, "mesh": mesh, "output": output, "adapters": adapters}
 
 
 def training(config: RewardConfig) -> common.Training:
@@ -156,7 +156,8 @@ def run(config: RewardConfig, resume: bool = False):
         if held_out is None:
             return {}
         def scored(ids, mask):
-            return score_rows(forward, state.model_params(state.params), held_out[ids], held_out[mask], mesh, config.eval_batch_size)
+            return score_rows(forward, state.model_params(state.params), held_out[ids], held_out[mask], mesh,
+                              config.eval_batch_size)
 
         scores = {"text": scored("input_ids", "attention_mask")} if config.kind == "regression" else \
             {side: scored(f"{side}_ids", f"{side}_mask") for side in ("chosen", "rejected")}

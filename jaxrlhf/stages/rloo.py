@@ -3,7 +3,7 @@ mean of the others' rewards, with a KL leash to the frozen starting policy; no v
 
 import dataclasses
 
-from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, RewardSource, SamplingSection,
+from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, Reward, SamplingSection,
                             TrainConfig, pad_token_key)
 from jaxrlhf.stages import grouped
 from jaxrlhf.stages.rollout import PROMPT_COLUMNS
@@ -15,7 +15,7 @@ COLUMNS = PROMPT_COLUMNS  # the prompts' column, with an example row
 @dataclasses.dataclass(frozen=True)
 class RLOOStageConfig:
     policy: str  # the starting policy (usually the SFT export); also the frozen reference
-    reward: RewardSource
+    reward: Reward  # one source, or a list of weighted sources
     prompts: DataConfig
     sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
     rloo: RLOOConfig = dataclasses.field(default_factory=RLOOConfig)

@@ -8,11 +8,12 @@ import numpy as np
 from jaxrlhf import data, diagnostics, parallel
 from jaxrlhf.config import SamplingSection, check
 from jaxrlhf.models.configs import token_ids
-from jaxrlhf.rewards import make_scorer, penalise_missing_eos
+from jaxrlhf.rewards import make_scorer, penalise_missing_eos, reward_models, source_metrics
 from jaxrlhf.stages import common
 from jaxrlhf.sampling import GenerateOutput, SamplingConfig, generate
 
-# The column every stage that samples from prompts reads, with an example row.
+# The column every stage that samples from prompts reads, with an example row (every other
+# column of a row reaches the reward functions).
 PROMPT_COLUMNS = {"prompts": {"prompt": "Request: Can you fix my bike?\nReply:"}}
 
 
@@ -88,7 +89,8 @@ def online_preflight(config, stage: str, resume: bool, *, value_head: bool = Fal
             rng=jax.random.key(train.seed))
     mesh = common.train_mesh(train, minibatches, section)
     scorer = make_scorer(config.reward, mesh, dtype=config.compute.dtype)
-    rows = data.load_rows(config.prompts, tuple(PROMPT_COLUMNS["prompts"]))
+    rows = data.load_rows(config.prompts, tuple(PROMPT_COLUMNS["prompts"]), every_column=True)
+    scorer.check_columns(rows)
     k = samples_per_prompt
     check(k == 1 or train.batch_size // k <= len(rows),  # (k == 1: check_output's batch check says it)
           f"train.batch_size={train.batch_size} / {section}.num_generations={k} = {train.batch_size // k} prompts "
@@ -96,10 +98,11 @@ def online_preflight(config, stage: str, resume: bool, *, value_head: bool = Fal
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed)
     sampler = sampling_config(config.sampling, tokenizer, model_config)
     output = common.check_output(stage, train, config, resume, len(rows) * k,
-                                 inputs=(config.policy, config.reward.model, config.prompts.path))
+                                 inputs=(config.policy, *reward_models(config.reward), config.prompts.path,
+                                         common.adapter_input(config)))
+    adapters, params = common.starting_adapters(config.lora, params, model_config.model_type)
     return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer, "rows": rows,
-            "prompts": (ids, mask, texts), "sampler": sampler, "output": output,
-            "adapters": common.starting_adapters(config.lora, params, model_config.model_type)}
+            "prompts": (ids, mask, texts, rows), "sampler": sampler, "output": output, "adapters": adapters}
 
 
 def decode_responses(tokenizer, out, eos_ids: tuple[int, ...]) -> list[str]:
@@ -119,14 +122,28 @@ def sample(module, params, ids_BxP, mask_BxP, key, settings: SamplingConfig, mes
     return parallel.gather(generate(module, params, ids, mask, parallel.put_replicated(key, mesh), settings, rows))
 
 
-def scored_batch(rollout: GenerateOutput, prompt_texts: list[str], tokenizer, sampler: SamplingConfig, scorer,
-                 missing_eos_penalty: float | None) -> dict:
-    """A rollout sampled with `sampler` and the reward of each response (to its prompt text) ->
-    the update's batch: `sequences`, `attention_mask`, `response_mask`, `scores`."""
-    scores = scorer(prompt_texts, decode_responses(tokenizer, rollout, sampler.eos_ids))
+def score_rollout(rollout: GenerateOutput, idx_B, prompts, tokenizer, sampler: SamplingConfig, scorer,
+                  missing_eos_penalty: float | None) -> tuple[np.ndarray, dict]:
+    """The reward of each response of a rollout sampled with `sampler` from prompts `idx_B` of
+    `prompts` (ids, mask, texts, rows: what `online_preflight` returns), row b's response
+    scored with prompt idx_B[b]'s text and row (every column, for the reward functions) ->
+    (the weighted total float32 `[B]`, less TRL's `missing_eos_penalty` where a reply did not
+    end; each source's `rewards/<name>/mean|std`)."""
+    _, _, texts, rows = prompts
+    by_source = scorer.by_source([texts[j] for j in idx_B], decode_responses(tokenizer, rollout, sampler.eos_ids),
+                                 [rows[j] for j in idx_B])
+    scores = scorer.total(by_source)
     if missing_eos_penalty is not None:
         scores = penalise_missing_eos(scores, rollout, sampler.eos_ids, missing_eos_penalty)
-    return rollout_batch(rollout, scores)
+    return scores, source_metrics(by_source)
+
+
+def scored_batch(rollout: GenerateOutput, idx_B, prompts, tokenizer, sampler: SamplingConfig, scorer,
+                 missing_eos_penalty: float | None) -> tuple[dict, dict]:
+    """`score_rollout`'s scores as the update's batch (`sequences`, `attention_mask`,
+    `response_mask`, `scores`), and its metrics."""
+    scores, metrics = score_rollout(rollout, idx_B, prompts, tokenizer, sampler, scorer, missing_eos_penalty)
+    return rollout_batch(rollout, scores), metrics
 
 
 def rollout_batch(rollout: GenerateOutput, scores_B) -> dict:

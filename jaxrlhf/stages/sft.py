@@ -68,10 +68,11 @@ def preflight(config: SFTConfig, resume: bool = False) -> dict:
     data.warn_cut(arrays.pop("cut"), f"{what} cut to fit max_length={config.max_length} (each keeps its EOS)")
     mesh = common.train_mesh(train)
     output = common.check_output("sft", train, config, resume, len(rows),
-                                 inputs=(config.model, config.tokenizer, config.data.path))
+                                 inputs=(config.model, config.tokenizer, config.data.path,
+                                         common.adapter_input(config)))
+    adapters, params = common.starting_adapters(config.lora, params, model_config.model_type)
     return {"module": module, "params": params, "tokenizer": tokenizer, "arrays": arrays, "rows": len(rows),
-            "mesh": mesh, "output": output,
-            "adapters": common.starting_adapters(config.lora, params, model_config.model_type)}
+            "mesh": mesh, "output": output, "adapters": adapters}
 
 
 def training(config: SFTConfig) -> common.Training:

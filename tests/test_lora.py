@@ -27,7 +27,7 @@ LLAMA = dict(model_type="llama", vocab_size=32, hidden_size=32, intermediate_siz
              eos_token_id=2)
 BERT = dict(model_type="bert", vocab_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=48, max_position_embeddings=32, num_labels=1)
-MODELS = {"gpt2": (GPT2, "lm"), "llama": (LLAMA, "lm"), "bert": (BERT, "classification")}
+MODELS = {"gpt2": ({**GPT2, "n_layer": 1}, "lm"), "llama": (LLAMA, "lm"), "bert": (BERT, "classification")}
 ALL_LINEAR = lora.settings(rank=4, alpha=8.0, targets=["all-linear"])
 
 

@@ -180,7 +180,9 @@ def describe(cls, prefix: str = "") -> list[str]:
         name, t = prefix + f.name, hints[f.name]
         section = next((a for a in typing.get_args(t) if dataclasses.is_dataclass(a)), t)  # e.g. a reward source
         if dataclasses.is_dataclass(section):
-            lines += [f"  {name} (a section, or a list of them)"] * (section is not t) + describe(section, name + ".")
+            listed = any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(t))
+            lines += [f"  {name} (a section, or {'a list of them' if listed else 'null'})"] * (section is not t)
+            lines += describe(section, name + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")

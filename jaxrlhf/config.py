@@ -180,7 +180,9 @@ def describe(cls, prefix: str = "") -> list[str]:
         name, t = prefix + f.name, hints[f.name]
         section = next((a for a in typing.get_args(t) if dataclasses.is_dataclass(a)), t)  # e.g. a reward source
         if dataclasses.is_dataclass(section):
-            lines += [f"  {name} (a section, or a list of them)"] * (section is not t) + describe(section, name + ".")
+            listed = any(typing.get_origin(a) in (list, tuple) for a in typing.get_args(t))
+            lines += [f"  {name} (a section, or {'a list of them' if listed else 'null'})"] * (section is not t)
+            lines += describe(section, name + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
@@ -265,6 +267,29 @@ class ComputeConfig:
 
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal["none", "block"] = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters instead of full fine-tuning (README, "LoRA adapters"): the base model is
+    frozen; only the adapters (and PPO's value head, a reward model's classifier) train. PEFT's
+    names and defaults: `targets` are PEFT's module names (GPT-2 c_attn, c_proj, c_fc; Llama
+    q_proj ... down_proj; BERT query, key, value, dense), or all-linear; null: PEFT's default for
+    the model type. `adapter`: a PEFT adapter folder to start from (its rank, alpha and targets
+    must be these)."""
+
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0  # on each adapter's input, in the loss passes only
+    targets: tuple[str, ...] | str | None = None  # one name as a string too, as PEFT takes "all-linear"
+    adapter: str | None = None
+
+    def __post_init__(self):
+        check(self.rank >= 1, f"rank={self.rank} must be at least 1")
+        check(self.alpha > 0, f"alpha={self.alpha} must be > 0")
+        check(0 <= self.dropout < 1, f"dropout={self.dropout} must be in [0, 1)")
+        check(self.targets is None or len(self.targets) > 0, "targets=[] names no layer; leave it out (null) for "
+                                                             "PEFT's default or name the layers")
 
 
 def check_no_remat(compute: ComputeConfig, stage: str) -> None:

@@ -190,7 +190,8 @@ def plan(name: str, config, model_config=None, reward_config=None, compile_updat
     mesh = common.train_mesh(train, getattr(getattr(config, name, None), "num_minibatches", 1), name)
     state = jax.eval_shape(lambda p: common.initial_state(module, p, train, training)[0], params)
     state = laid_out(state, parallel.state_shardings(state, mesh))
-    parts = dict.fromkeys(PARTS, 0) | {"params": device_bytes(state.params),
+    # With LoRA, params are the frozen base and the trained adapters and heads (no reference).
+    parts = dict.fromkeys(PARTS, 0) | {"params": device_bytes((state.base_params, state.params)),
                                        "optimizer state": device_bytes(state.opt_state),
                                        "reference": device_bytes(state.ref_params)}
     if name in ONLINE:

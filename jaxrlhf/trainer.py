@@ -95,8 +95,10 @@ class Checkpoints:
         return last_good(self.manager.directory, self.latest())
 
     def save(self, step: int, state: Any, record: dict) -> None:
-        """Save `state` as checkpoint `step`; a failed write raises an OutputError naming the
-        folder, the cause and the last good checkpoint (which a failed save leaves as it was)."""
+        """Save `state` (`saved_part` of it) as checkpoint `step`; a failed write raises an
+        OutputError naming the folder, the cause and the last good checkpoint (which a failed
+        save leaves as it was)."""
+        state = saved_part(state)
         directory = Path(self.manager.directory)
         last_good = self.last_good()
         # Checked first, because orbax reports a full or read-only disk from many threads at once;
@@ -127,16 +129,21 @@ class Checkpoints:
             raise OutputError(f"cannot write checkpoint {step} to {directory}: {_first_line(e)}; {last_good}") from e
 
     def restore(self, step: int, template: Any) -> tuple[Any, dict]:
-        """Checkpoint `step` in the layout of `template` (whatever mesh wrote it)."""
+        """Checkpoint `step` in the layout of `template` (whatever mesh wrote it); what it does
+        not hold (`saved_part`) is the template's."""
         args = self.ocp.args
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                saved_part(template))
         try:
             out = self.manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract),
                                                                  record=args.JsonRestore()))
         except Exception as e:  # orbax raises many types for a tree that does not fit
             raise CheckpointError(f"checkpoint {step} in {self.manager.directory} does not fit this model "
                                   f"and optimizer ({type(e).__name__}: {e})") from e
-        return out["state"], out["record"]
+        state = out["state"]
+        if getattr(template, "base_params", None) is not None:
+            state = state.replace(base_params=template.base_params)
+        return state, out["record"]
 
     def restore_params(self, step: int) -> Any:
         """The params of checkpoint `step` on this host's CPU, whatever mesh (devices, processes)
@@ -147,6 +154,12 @@ class Checkpoints:
                               saved.item_metadata.tree)
         args = self.ocp.args
         return self.manager.restore(step, args=args.Composite(state=args.StandardRestore(target)))["state"]["params"]
+
+
+def saved_part(state: Any) -> Any:
+    """What a checkpoint holds of a train state: all of it but a LoRA run's frozen base, which
+    the run reloads from its starting model (the checkpoint holds the adapters and heads)."""
+    return state.replace(base_params=None) if getattr(state, "base_params", None) is not None else state
 
 
 class Progress:

@@ -58,9 +58,11 @@ def final_params(path):
 @pytest.mark.parametrize("name,extra", [
     ("sft.yaml", ["train.steps=3", "train.batch_size=16"]),
     ("dpo.yaml", ["train.steps=2", "train.batch_size=8"]),
+    ("dpo.yaml", ["train.steps=2", "train.batch_size=8", "lora.rank=4", "lora.targets=all-linear"]),
 ])
 def test_stages_in_two_microbatches_end_with_the_one_batch_params(tiny_run, tmp_path, name, extra):
-    """What lets a resume change train.grad_accum_steps: the stage's update is the whole batch's."""
+    """What lets a resume change train.grad_accum_steps: the stage's update is the whole batch's
+    (with LoRA too, against its base as the reference)."""
     from jaxrlhf.stages import dpo, sft
 
     module = {"sft.yaml": sft, "dpo.yaml": dpo}[name]

@@ -100,14 +100,17 @@ def test_chat_script_keeps_the_session_through_a_line_that_is_not_utf8(tiny_run,
 
 
 @pytest.mark.fast
-def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("lora", [[], ["lora.rank=4", "lora.targets=all-linear"]], ids=["full", "lora"])
+def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, tmp_path, monkeypatch, capsys, lora):
+    """With LoRA too: its checkpoints hold the adapters alone (the base reloads from the model)."""
     from jaxrlhf.stages import sft
     from jaxrlhf.models import load_pretrained
+    from jaxrlhf.trainer import Checkpoints
 
     def config(out):
         overrides = SHRINK["sft.yaml"] + [f"train.output_dir={out}", "train.steps=8", "train.save_every=3",
                                           f"tokenizer={tiny_data / 'data' / 'tokenizers' / 'gpt2'}",
-                                          f"data.path={tiny_data / 'data' / 'sft.jsonl'}"]
+                                          f"data.path={tiny_data / 'data' / 'sft.jsonl'}", *lora]
         return cfg.load(sft.SFTConfig, TINY / "sft.yaml", overrides)
 
     sft.run(config(tmp_path / "straight"))
@@ -124,6 +127,23 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, 
     _, a, _ = load_pretrained(tmp_path / "straight" / "final")
     _, b, _ = load_pretrained(tmp_path / "interrupted" / "final")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    import orbax.checkpoint as ocp
+
+    saved = ocp.StandardCheckpointer().metadata(tmp_path / "interrupted" / "checkpoints" / "8" / "state")
+    assert saved.item_metadata.tree["base_params"] is None  # LoRA: the base is not in the checkpoint
+    assert set(saved.item_metadata.tree["params"]) == ({"lora", "heads"} if lora else {"transformer"})
+    if lora:  # the adapter alone, in PEFT's format beside final/, is the checkpoint's
+        from jaxrlhf.models import peft
+
+        adapters, _ = peft.load_adapter(tmp_path / "interrupted" / "adapter", a, "gpt2")
+        trained = Checkpoints(tmp_path / "interrupted", keep=2).restore_params(8)["lora"]
+        for x, y in zip(jax.tree.leaves(adapters), jax.tree.leaves(trained), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    from jaxrlhf.stages.export import export_run  # the checkpoint exports as final/ (LoRA: merged onto the base)
+
+    _, c, _ = load_pretrained(export_run(tmp_path / "interrupted", tmp_path / "exported"))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxrlhf.models import from_config
+from jaxrlhf.models import from_config, lora
 from jaxrlhf import parallel
 from jaxrlhf.parallel import AXIS, jit_step, pmap_step, replicate, shard, unreplicate
 from jaxrlhf.updates.ppo import PPOConfig, make_ppo_update
@@ -76,6 +76,12 @@ def build(kind, tx, axis_name=None, ppo_minibatches=1):
     if kind == "sft":
         module, params, _ = policy()
         return make_sft_step(axis_name), TrainState.create(module, params, tx), sft_batch()
+    if kind == "lora_sft":  # adapters on every linear layer, B random (a trained adapter's) so A trains too
+        module, params, _ = policy()
+        adapters = lora.init(params, lora.settings(rank=2, targets=["all-linear"]), "gpt2", jax.random.key(1))
+        adapters = jax.tree.map(lambda x: x + 0.1, adapters)
+        state = TrainState.create(module, lora.trainable(params, adapters), tx, base_params=params, lora_scale=2.0)
+        return make_sft_step(axis_name), state, sft_batch()
     if kind in ("regression", "pairwise"):
         module, params, _ = reward_model()
         batch = regression_batch() if kind == "regression" else {
@@ -116,7 +122,7 @@ def test_four_devices_give_the_one_device_update(kind):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,minibatches", [("sft", 1), ("pairwise", 1), ("sigmoid", 1), ("ppo", 2)])
+@pytest.mark.parametrize("kind,minibatches", [("sft", 1), ("pairwise", 1), ("sigmoid", 1), ("ppo", 2), ("lora_sft", 1)])
 def test_pmap_step_and_the_mesh_path_give_the_one_device_update(kind, minibatches):
     """`pmap_step` (kept for pmap-style users) and the stages' mesh path (`data_parallel`:
     the one-device step jitted over global arrays, on 4 replicas or 2 x 2 with FSDP) give the
@@ -136,7 +142,8 @@ def test_pmap_step_and_the_mesh_path_give_the_one_device_update(kind, minibatche
         mesh_state = parallel.put_state(make(None)[1], mesh)
         if fsdp > 1:
             assert any(len(x.sharding.device_set) == 4 and x.addressable_shards[0].data.shape != x.shape
-                       for x in jax.tree.leaves(mesh_state.params)), "FSDP must split some params"
+                       for x in jax.tree.leaves((mesh_state.params, mesh_state.base_params))), \
+                "FSDP must split some params"
         update = parallel.data_parallel(make(None)[0], mesh, mesh_state)
         results[f"mesh {data}x{fsdp}"] = update(mesh_state, batch, jax.random.key(0))
     one_state, one_metrics = results.pop("one device")

@@ -95,7 +95,7 @@ class BertModel(nn.Module):
             )(x_BxTxD, mask_BxTxS)
         pooled_BxD = None
         if self.add_pooling_layer:
-            dense = nn.Dense(cfg.hidden_size, dtype=self.dtype, kernel_init=_init(cfg), name="pooler")
+            dense = Dense(cfg.hidden_size, dtype=self.dtype, kernel_init=_init(cfg), name="pooler")
             pooled_BxD = jnp.tanh(dense(x_BxTxD[:, 0]))
         return x_BxTxD, pooled_BxD
 
@@ -190,6 +190,6 @@ class DistilBertForSequenceClassification(nn.Module):
         hidden_BxTxD = DistilBertModel(cfg, self.dtype, self.remat, name="distilbert")(
             input_ids_BxT, attention_mask_BxT, positions_BxT
         )
-        h_BxD = nn.Dense(cfg.dim, dtype=self.dtype, kernel_init=_init(cfg), name="pre_classifier")(hidden_BxTxD[:, 0])
+        h_BxD = Dense(cfg.dim, dtype=self.dtype, kernel_init=_init(cfg), name="pre_classifier")(hidden_BxTxD[:, 0])
         head = nn.Dense(cfg.num_labels, dtype=self.dtype, kernel_init=_init(cfg), name="classifier")
         return head(jax.nn.relu(h_BxD)).astype(jnp.float32)

@@ -36,10 +36,23 @@ class Dense(nn.Dense):
     flattened to 2-D, so XLA always emits one plain 2-D matmul and its gradient. On CPU a
     dense on `[B, T, D]` timed alone was up to 1.6x slower (fwd + grad); in whole steps the
     BERT reward step gained 7% (benchmarks/RESULTS.md, change 5).
+
+    With a LoRA adapter in its params (`lora_a` `[D, r]`, `lora_b` `[r, F]` already scaled, and
+    `lora_dropout` in a loss pass: see `lora.combine`), it adds dropout(x) A B, in the adapter's
+    float32 as PEFT computes it.
     """
 
     def __call__(self, x_NxD: jax.Array) -> jax.Array:
-        y = super().__call__(x_NxD.reshape(-1, x_NxD.shape[-1]))
+        x = x_NxD.reshape(-1, x_NxD.shape[-1])
+        y = super().__call__(x)
+        if self.has_variable("params", "lora_a"):
+            a, b = self.get_variable("params", "lora_a"), self.get_variable("params", "lora_b")
+            x = x.astype(a.dtype)
+            if self.has_variable("params", "lora_dropout"):
+                drop = self.get_variable("params", "lora_dropout")
+                keep = jax.random.bernoulli(jax.random.wrap_key_data(drop["key"]), 1.0 - drop["rate"], x.shape)
+                x = jnp.where(keep, x / (1.0 - drop["rate"]), 0.0)
+            y = y + ((x @ a) @ b).astype(y.dtype)
         return y.reshape(*x_NxD.shape[:-1], y.shape[-1])
 
 

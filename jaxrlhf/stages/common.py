@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxrlhf import config as cfg
 from jaxrlhf import data, outputs, parallel
 from jaxrlhf.errors import ConfigError, JaxRLHFError, OutputError
-from jaxrlhf.models import from_config, frozen_params, load_pretrained, load_tokenizer, save_pretrained
+from jaxrlhf.models import from_config, frozen_params, load_pretrained, load_tokenizer, lora, peft, save_pretrained
 from jaxrlhf.updates.common import TrainState, make_optimizer
 from jaxrlhf.trainer import Checkpoints, run_loop
 
@@ -166,34 +167,72 @@ def record_config(checked: tuple[Path, dict]) -> Path:
 class Training:
     """What a training stage compiles, from its config alone: its update `step` (an update
     factory's), the optimizer updates each step makes, the dtype the state's frozen reference
-    (the starting params) is stored in (None: no reference) and the state's other fields (e.g.
-    PPO's `kl_coef`).
+    (the starting params) is stored in (None: no reference), the state's other fields (e.g.
+    PPO's `kl_coef`) and its LoRA settings (`lora_settings`; None: full fine-tuning).
     The run and the memory plan (`jaxrlhf.memory`) both build their state and update from it."""
 
     step: Callable
     updates_per_step: int = 1
     reference: str | None = None  # the compute dtype the reference is stored in; None: no reference
     fields: dict = dataclasses.field(default_factory=dict)
+    lora: dict | None = None
 
 
-def initial_state(module, params, train: cfg.TrainConfig, training: Training):
+def lora_settings(section: cfg.LoRAConfig | None) -> dict | None:
+    """The settings dict of a stage's `lora` section (None: full fine-tuning)."""
+    return None if section is None else lora.settings(section.rank, section.alpha, section.dropout, section.targets)
+
+
+def adapter_input(config) -> str | None:
+    """The PEFT adapter folder a stage starts from (`lora.adapter`), among the paths it reads."""
+    return None if config.lora is None else config.lora.adapter
+
+
+def starting_adapters(section: cfg.LoRAConfig | None, params, family: str):
+    """Preflight of a stage's `lora` section against its model (the targets must name the
+    model's layers) -> (the adapters to start from: `lora.adapter`'s, or None for fresh ones or
+    no LoRA; `params` with the modules the adapter folder saves whole, a classifier's head)."""
+    if section is None:
+        return None, params
+    names = lora.module_names(section.targets, family)
+    if section.adapter is None:
+        return None, params
+    adapters, saved = peft.load_adapter(section.adapter, params, family)
+    if (saved["rank"], saved["alpha"], sorted(lora.paths(adapters))) != (section.rank, section.alpha,
+                                                                         sorted(lora.target_paths(params, names))):
+        raise ConfigError(f"lora.adapter {section.adapter} has rank {saved['rank']}, alpha {saved['alpha']} and "
+                          f"targets {saved['targets']}; set lora.rank, lora.alpha and lora.targets to match")
+    whole = flatten_dict(peft.load_modules_to_save(section.adapter, params, family))
+    return adapters, unflatten_dict({**flatten_dict(params), **whole})
+
+
+def initial_state(module, params, train: cfg.TrainConfig, training: Training, adapters=None):
     """The starting TrainState of a run (where `params` are: call under `jax.eval_shape` for
-    its shapes alone) -> (state, lr_at_step)."""
+    its shapes alone) -> (state, lr_at_step). With LoRA the state trains `adapters` (default:
+    fresh ones, `lora.init`) and the heads; the base is stored frozen in the compute dtype, as
+    every frozen model (it is the reference too)."""
     tx, lr = optimizer(train, training.updates_per_step)
-    state = TrainState.create(module, params, tx, skip_nonfinite=train.on_nonfinite == "skip",
-                              grad_accum_steps=train.grad_accum_steps,
-                              ref_params=None if training.reference is None else
-                              frozen_params(params, training.reference), **training.fields)
+    frozen = dict(skip_nonfinite=train.on_nonfinite == "skip", grad_accum_steps=train.grad_accum_steps,
+                  **training.fields)
+    if training.lora is None:
+        state = TrainState.create(module, params, tx, ref_params=None if training.reference is None else
+                                  frozen_params(params, training.reference), **frozen)
+        return state, lr
+    if adapters is None:
+        adapters = lora.init(params, training.lora, module.config.model_type, jax.random.key(train.seed))
+    state = TrainState.create(module, lora.trainable(params, adapters), tx, base_params=frozen_params(
+        params, module.dtype), lora_scale=lora.scale(training.lora), lora_dropout=training.lora["dropout"], **frozen)
     return state, lr
 
 
 def start_training(ready: dict, train: cfg.TrainConfig, training: Training):
     """A training stage's start, after its preflight (`ready`: its "output", "module",
-    "params" and "mesh"): the run folder's config.json written, the starting TrainState
-    (`initial_state`) laid out on the mesh -> (folder, state, lr_at_step)."""
+    "params" and "mesh", and "adapters" to start from if any): the run folder's config.json
+    written, the starting TrainState (`initial_state`) laid out on the mesh -> (folder, state,
+    lr_at_step)."""
     out = record_config(ready["output"])
     with parallel.on_host():
-        state, lr = initial_state(ready["module"], ready["params"], train, training)
+        state, lr = initial_state(ready["module"], ready["params"], train, training, ready.get("adapters"))
     return out, parallel.put_state(state, ready["mesh"]), lr
 
 
@@ -275,7 +314,8 @@ def _check_same_run(out: Path, saved: dict, record: dict) -> None:
 
 # Keys added after run folders were first written, with the value that does what those runs did:
 # a config.json written before a key existed reads as that value, so such a run still resumes.
-ADDED_SINCE = {"compute.dtype": "float32", "compute.remat": "none", "reward.weight": 1.0, "reward.name": None}
+ADDED_SINCE = {"compute.dtype": "float32", "compute.remat": "none", "reward.weight": 1.0, "reward.name": None,
+               "lora": None}
 
 
 def _changes(saved: dict, record: dict, free: tuple[str, ...]) -> str:
@@ -288,11 +328,28 @@ def _changes(saved: dict, record: dict, free: tuple[str, ...]) -> str:
     return ", ".join(f"{k} ({before.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r})" for k in changed)
 
 
-def export(out: Path, module, params, tokenizer) -> Path:
-    """The run's final model (`params` as global arrays) in HF layout at `out/final`, replacing
-    the one an earlier part of the same run wrote (`check_output` has checked the folder is
-    this run's). Written by process 0."""
+def trained_model(state: TrainState):
+    """The trained model as plain params (with LoRA: the base and heads, the adapters merged in)."""
+    return state.params if state.base_params is None else lora.merged(state.base_params, state.params,
+                                                                        state.lora_scale)
+
+
+def export(out: Path, module, state: TrainState, tokenizer, lora_settings: dict | None = None,
+           base_model: str | None = None) -> Path:
+    """The run's final model (`state`'s, as global arrays; with LoRA merged, `trained_model`)
+    in HF layout at `out/final`, replacing the one an earlier part of the same run wrote
+    (`check_output` has checked the folder is this run's); a value head stays in the
+    checkpoints (the export is the plain LM). With LoRA (`lora_settings`) the adapter also goes
+    to `out/adapter` in PEFT's format, for `base_model`. Written by process 0."""
+    params = trained_model(state)
+    if getattr(module, "value_head", False):
+        module, params = module.clone(value_head=False), {k: v for k, v in params.items() if k != "v_head"}
     params = parallel.gather(params)
+    family = module.config.model_type
+    if lora_settings is not None:  # PEFT keeps a classifier's head whole beside the adapter (PPO's value head is ours)
+        adapters, heads = parallel.gather((state.params["lora"], state.params["heads"]))
+        adapter = (adapters, lora.peft_settings(lora_settings, family), {k: v for k, v in heads.items()
+                                                                        if k != "v_head"})
 
     def write():
         try:
@@ -302,6 +359,11 @@ def export(out: Path, module, params, tokenizer) -> Path:
             raise OutputError(f"{e}; the checkpoints in {out / 'checkpoints'} are complete: export one with "
                               "jaxrlhf export") from None
         print(f"exported {type(module).__name__} in Hugging Face layout to {path}")
+        if lora_settings is not None:
+            adapters, settings, heads = adapter
+            peft.save_adapter(out / "adapter", adapters, settings, family, base_model, modules_to_save=heads or None,
+                              source=str(out.resolve()))
+            print(f"exported its LoRA adapter in PEFT's format to {out / 'adapter'}")
 
     # Every process returns once the export is on disk: the next stage of a pipeline reads it.
     parallel.on_main(write, out / "final")

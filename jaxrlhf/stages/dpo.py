@@ -6,7 +6,7 @@ from typing import Literal
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import ComputeConfig, DataConfig, TrainConfig, check, pad_token_key
+from jaxrlhf.config import ComputeConfig, DataConfig, LoRAConfig, TrainConfig, check, pad_token_key
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.models import frozen_params, load_pretrained
 from jaxrlhf.parallel import data_parallel, gather, on_host, put_rows, put_state, whole_rows
@@ -31,6 +31,7 @@ class DPOConfig:
     pad_token: str | None = pad_token_key()
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # the policy's and the reference's
+    lora: LoRAConfig | None = None  # low-rank adapters on the trained model; null: full fine-tuning
 
     def __post_init__(self):
         check(self.beta > 0, f"beta={self.beta} must be > 0")
@@ -100,7 +101,9 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
     rows = data.load_rows(config.data, tuple(COLUMNS["pairs"]))
     arrays = _pair_arrays(rows, tokenizer, config.max_length, config.data)
     mesh = common.train_mesh(train)
-    ref_params = None if config.loss_type == "slic" else params
+    adapters, params = common.starting_adapters(config.lora, params, model_config.model_type)
+    # With LoRA and no other reference, the reference is the state's frozen base (`run`).
+    ref_params = None if config.loss_type == "slic" or config.lora is not None else params
     if config.reference is not None and config.loss_type != "slic":
         with on_host():
             _, ref_params, ref_config = load_pretrained(config.reference, head="lm", dtype=config.compute.dtype)
@@ -109,29 +112,33 @@ def preflight(config: DPOConfig, resume: bool = False) -> dict:
                               f"({ref_config} vs {model_config}); DPO scores both on the same token ids")
     ref_params = None if ref_params is None else frozen_params(ref_params, config.compute.dtype)
     output = common.check_output("dpo", train, config, resume, len(rows),
-                                 inputs=(config.policy, config.reference, config.data.path))
+                                 inputs=(config.policy, config.reference, config.data.path,
+                                         common.adapter_input(config)))
     return {"module": module, "params": params, "ref_params": ref_params, "tokenizer": tokenizer, "arrays": arrays,
-            "rows": len(rows), "mesh": mesh, "output": output}
+            "rows": len(rows), "mesh": mesh, "output": output, "adapters": adapters}
 
 
 def training(config: DPOConfig) -> common.Training:
     """The reference is scored once before training (`_reference_logps`), not held in the state."""
     return common.Training(make_dpo_step(
         config.loss_type, config.beta, label_smoothing=config.label_smoothing, slic_delta=config.slic_delta,
-        slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer))
+        slic_reg_weight=config.slic_reg_weight, slic_regularizer=config.slic_regularizer),
+        lora=common.lora_settings(config.lora))
 
 
 def run(config: DPOConfig, resume: bool = False):
     train = config.train
     ready = preflight(config, resume)
-    module, params, tokenizer, arrays, n, mesh = (
-        ready[k] for k in ("module", "params", "tokenizer", "arrays", "rows", "mesh"))
+    module, tokenizer, arrays, n, mesh = (ready[k] for k in ("module", "tokenizer", "arrays", "rows", "mesh"))
+    # As many sequences at a time as the update's loss microbatch scores (its pairs' chosen and
+    # rejected): the reference pass needs no more memory than the update.
+    chunk = 2 * train.batch_size // train.grad_accum_steps
     if ready["ref_params"] is not None:
-        # As many sequences at a time as the update's loss microbatch scores (its pairs' chosen
-        # and rejected): this pass needs no more memory than the update.
-        arrays |= _reference_logps(module, put_state(ready["ref_params"], mesh), arrays, mesh,
-                                   2 * train.batch_size // train.grad_accum_steps)
+        arrays |= _reference_logps(module, put_state(ready["ref_params"], mesh), arrays, mesh, chunk)
     out, state, lr = common.start_training(ready, train, spec := training(config))
+    if config.lora is not None and config.reference is None and config.loss_type != "slic":
+        # The reference is the state's own frozen base (the adapter off): no second copy.
+        arrays |= _reference_logps(module, state.base_params, arrays, mesh, chunk)
     step = data_parallel(spec.step, mesh, state)
 
     def step_fn(state, i):
@@ -140,4 +147,4 @@ def run(config: DPOConfig, resume: bool = False):
 
     state = common.train_loop(out, state, step_fn, train, resume, config.loss_type,
                               extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(n // train.batch_size, 1)})
-    return common.export(out, module, state.params, tokenizer)
+    return common.export(out, module, state, tokenizer, spec.lora, config.policy)

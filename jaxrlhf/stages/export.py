@@ -8,7 +8,7 @@ import numpy as np
 
 from jaxrlhf import outputs
 from jaxrlhf.errors import CheckpointError
-from jaxrlhf.models import save_pretrained
+from jaxrlhf.models import frozen_params, lora, save_pretrained
 from jaxrlhf.stages.common import load_model, load_policy
 from jaxrlhf.trainer import Checkpoints
 
@@ -38,13 +38,16 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, overwrite: boo
         raise CheckpointError(f"{run_dir / 'checkpoints'} has no checkpoint {step}; "
                               f"it has {list(checkpoints.manager.all_steps())}")
     params = checkpoints.restore_params(step)
-    if "policy" in config:  # PPO / DPO runs: a causal LM (PPO's value head is left out)
+    if "policy" in config:  # PPO / DPO runs: a causal LM
         module, like, _, tokenizer = load_policy(local(config["policy"]))
-        params = {k: v for k, v in params.items() if k != "v_head"}
     else:  # SFT (an LM) or reward (a 1-output regression head) runs
         head = {"head": "classification", "num_labels": 1} if "kind" in config else {"head": "lm"}
         module, like, _, tokenizer = load_model(local(config.get("model")), config.get("model_config"),
-                                                local(config.get("tokenizer")), 0, **head)
+                                                local(config.get("tokenizer")), config["train"]["seed"], **head)
+    if config.get("lora") is not None:  # a LoRA checkpoint holds adapters and heads: merged onto the run's base
+        base = frozen_params(like, config.get("compute", {}).get("dtype", "float32"))
+        params = lora.merged(base, params, config["lora"]["alpha"] / config["lora"]["rank"])
+    params = {k: v for k, v in params.items() if k != "v_head"}  # PPO's value head is left out
     shapes = lambda tree: jax.tree.map(np.shape, tree)  # noqa: E731
     if jax.tree.structure(shapes(params)) != jax.tree.structure(shapes(like)) or shapes(params) != shapes(like):
         raise CheckpointError(f"checkpoint {step} in {run_dir} does not hold the {type(module).__name__} its "

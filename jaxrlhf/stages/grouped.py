@@ -52,7 +52,8 @@ def training(config, section: str, make_update) -> common.Training:
     """The run's update, `make_update(config.<section>)`; the reference only with a KL (beta)."""
     method = getattr(config, section)
     return common.Training(make_update(method), method.updates_per_step,
-                           reference=config.compute.dtype if method.beta else None)
+                           reference=config.compute.dtype if method.beta else None,
+                           lora=common.lora_settings(config.lora))
 
 
 def run(config, section: str, make_update, resume: bool = False):
@@ -73,7 +74,7 @@ def run(config, section: str, make_update, resume: bool = False):
         idx = np.repeat(data.batch_indices(len(rows), prompts_per_step, i, train.seed), k)
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
-        rollout = sample(module, state.params, ids[idx], mask[idx], gen_key, sampler, mesh)
+        rollout = sample(module, state.model_params(state.params), ids[idx], mask[idx], gen_key, sampler, mesh)
         batch, reward_metrics = scored_batch(rollout, idx, ready["prompts"], tokenizer, sampler, scorer,
                                              config.missing_eos_penalty)
         rollout_s = time.perf_counter() - started
@@ -81,4 +82,4 @@ def run(config, section: str, make_update, resume: bool = False):
         return state, {**metrics, **reward_metrics, "time/rollout_s": rollout_s}
 
     state = common.train_loop(out, state, step_fn, train, resume, section, extra_metrics=lambda s: {"learning_rate": lr(s)})
-    return common.export(out, module, state.params, tokenizer)
+    return common.export(out, module, state, tokenizer, spec.lora, config.policy)

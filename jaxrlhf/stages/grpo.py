@@ -4,8 +4,8 @@ token-loss normalisations (grpo, dr_grpo, dapo, bnpo) and GSPO's sequence-level 
 
 import dataclasses
 
-from jaxrlhf.config import (ComputeConfig, DataConfig, Reward, SamplingSection, TrainConfig,
-                            pad_token_key)
+from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, Reward, SamplingSection,
+                            TrainConfig, pad_token_key)
 from jaxrlhf.stages import grouped
 from jaxrlhf.stages.rollout import PROMPT_COLUMNS
 from jaxrlhf.updates.grpo import GRPOConfig, make_grpo_update
@@ -25,6 +25,7 @@ class GRPOStageConfig:
     missing_eos_penalty: float | None = None  # TRL's: off the score of a reply that never ended
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # every model the stage runs
+    lora: LoRAConfig | None = None  # low-rank adapters on the trained model; null: full fine-tuning
 
     def __post_init__(self):
         grouped.check_config(self, "grpo", "GRPO")

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import (ComputeConfig, DataConfig, Reward, SamplingSection, TrainConfig,
-                            check, pad_token_key)
+from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, Reward, SamplingSection,
+                            TrainConfig, check, pad_token_key)
 from jaxrlhf.parallel import data_parallel
 from jaxrlhf.rewards import describe_reward, replies_ended
 from jaxrlhf.stages import common
@@ -35,6 +35,7 @@ class OnlineDPOConfig:
     missing_eos_penalty: float | None = None
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # every model the stage runs
+    lora: LoRAConfig | None = None  # low-rank adapters on the trained model; null: full fine-tuning
 
     def __post_init__(self):
         check(self.beta > 0, f"beta={self.beta} must be > 0")
@@ -99,7 +100,8 @@ def preflight(config: OnlineDPOConfig, resume: bool = False) -> dict:
 
 def training(config: OnlineDPOConfig) -> common.Training:
     # The reference is scored in the step from state.ref_params: the replies are new every step.
-    return common.Training(make_dpo_step(config.loss_type, config.beta), reference=config.compute.dtype)
+    return common.Training(make_dpo_step(config.loss_type, config.beta), reference=config.compute.dtype,
+                           lora=common.lora_settings(config.lora))
 
 
 def run(config: OnlineDPOConfig, resume: bool = False):
@@ -116,7 +118,7 @@ def run(config: OnlineDPOConfig, resume: bool = False):
         both = np.concatenate([idx, idx])  # rows b and B + b: two replies to prompt b
         gen_key, step_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
-        rollout = sample(module, state.params, ids[both], mask[both], gen_key, sampler, mesh)
+        rollout = sample(module, state.model_params(state.params), ids[both], mask[both], gen_key, sampler, mesh)
         scores, reward_metrics = score_rollout(rollout, both, ready["prompts"], tokenizer, sampler, scorer,
                                                config.missing_eos_penalty)
         batch, first_chosen = make_pairs(rollout.sequences, rollout.attention_mask, rollout.response_mask.shape[1],
@@ -128,4 +130,4 @@ def run(config: OnlineDPOConfig, resume: bool = False):
 
     state = common.train_loop(out, state, step_fn, train, resume, "online_dpo", desc="online dpo",
                               extra_metrics=lambda s: {"learning_rate": lr(s)})
-    return common.export(out, module, state.params, tokenizer)
+    return common.export(out, module, state, tokenizer, spec.lora, config.policy)

@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf import data
-from jaxrlhf.config import (ComputeConfig, DataConfig, Reward, SamplingSection, TrainConfig,
-                            check, pad_token_key)
+from jaxrlhf.config import (ComputeConfig, DataConfig, LoRAConfig, Reward, SamplingSection,
+                            TrainConfig, check, pad_token_key)
 from jaxrlhf.parallel import data_parallel
 from jaxrlhf.rewards import describe_reward
 from jaxrlhf.updates.ppo import PPOConfig, check_kl_horizon, make_ppo_update
@@ -32,6 +32,7 @@ class PPOStageConfig:
     missing_eos_penalty: float | None = None
     pad_token: str | None = pad_token_key()  # the policy's (the reward model's: reward.pad_token)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)  # every model the stage runs
+    lora: LoRAConfig | None = None  # low-rank adapters on the trained model; null: full fine-tuning
 
     def __post_init__(self):
         check_on_policy(self.sampling, self.ppo.temperature, "PPO", "ppo")
@@ -60,7 +61,7 @@ def preflight(config: PPOStageConfig, resume: bool = False) -> dict:
 
 def training(config: PPOStageConfig) -> common.Training:
     return common.Training(make_ppo_update(config.ppo), config.ppo.updates_per_step, reference=config.compute.dtype,
-                           fields={"kl_coef": jnp.float32(config.ppo.kl_coef)})
+                           fields={"kl_coef": jnp.float32(config.ppo.kl_coef)}, lora=common.lora_settings(config.lora))
 
 
 def run(config: PPOStageConfig, resume: bool = False):
@@ -76,7 +77,7 @@ def run(config: PPOStageConfig, resume: bool = False):
         idx = data.batch_indices(len(rows), train.batch_size, i, train.seed)
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
-        rollout = sample(module, state.params, ids[idx], mask[idx], gen_key, sampler, mesh)
+        rollout = sample(module, state.model_params(state.params), ids[idx], mask[idx], gen_key, sampler, mesh)
         batch, reward_metrics = scored_batch(rollout, idx, ready["prompts"], tokenizer, sampler, scorer,
                                              config.missing_eos_penalty)
         rollout_s = time.perf_counter() - started
@@ -84,6 +85,4 @@ def run(config: PPOStageConfig, resume: bool = False):
         return state, {**metrics, **reward_metrics, "time/rollout_s": rollout_s}
 
     state = common.train_loop(out, state, step_fn, train, resume, "ppo", extra_metrics=lambda s: {"learning_rate": lr(s)})
-    # The export is the plain LM (the value head stays in the checkpoints).
-    lm_params = {k: v for k, v in state.params.items() if k != "v_head"}
-    return common.export(out, module.clone(value_head=False), lm_params, tokenizer)
+    return common.export(out, module, state, tokenizer, spec.lora, config.policy)

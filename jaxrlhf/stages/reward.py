@@ -7,7 +7,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jaxrlhf import data
-from jaxrlhf.config import ComputeConfig, DataConfig, TrainConfig, check, pad_token_key
+from jaxrlhf.config import ComputeConfig, DataConfig, LoRAConfig, TrainConfig, check, pad_token_key
 from jaxrlhf.errors import ConfigError
 from jaxrlhf.parallel import data_parallel, on_host
 from jaxrlhf.rewards import classifier_forward, score_rows
@@ -39,6 +39,7 @@ class RewardConfig:
     eval_batch_size: int = 64
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    lora: LoRAConfig | None = None  # low-rank adapters on the trained model; null: full fine-tuning
 
     def __post_init__(self):
         check(self.max_length >= 2, f"max_length={self.max_length} must be at least 2")
@@ -131,14 +132,15 @@ def preflight(config: RewardConfig, resume: bool = False) -> dict:
     n = len(next(iter(arrays.values())))
     mesh = common.train_mesh(train)
     output = common.check_output("reward", train, config, resume, n,
-                                 inputs=(config.model, config.tokenizer, config.data.path,
+                                 inputs=(config.model, config.tokenizer, config.data.path, common.adapter_input(config),
                                          config.eval_data and config.eval_data.path))
+    adapters, params = common.starting_adapters(config.lora, params, module.config.model_type)
     return {"module": module, "params": params, "tokenizer": tokenizer, "arrays": arrays, "held_out": held_out,
-            "rows": n, "mesh": mesh, "output": output}
+            "rows": n, "mesh": mesh, "output": output, "adapters": adapters}
 
 
 def training(config: RewardConfig) -> common.Training:
-    return common.Training(make_reward_step(config.kind))
+    return common.Training(make_reward_step(config.kind), lora=common.lora_settings(config.lora))
 
 
 def run(config: RewardConfig, resume: bool = False):
@@ -154,7 +156,8 @@ def run(config: RewardConfig, resume: bool = False):
         if held_out is None:
             return {}
         def scored(ids, mask):
-            return score_rows(forward, state.params, held_out[ids], held_out[mask], mesh, config.eval_batch_size)
+            return score_rows(forward, state.model_params(state.params), held_out[ids], held_out[mask], mesh,
+                              config.eval_batch_size)
 
         scores = {"text": scored("input_ids", "attention_mask")} if config.kind == "regression" else \
             {side: scored(f"{side}_ids", f"{side}_mask") for side in ("chosen", "rejected")}
@@ -166,4 +169,4 @@ def run(config: RewardConfig, resume: bool = False):
 
     state = common.train_loop(out, state, step_fn, train, resume, "reward", evaluate=evaluate,
                               extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(n // train.batch_size, 1)})
-    return common.export(out, module, state.params, tokenizer)
+    return common.export(out, module, state, tokenizer, spec.lora, config.model)

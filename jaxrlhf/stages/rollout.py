@@ -118,9 +118,11 @@ def online_preflight(config, stage: str, resume: bool, *, value_head: bool = Fal
     ids, mask, texts = encode_prompt_rows(rows, tokenizer, config.sampling, train.seed, config.prompts, config.policy)
     sampler = sampling_config(config.sampling, tokenizer, model_config)
     output = common.check_output(stage, train, config, resume, len(rows) * k,
-                                 inputs=(config.policy, *reward_models(config.reward), config.prompts.path))
+                                 inputs=(config.policy, *reward_models(config.reward), config.prompts.path,
+                                         common.adapter_input(config)))
+    adapters, params = common.starting_adapters(config.lora, params, model_config.model_type)
     return {"module": module, "params": params, "tokenizer": tokenizer, "mesh": mesh, "scorer": scorer, "rows": rows,
-            "prompts": (ids, mask, texts, rows), "sampler": sampler, "output": output}
+            "prompts": (ids, mask, texts, rows), "sampler": sampler, "output": output, "adapters": adapters}
 
 
 def decode_responses(tokenizer, out, eos_ids: tuple[int, ...]) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Any
 
 
 from jaxrlhf import data
-from jaxrlhf.config import ComputeConfig, DataConfig, TrainConfig, check, pad_token_key
+from jaxrlhf.config import ComputeConfig, DataConfig, LoRAConfig, TrainConfig, check, pad_token_key
 from jaxrlhf.parallel import data_parallel, on_host
 from jaxrlhf.stages import common
 from jaxrlhf.updates.sft import make_sft_step
@@ -31,6 +31,7 @@ class SFTConfig:
     completion_only: bool = True  # prompt/response rows: loss on the response only; False: on prompt and response
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     compute: ComputeConfig = dataclasses.field(default_factory=ComputeConfig)
+    lora: LoRAConfig | None = None  # low-rank adapters on the trained model; null: full fine-tuning
 
     def __post_init__(self):
         check(self.max_length >= 2, f"max_length={self.max_length} must be at least 2")
@@ -67,13 +68,15 @@ def preflight(config: SFTConfig, resume: bool = False) -> dict:
     data.warn_cut(arrays.pop("cut"), f"{what} cut to fit max_length={config.max_length} (each keeps its EOS)")
     mesh = common.train_mesh(train)
     output = common.check_output("sft", train, config, resume, len(rows),
-                                 inputs=(config.model, config.tokenizer, config.data.path))
+                                 inputs=(config.model, config.tokenizer, config.data.path,
+                                         common.adapter_input(config)))
+    adapters, params = common.starting_adapters(config.lora, params, model_config.model_type)
     return {"module": module, "params": params, "tokenizer": tokenizer, "arrays": arrays, "rows": len(rows),
-            "mesh": mesh, "output": output}
+            "mesh": mesh, "output": output, "adapters": adapters}
 
 
 def training(config: SFTConfig) -> common.Training:
-    return common.Training(make_sft_step())
+    return common.Training(make_sft_step(), lora=common.lora_settings(config.lora))
 
 
 def run(config: SFTConfig, resume: bool = False):
@@ -90,4 +93,4 @@ def run(config: SFTConfig, resume: bool = False):
     per_epoch = n // train.batch_size
     state = common.train_loop(out, state, step_fn, train, resume, "sft",
                               extra_metrics=lambda s: {"learning_rate": lr(s), "epoch": s / max(per_epoch, 1)})
-    return common.export(out, module, state.params, tokenizer)
+    return common.export(out, module, state, tokenizer, spec.lora, config.model)

@@ -16,6 +16,7 @@ from jax import lax
 from jaxrlhf import group_losses, losses
 from jaxrlhf.config import check_choices
 from jaxrlhf.errors import ConfigError
+from jaxrlhf.models import lora
 from jaxrlhf.parallel import constrain_rows, psum
 
 Params = Any
@@ -44,11 +45,31 @@ class TrainState(struct.PyTreeNode):
     # and reference logprobs, values) run in chunks of the same rows. So the update holds one
     # microbatch's activations and logits at a time, plus whole-batch `[B, N]` scores.
     grad_accum_steps: int = struct.field(pytree_node=False, default=1)
+    # LoRA: the frozen base model (also the reference: the adapter off), and the adapters' scale
+    # alpha / r; `params` then holds only the trained leaves (`lora.trainable`).
+    base_params: Params | None = None
+    lora_scale: float | None = struct.field(pytree_node=False, default=None)
+    lora_dropout: float = struct.field(pytree_node=False, default=0.0)  # on the adapters' input, in the loss
 
     @classmethod
     def create(cls, module, params, tx, **frozen) -> "TrainState":
         return cls(apply_fn=module.apply, tx=tx, step=jnp.zeros((), jnp.int32), params=params,
                    opt_state=tx.init(params), **frozen)
+
+    def model_params(self, params: Params, dropout_key: jax.Array | None = None) -> Params:
+        """The params a forward pass reads for trained `params` (with LoRA: the base with the
+        adapters beside its kernels, `lora.combine`, and their dropout drawn from `dropout_key`
+        if given: the loss passes)."""
+        if self.base_params is None:
+            return params
+        dropout = None if dropout_key is None or not self.lora_dropout else (self.lora_dropout, dropout_key)
+        return lora.combine(self.base_params, params, self.lora_scale, dropout)
+
+    @property
+    def reference(self) -> Params | None:
+        """The frozen reference policy's params: `ref_params`, else with LoRA the base (the
+        adapter off, no second copy)."""
+        return self.base_params if self.ref_params is None else self.ref_params
 
 
 def make_optimizer(
@@ -112,39 +133,45 @@ def in_chunks(fn, tree, chunks: int, what: str):
     return merge_rows(lax.map(fn, split_rows(tree, chunks, what)))
 
 
-def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | None) -> tuple[TrainState, Metrics]:
+def apply_loss(state: TrainState, loss_fn, batch, count_fn, axis_name: str | None,
+               key: jax.Array | None = None) -> tuple[TrainState, Metrics]:
     """One optimizer update on the whole `batch` (arrays with rows on axis 0).
 
-    `loss_fn(params, batch) -> (loss share, metric shares)`: means over `count_fn(batch)`
+    `loss_fn(params, batch) -> (loss share, metric shares)`, `params` as a forward pass reads
+    them (`state.model_params`): means over `count_fn(batch)`
     (the loss's denominator on this device's batch: its tokens, or `rows`), as shares of the
     mean over devices when `axis_name` is set. The batch is split into
     `state.grad_accum_steps` = k microbatches `[k, B / k, ...]`, microbatch j holding rows
     j, j + k, j + 2k, ... (so that on a mesh each device's rows split among all k), run one
     after another (`lax.scan`); each microbatch's loss, gradient and metrics are scaled by its
     share of the whole batch's count, so their sum (then over devices) is the whole batch's
-    mean: k microbatches give the update of one, however their token counts differ."""
+    mean: k microbatches give the update of one, however their token counts differ. `key` draws
+    LoRA's dropout (each microbatch its own), when the state has any."""
     k = state.grad_accum_steps
     micro = split_rows(batch, k, f"grad_accum_steps={k} microbatches")
     counts_K = psum(jax.vmap(count_fn)(micro), axis_name)  # each microbatch's count on all devices
     weights_K = counts_K / jnp.maximum(jnp.sum(counts_K), 1.0)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    # The gradient is taken of the trained leaves alone (with LoRA: no base-sized gradient).
+    grad_fn = jax.value_and_grad(lambda params, batch, key: loss_fn(state.model_params(params, key), batch),
+                                 has_aux=True)
+    keys_K = jax.random.split(key, k) if key is not None and state.lora_dropout else None
 
     def accumulate(total, xs):
-        microbatch, weight = xs
-        return jax.tree.map(lambda t, x: t + weight * x, total, grad_fn(state.params, microbatch)), None
+        microbatch, weight, key = xs
+        return jax.tree.map(lambda t, x: t + weight * x, total, grad_fn(state.params, microbatch, key)), None
 
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
-                         jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro)))
-    ((loss, metrics), grads), _ = lax.scan(accumulate, zeros, (micro, weights_K))
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(
+        grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), None if keys_K is None else keys_K[0]))
+    ((loss, metrics), grads), _ = lax.scan(accumulate, zeros, (micro, weights_K, keys_K))
     grads, loss, metrics = psum((grads, loss, metrics), axis_name)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, **metrics}
-    if state.skip_nonfinite:
+    if state.skip_nonfinite:  # only what the update changed is chosen (no copy of frozen params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        kept = state.replace(step=state.step + 1)
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+        new = new.replace(**{f: jax.tree.map(lambda a, b: jnp.where(finite, a, b), getattr(new, f), getattr(state, f))
+                             for f in ("params", "opt_state")})
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new, metrics
 
@@ -215,13 +242,15 @@ def minibatch_epochs(state: TrainState, loss_fn, scored, count_fn, key, epochs: 
     device = 0 if axis_name is None else lax.axis_index(axis_name)
     rollout = all_rows(scored, axis_name)
 
-    def minibatch(state, idx):
+    def minibatch(state, xs):
+        idx, dropout_key = xs
         return apply_loss(state, loss_fn, constrain_rows(jax.tree.map(lambda x: x[idx], rollout)), count_fn,
-                          axis_name)
+                          axis_name, dropout_key)
 
     def epoch(state, epoch_key):
         order = jax.random.permutation(epoch_key, b * devices).reshape(num_minibatches, devices, mb)
-        return lax.scan(minibatch, state, order[:, device])
+        dropout_keys = jax.random.split(jax.random.fold_in(epoch_key, 1), num_minibatches)  # LoRA's, if any
+        return lax.scan(minibatch, state, (order[:, device], dropout_keys))
 
     return lax.scan(epoch, state, jax.random.split(key, epochs))
 

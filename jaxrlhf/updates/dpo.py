@@ -27,7 +27,7 @@ def make_dpo_step(
     Batch: `chosen_ids`, `chosen_mask` (attention), `chosen_loss_mask` (response tokens) and
     the same three for `rejected_`, all `[B, T]`; optionally `ref_chosen_logps` and
     `ref_rejected_logps` `[B]`, the reference's summed sequence logprobs precomputed, else the
-    reference is scored in-step from `state.ref_params`. `average_log_prob` length-averages
+    reference is scored in-step from `state.reference`. `average_log_prob` length-averages
     the logprobs the loss sees (default: only for IPO, as TRL does).
 
     SLiC needs no reference. Its regulariser is on the chosen response (the pairs have no
@@ -51,10 +51,9 @@ def make_dpo_step(
         return jnp.split(sequence_logps(state.apply_fn, params, *both), 2)
 
     def step(state: TrainState, batch, key):
-        del key
         if loss_type != "slic" and "ref_chosen_logps" not in batch:
             def reference(pairs):  # in the loss's microbatches: one microbatch's logits at a time
-                ref = summed_logps(state, state.ref_params, pairs)
+                ref = summed_logps(state, state.reference, pairs)
                 return dict(zip(("ref_chosen_logps", "ref_rejected_logps"), ref))
 
             k = state.grad_accum_steps
@@ -88,6 +87,6 @@ def make_dpo_step(
                         "rewards/accuracies": mean((margin > 0).astype(jnp.float32), axis_name)}
             return mean(per_pair, axis_name), jax.lax.stop_gradient(metrics)
 
-        return apply_loss(state, loss_fn, batch, rows, axis_name)
+        return apply_loss(state, loss_fn, batch, rows, axis_name, key)  # key: LoRA's dropout, if any
 
     return step

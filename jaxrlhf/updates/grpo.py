@@ -55,7 +55,7 @@ class GRPOConfig:
 
 def make_grpo_update(config: GRPOConfig, axis_name: str | None = None):
     """-> `update(state, batch, key) -> (state, metrics)`; the state and batch as in
-    `make_rloo_update` (`state.ref_params` is read only when beta > 0). `dr_grpo`'s constant
+    `make_rloo_update` (`state.reference` is read only when beta > 0). `dr_grpo`'s constant
     is the response width N (the sampler's max_new_tokens), TRL's max_completion_length."""
     k = config.num_generations
 
@@ -73,9 +73,9 @@ def make_grpo_update(config: GRPOConfig, axis_name: str | None = None):
                                           config.num_minibatches)["logprobs"]
 
         if config.updates_per_step > 1:
-            scored["old_logprobs"] = logprobs(state.params)
+            scored["old_logprobs"] = logprobs(state.model_params(state.params))
         if config.beta != 0.0:
-            scored["ref_logprobs"] = logprobs(state.ref_params)
+            scored["ref_logprobs"] = logprobs(state.reference)
         scores_all = common.all_rows(lax.stop_gradient(batch["scores"].astype(jnp.float32)), axis_name)
         if scores_all.shape[0] % k:
             raise ConfigError(f"{scores_all.shape[0]} rollouts do not split into groups of num_generations={k}")

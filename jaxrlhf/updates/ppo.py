@@ -72,7 +72,7 @@ def update_kl_coef(coef: jax.Array, kl: jax.Array, n_steps, config: PPOConfig) -
 def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_name: str | None = None):
     """-> `update(state, batch, key) -> (state, metrics)`.
 
-    `state.apply_fn` is a causal LM with `value_head=True`; `state.ref_params` the frozen
+    `state.apply_fn` is a causal LM with `value_head=True`; `state.reference` the frozen
     reference (same module, e.g. the initial params); `state.kl_coef` the KL coefficient.
     Batch: `sequences` `[B, P + N]` (left-padded prompt then response), `attention_mask`
     `[B, P + N]`, `response_mask` `[B, N]`, and `scores` `[B]` unless `reward_fn` is given:
@@ -91,11 +91,11 @@ def make_ppo_update(config: PPOConfig, reward_fn: Callable | None = None, axis_n
         b, n = resp.shape
         n_rollouts = b * (1 if axis_name is None else lax.axis_size(axis_name))
         check_kl_horizon(config, n_rollouts)  # shapes are static: this runs once, at trace time
-        old = common.score_responses(state, state.params, seq, attn, n, config.temperature, config.num_minibatches,
-                                     entropy=True)
+        old = common.score_responses(state, state.model_params(state.params), seq, attn, n, config.temperature,
+                                     config.num_minibatches, entropy=True)
         old_logprobs, old_values = old["logprobs"], old["values"]
         entropy_per_token = psum(losses.masked_mean(old["entropy"], resp, axis_name=axis_name), axis_name)
-        ref_logprobs = common.score_responses(state, state.ref_params, seq, attn, n, config.temperature,
+        ref_logprobs = common.score_responses(state, state.reference, seq, attn, n, config.temperature,
                                               config.num_minibatches)["logprobs"]
         scores = batch["scores"] if reward_fn is None else reward_fn(state.reward_params, seq, attn, batch["response_mask"])
         scores = lax.stop_gradient(scores.astype(jnp.float32))

@@ -23,7 +23,6 @@ def make_reward_step(kind: str = "regression", axis_name: str | None = None):
         raise ConfigError(f"reward kind={kind!r} is not one of ['pairwise', 'regression']")
 
     def step(state: TrainState, batch, key):
-        del key
 
         def loss_fn(params, batch):
             if kind == "regression":
@@ -41,6 +40,6 @@ def make_reward_step(kind: str = "regression", axis_name: str | None = None):
                 "reward/margin": mean(chosen - rejected, axis_name),
             }
 
-        return apply_loss(state, loss_fn, batch, rows, axis_name)
+        return apply_loss(state, loss_fn, batch, rows, axis_name, key)  # key: LoRA's dropout, if any
 
     return step

@@ -48,7 +48,7 @@ class RLOOConfig:
 def make_rloo_update(config: RLOOConfig, axis_name: str | None = None):
     """-> `update(state, batch, key) -> (state, metrics)`.
 
-    `state.apply_fn` is a causal LM's (GPT-2, Llama); `state.ref_params` the frozen reference. Batch:
+    `state.apply_fn` is a causal LM's (GPT-2, Llama); `state.reference` the frozen reference. Batch:
     `sequences` `[B, P + N]` (left-padded prompt then response), `attention_mask`, `response_mask`
     `[B, N]` and `scores` `[B]`, the B rows `num_generations` samples of each prompt in turn
     (row `p * k + j` is sample j of prompt p), over the global batch (under pmap, every
@@ -65,13 +65,13 @@ def make_rloo_update(config: RLOOConfig, axis_name: str | None = None):
             return common.score_responses(state, params, seq, attn, n, config.temperature,
                                           config.num_minibatches)["logprobs"]
 
-        old_logprobs = logprobs(state.params)
+        old_logprobs = logprobs(state.model_params(state.params))
         scores = lax.stop_gradient(batch["scores"].astype(jnp.float32))
         rewards = scores
         scored = {"seq": seq, "attn": attn, "resp": resp, "old_logprobs": old_logprobs}
         metrics = {}
         if config.beta != 0.0:
-            ref_logprobs = logprobs(state.ref_params)
+            ref_logprobs = logprobs(state.reference)
             if config.kl_penalty == "reward":
                 # where, not a product: a logprob of -inf after EOS gives inf there, and inf * 0 = NaN.
                 kl_BxN = jnp.where(resp > 0, losses.kl_penalty(old_logprobs, ref_logprobs, "k1"), 0.0)

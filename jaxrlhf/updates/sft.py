@@ -14,7 +14,6 @@ def make_sft_step(axis_name: str | None = None):
         return batch["loss_mask"][:, 1:] * batch["attention_mask"][:, 1:]
 
     def step(state: TrainState, batch, key):
-        del key  # SFT has no randomness (dropout is off)
 
         def loss_fn(params, batch):
             logits = state.apply_fn({"params": params}, batch["input_ids"], batch["attention_mask"],
@@ -22,6 +21,7 @@ def make_sft_step(axis_name: str | None = None):
             loss = losses.sft_loss(logits, batch["input_ids"][:, 1:], learned_tokens(batch), axis_name)
             return loss, {}
 
-        return apply_loss(state, loss_fn, batch, lambda batch: jnp.sum(learned_tokens(batch)), axis_name)
+        # The key draws LoRA's dropout, if any (the model's own dropout is off).
+        return apply_loss(state, loss_fn, batch, lambda batch: jnp.sum(learned_tokens(batch)), axis_name, key)
 
     return step

@@ -16,7 +16,7 @@ from typing import Callable
 import jax
 
 from jaxrlhf import config as cfg
-from jaxrlhf import multihost
+from jaxrlhf import multihost, rewards
 from jaxrlhf.errors import JaxRLHFError
 from jaxrlhf.trainer import last_good
 
@@ -193,7 +193,7 @@ def parse_stage_args(name: str, argv=None):
 
 def stage_config(name: str, args):
     """The validated config a stage's parsed command line describes."""
-    return cfg.locate_reward_functions(cfg.load(stage(name)[1], args.config, args.overrides),
+    return rewards.locate_reward_functions(cfg.load(stage(name)[1], args.config, args.overrides),
                                        args.config.parent if args.config else None)
 
 
@@ -293,7 +293,7 @@ def load_pipeline(path: Path) -> list[tuple[str, object, object]]:
         config_path = path.parent / entry["config"] if entry.get("config") else None
         config = cfg.load(config_cls, config_path, entry.get("overrides", []))
         config_dir = config_path.parent if config_path else path.parent
-        out.append((entry["stage"], module, cfg.locate_reward_functions(config, config_dir)))
+        out.append((entry["stage"], module, rewards.locate_reward_functions(config, config_dir)))
     return out
 
 

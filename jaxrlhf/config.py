@@ -6,7 +6,6 @@ Nested sections are nested dataclasses (`train.learning_rate=1e-4` on the comman
 
 import dataclasses
 import difflib
-import importlib.util
 import re
 import types
 import typing
@@ -389,37 +388,3 @@ class RewardSource:
 
 
 Reward = RewardSource | tuple[RewardSource, ...]  # a stage's `reward:`: one source, or a weighted list
-
-
-def locate_reward_functions(config, config_dir: Path | None):
-    """`config` with each reward source's `module:function` found the way users expect: from the
-    Python path, else as `module.py` in the working directory or beside the config file
-    (`config_dir`), which is then named by its full path (so config.json records the file used)."""
-    if isinstance(config, RewardSource):
-        return _located(config, config_dir)
-    if isinstance(config, dict):
-        return {k: locate_reward_functions(v, config_dir) for k, v in config.items()}
-    if isinstance(config, tuple) and any(isinstance(v, RewardSource) for v in config):
-        return tuple(locate_reward_functions(v, config_dir) for v in config)
-    if dataclasses.is_dataclass(config):
-        changes = {f.name: locate_reward_functions(getattr(config, f.name), config_dir)
-                   for f in dataclasses.fields(config)}
-        return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not getattr(config, k)})
-    return config
-
-
-def _located(source: RewardSource, config_dir: Path | None) -> RewardSource:
-    if source.function is None:
-        return source
-    module, _, name = source.function.rpartition(":")
-    if module.endswith(".py") or "." in module:
-        return source
-    try:
-        if importlib.util.find_spec(module) is not None:
-            return source
-    except (ImportError, ValueError):
-        pass
-    for folder in (Path.cwd(), config_dir):
-        if folder is not None and (Path(folder) / f"{module}.py").is_file():
-            return dataclasses.replace(source, function=f"{(Path(folder) / f'{module}.py').resolve()}:{name}")
-    return source

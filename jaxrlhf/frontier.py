@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from jaxrlhf import config as cfg
-from jaxrlhf import outputs, parallel
+from jaxrlhf import outputs, parallel, rewards
 from jaxrlhf.best_of_n import BestOfN
 from jaxrlhf.config import check
 from jaxrlhf.errors import ConfigError
@@ -105,7 +105,7 @@ def points(config: FrontierConfig) -> list[Point]:
                                         [*sweep.overrides, f"{sweep.knob}={value!r}", f"train.output_dir={folder}"])
             except ConfigError as e:
                 raise ConfigError(f"methods.{method} at {sweep.knob}={value:g}: {e}") from None
-            stage_config = cfg.locate_reward_functions(stage_config, Path(sweep.config).parent)
+            stage_config = rewards.locate_reward_functions(stage_config, Path(sweep.config).parent)
             out.append(Point(method, sweep.knob, value, f"{method} {sweep.knob.rpartition('.')[2]}={value:g}", module,
                              stage_config))
     return out
@@ -126,7 +126,7 @@ def evaluation(config: FrontierConfig, train_points: list[Point]):
                           "at; the frontier samples from the policies as they are (drop those settings)")
     evaluate_config = dataclasses.replace(base, policies=policies,
                                           output_dir=str(Path(config.output_dir) / "eval"))
-    return cfg.locate_reward_functions(evaluate_config, Path(config.evaluate).parent)
+    return rewards.locate_reward_functions(evaluate_config, Path(config.evaluate).parent)
 
 
 def rows(config: FrontierConfig, train_points: list[Point], results: dict) -> list[dict]:

@@ -9,6 +9,7 @@ columns. Model scorers read text, so the policy's tokenizer and the scorer's may
 responses are decoded, then re-encoded.
 """
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -317,3 +318,37 @@ def make_scorer(reward: Reward, mesh, key: str = "reward", dtype: str = "float32
         where = key if isinstance(reward, RewardSource) else f"{key}[{i}]"
         parts[name] = (s.weight, model_scorer(s, mesh, where, dtype) if s.model is not None else function_scorer(s))
     return Scorer(parts)
+
+
+def locate_reward_functions(config, config_dir: Path | None):
+    """`config` with each reward source's `module:function` found the way users expect: from the
+    Python path, else as `module.py` in the working directory or beside the config file
+    (`config_dir`), which is then named by its full path (so config.json records the file used)."""
+    if isinstance(config, RewardSource):
+        return _located(config, config_dir)
+    if isinstance(config, dict):
+        return {k: locate_reward_functions(v, config_dir) for k, v in config.items()}
+    if isinstance(config, tuple) and any(isinstance(v, RewardSource) for v in config):
+        return tuple(locate_reward_functions(v, config_dir) for v in config)
+    if dataclasses.is_dataclass(config):
+        changes = {f.name: locate_reward_functions(getattr(config, f.name), config_dir)
+                   for f in dataclasses.fields(config)}
+        return dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not getattr(config, k)})
+    return config
+
+
+def _located(source: RewardSource, config_dir: Path | None) -> RewardSource:
+    if source.function is None:
+        return source
+    module, _, name = source.function.rpartition(":")
+    if module.endswith(".py") or "." in module:
+        return source
+    try:
+        if importlib.util.find_spec(module) is not None:
+            return source
+    except (ImportError, ValueError):
+        pass
+    for folder in (Path.cwd(), config_dir):
+        if folder is not None and (Path(folder) / f"{module}.py").is_file():
+            return dataclasses.replace(source, function=f"{(Path(folder) / f'{module}.py').resolve()}:{name}")
+    return source

@@ -17,7 +17,11 @@ def _session_environment() -> None:
     which tiny models never notice), and compiled programs go into one persistent cache per test
     session, shared by the xdist workers and the subprocesses, so a stage compiled once is not
     compiled again by the next test or script that builds the same program. A size limit makes
-    JAX lock the cache folder, so concurrent readers never see a half-written entry."""
+    JAX lock the cache folder, so concurrent readers never see a half-written entry. Only
+    programs that took 0.1 s or more to compile are written: every write under a size limit
+    lists the whole folder and reads each entry's access time (under the lock), so the
+    thousands of eager single-op programs the parity tests compile in milliseconds made each
+    write cost more than those compiles, and the session quadratic in its entries."""
     # Four fake CPU devices for the data-parallel tests.
     os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,7 +29,7 @@ def _session_environment() -> None:
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # xdist workers inherit the controller's
         os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxrlhf-tests-xla-")
         os.environ["JAXRLHF_TESTS_OWN_CACHE"] = str(os.getpid())
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
     os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 

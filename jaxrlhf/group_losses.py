@@ -61,9 +61,7 @@ def rloo_advantages(rewards_B: jax.Array, k: int, normalize: bool = False) -> ja
     r_PxK = _groups(rewards_B.astype(jnp.float32), k)
     scored_PxK = ~jnp.isnan(r_PxK)
     others_PxK = jnp.sum(jnp.where(scored_PxK, r_PxK, 0.0), axis=1, keepdims=True) - r_PxK
-    baseline_PxK = jnp.where(jnp.all(scored_PxK, axis=1, keepdims=True),
-                             (jnp.sum(r_PxK, axis=1, keepdims=True) - r_PxK) / (k - 1),
-                             others_PxK / (jnp.sum(scored_PxK, axis=1, keepdims=True) - 1))
+    baseline_PxK = others_PxK / (jnp.sum(scored_PxK, axis=1, keepdims=True) - 1)
     advantages_B = (r_PxK - baseline_PxK).reshape(-1)
     if normalize:
         advantages_B = (advantages_B - nanmean(advantages_B)) / (nanstd(advantages_B) + STD_EPS)

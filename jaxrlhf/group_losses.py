@@ -25,45 +25,71 @@ def _groups(x_B: jax.Array, k: int) -> jax.Array:
     return x_B.reshape(-1, k)
 
 
-def _std(x: jax.Array, axis=None) -> jax.Array:
-    """Standard deviation with Bessel's correction (torch's and TRL's `nanstd`)."""
-    return jnp.std(x, axis=axis, ddof=1)
+# The NaN-aware statistics below take the plain one wherever no entry is NaN: a count taken from
+# the data divides differently from the constant size, and rewards with no NaN keep their
+# advantages to the bit.
+
+def nanmean(x: jax.Array, axis=None, keepdims: bool = False) -> jax.Array:
+    """The mean of the non-NaN entries (torch's `nanmean`); NaN where there is none."""
+    known = ~jnp.isnan(x)
+    return jnp.where(jnp.all(known, axis=axis, keepdims=keepdims), jnp.mean(x, axis=axis, keepdims=keepdims),
+                     jnp.mean(x, axis=axis, keepdims=keepdims, where=known))
+
+
+def nanstd(x: jax.Array, axis=None) -> jax.Array:
+    """The standard deviation of the non-NaN entries with Bessel's correction (TRL's `nanstd`);
+    NaN where under 2 are."""
+    known = ~jnp.isnan(x)
+    return jnp.where(jnp.all(known, axis=axis), jnp.std(x, axis=axis, ddof=1),
+                     jnp.std(x, axis=axis, ddof=1, where=known))
+
+
+def _zero_nan(advantages_B: jax.Array) -> jax.Array:
+    """TRL's `nan_to_num(advantages, nan=0.0)`: a row with no score, or whose baseline or std is
+    undefined (no other scored row beside it), moves nothing."""
+    return jnp.where(jnp.isnan(advantages_B), 0.0, advantages_B)
 
 
 def rloo_advantages(rewards_B: jax.Array, k: int, normalize: bool = False) -> jax.Array:
-    """RLOO: each sample's reward minus the mean reward of the other k - 1 samples of its
+    """RLOO: each sample's reward minus the mean reward of the other scored samples of its
     prompt -> `[B]` (they sum to zero over each group). `normalize` then whitens them over the
-    batch, (a - mean) / (std + 1e-4), as TRL's `normalize_advantages`."""
+    batch's scored rows, (a - mean) / (std + 1e-4), as TRL's `normalize_advantages`. A NaN
+    reward (every reward source returned None) is unscored, as in TRL's `RLOOTrainer`: left
+    out of the baselines, its advantage 0, as is that of a row with no other scored sample."""
     if k < 2:
         raise ValueError(f"a leave-one-out baseline needs k >= 2 samples per prompt, not {k}")
     r_PxK = _groups(rewards_B.astype(jnp.float32), k)
-    baseline_PxK = (jnp.sum(r_PxK, axis=1, keepdims=True) - r_PxK) / (k - 1)
+    scored_PxK = ~jnp.isnan(r_PxK)
+    others_PxK = jnp.sum(jnp.where(scored_PxK, r_PxK, 0.0), axis=1, keepdims=True) - r_PxK
+    baseline_PxK = others_PxK / (jnp.sum(scored_PxK, axis=1, keepdims=True) - 1)
     advantages_B = (r_PxK - baseline_PxK).reshape(-1)
     if normalize:
-        advantages_B = (advantages_B - jnp.mean(advantages_B)) / (_std(advantages_B) + STD_EPS)
-    return advantages_B
+        advantages_B = (advantages_B - nanmean(advantages_B)) / (nanstd(advantages_B) + STD_EPS)
+    return _zero_nan(advantages_B)
 
 
 def group_std(rewards_B: jax.Array, k: int, scale: str = "group") -> jax.Array:
     """The std GRPO scales each row's advantage by -> `[B]`: its group's (`group`, also what
-    `none` reports), or the whole batch's (`batch`)."""
+    `none` reports), or the whole batch's (`batch`), of the non-NaN rewards (NaN under 2)."""
     if scale not in SCALE_REWARDS:
         raise ValueError(f"scale={scale!r} is not one of {SCALE_REWARDS}")
     r = rewards_B.astype(jnp.float32)
     if scale == "batch":
-        return jnp.full_like(r, _std(r))
-    return jnp.repeat(_std(_groups(r, k), axis=1), k)
+        return jnp.full_like(r, nanstd(r))
+    return jnp.repeat(nanstd(_groups(r, k), axis=1), k)
 
 
 def group_advantages(rewards_B: jax.Array, k: int, scale: str = "group") -> jax.Array:
     """GRPO: each reward minus its group's mean, divided by `group_std(...) + 1e-4` unless
     `scale` is "none" (Dr. GRPO: no scaling, so no question-level difficulty bias) -> `[B]`,
-    zero-mean over every group."""
+    zero-mean over every group. A NaN reward (every reward source returned None) is unscored,
+    as in TRL's `GRPOTrainer`: left out of its group's mean and of the std, its advantage 0, as
+    is that of a row whose std is undefined (the only scored row of its group)."""
     r_PxK = _groups(rewards_B.astype(jnp.float32), k)
-    centred_B = (r_PxK - jnp.mean(r_PxK, axis=1, keepdims=True)).reshape(-1)
+    centred_B = (r_PxK - nanmean(r_PxK, axis=1, keepdims=True)).reshape(-1)
     if scale == "none":
-        return centred_B
-    return centred_B / (group_std(rewards_B, k, scale) + STD_EPS)
+        return _zero_nan(centred_B)
+    return _zero_nan(centred_B / (group_std(rewards_B, k, scale) + STD_EPS))
 
 
 def _sequence_mean(x_BxT, mask_BxT):
@@ -190,6 +216,6 @@ def rloo_loss(logprobs_BxT, old_logprobs_BxT, advantages_B, mask_BxT, *, clip_ep
 
 def frac_zero_std(std_B: jax.Array) -> jax.Array:
     """TRL's `frac_reward_zero_std`: the share of rows whose (group or batch) std is 0
-    (`torch.isclose(std, 0)`: |std| <= 1e-8)."""
+    (`torch.isclose(std, 0)`: |std| <= 1e-8; an undefined, NaN, std is not)."""
     return jnp.mean((jnp.abs(std_B) <= 1e-8).astype(jnp.float32))
 

@@ -253,20 +253,23 @@ class Scorer:
 
     def by_source(self, prompts, responses, rows=None) -> dict[str, np.ndarray]:
         """name -> float32 `[B]`, NaN where a function returned None; with TRL's warning when
-        every source returned None for a response (its total is then 0)."""
+        every source returned None for a response (see `total` for its score)."""
         scores = {name: score(prompts, responses, rows) for name, (_, score) in self.parts.items()}
-        none_B = np.isnan(np.stack(list(scores.values()))).all(0)
+        none_B = unscorable(scores)
         if none_B.any():
             i = int(np.argmax(none_B))
             row = {k: v for k, v in (rows[i] if rows else {}).items() if k != "prompt"}
-            warnings.warn(f"every reward source returned None for {int(none_B.sum())} of {len(none_B)} responses, "
-                          f"which score 0; the first: prompt {prompts[i]!r}, response {responses[i]!r}, columns "
-                          f"{row}; make sure at least one source scores each response", stacklevel=2)
+            warnings.warn(f"every reward source returned None for {int(none_B.sum())} of {len(none_B)} responses; "
+                          f"the first: prompt {prompts[i]!r}, response {responses[i]!r}, columns {row}; make sure "
+                          "at least one source scores each response", stacklevel=2)
         return scores
 
-    def total(self, scores: dict[str, np.ndarray]) -> np.ndarray:
-        """The weighted sum of `by_source`'s scores, NaN (None) counting 0, as TRL's nansum -> float32 `[B]`."""
-        return weighted_total(scores, {name: weight for name, (weight, _) in self.parts.items()})
+    def total(self, scores: dict[str, np.ndarray], unscored: float = 0.0) -> np.ndarray:
+        """The weighted sum of `by_source`'s scores, NaN (None) counting 0, as TRL's nansum ->
+        float32 `[B]`; `unscored` for a response every source returned None for: 0 (the
+        nansum's), or NaN for GRPO and RLOO, which leave it out of its group (as TRL's)."""
+        total = weighted_total(scores, {name: weight for name, (weight, _) in self.parts.items()})
+        return np.where(unscorable(scores), np.float32(unscored), total)
 
     def __call__(self, prompts, responses, rows=None) -> np.ndarray:
         return self.total(self.by_source(prompts, responses, rows))
@@ -287,6 +290,11 @@ def score_columns(scorers: dict[str, Scorer], prompts, responses, rows=None) -> 
         if len(by_source) > 1:
             columns |= {f"{name}/{source}": v for source, v in by_source.items()}
     return columns
+
+
+def unscorable(scores: dict[str, np.ndarray]) -> np.ndarray:
+    """Whether every source returned None (NaN) for each response -> bool `[B]`."""
+    return np.isnan(np.stack(list(scores.values()))).all(0)
 
 
 def weighted_total(scores: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:

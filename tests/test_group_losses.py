@@ -1,6 +1,8 @@
 """RLOO's and GRPO's advantages and losses against NumPy references of the papers' and TRL's
 formulas on random inputs, and the properties that define them."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -57,6 +59,55 @@ def test_group_advantages_follow_trl_and_are_zero_mean_per_group(scale):
     np.testing.assert_allclose(got.reshape(-1, k).mean(1), 0.0, atol=1e-5)
     if scale == "group":  # each group then has std ~1 (the 1e-4 aside)
         np.testing.assert_allclose(numpy_std(got.reshape(-1, k), 1), 1.0, rtol=1e-3)
+
+
+def trl_nanstd(x, axis=None):
+    """TRL's `nanstd`: Bessel-corrected over the non-NaN entries, NaN under 2."""
+    count = np.sum(~np.isnan(x), axis=axis)
+    var = np.nanmean((x - np.nanmean(x, axis=axis, keepdims=True)) ** 2, axis=axis) * count / (count - 1)
+    return np.where(count > 1, np.sqrt(var), np.nan)
+
+
+# Groups of 4: one unscored reply; one with a single scored reply; none scored; all scored.
+UNSCORED = np.array([1.0, np.nan, 3.0, 0.5, np.nan, 2.0, np.nan, np.nan, np.nan, np.nan, np.nan, np.nan,
+                     -1.0, 2.0, 0.0, 4.0], np.float32)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_grpo_leaves_an_unscored_reply_out_of_its_group_as_trl(scale):
+    """TRL 1.16's GRPOTrainer, transcribed: a NaN reward (no source scored the reply) is left out
+    of nanmean / nanstd, and every NaN advantage (that reply's, or a lone scored reply's whose
+    group std is undefined) becomes 0."""
+    k, r = 4, UNSCORED.astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # NumPy's mean of an empty group
+        mean = np.repeat(np.nanmean(r.reshape(-1, k), 1), k)
+        std = np.repeat(trl_nanstd(r.reshape(-1, k), 1), k) if scale != "batch" else np.full_like(r, trl_nanstd(r))
+    want = r - mean if scale == "none" else (r - mean) / (std + 1e-4)
+    got = np.asarray(gl.group_advantages(jnp.asarray(UNSCORED), k, scale))
+    np.testing.assert_allclose(got, np.nan_to_num(want, nan=0.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[np.isnan(UNSCORED)], 0.0)
+    np.testing.assert_allclose(gl.group_std(jnp.asarray(UNSCORED), k, scale if scale != "none" else "group"),
+                               std, rtol=1e-5)  # NaN where under 2 replies are scored
+    np.testing.assert_allclose(gl.frac_zero_std(gl.group_std(jnp.asarray(UNSCORED), k)), 0.0)  # NaN is not 0
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_rloo_leaves_an_unscored_reply_out_of_the_baselines_as_trl(normalize):
+    """TRL 1.16's RLOOTrainer, transcribed: the leave-one-out baseline is the nansum of the others
+    over (scored count - 1); normalising whitens over the non-NaN advantages; NaN advantages
+    (the unscored reply's, a lone scored reply's 0 / 0) become 0."""
+    k = 4
+    r = UNSCORED.astype(np.float64).reshape(-1, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 0 / 0 for a lone scored reply
+        counts = np.sum(~np.isnan(r), 1, keepdims=True)
+        want = (r - (np.nansum(r, 1, keepdims=True) - r) / (counts - 1)).reshape(-1)
+        if normalize:
+            want = (want - np.nanmean(want)) / (trl_nanstd(want) + 1e-4)
+    got = np.asarray(gl.rloo_advantages(jnp.asarray(UNSCORED), k, normalize))
+    np.testing.assert_allclose(got, np.nan_to_num(want, nan=0.0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[np.isnan(UNSCORED)], 0.0)
 
 
 def test_frac_reward_zero_std_counts_the_groups_with_no_signal():

@@ -114,6 +114,50 @@ def test_grpo_update_equals_a_numpy_derivation_of_group_advantages_the_k3_kl_and
     assert_params_close(state.params, steps[-1], atol=1e-4)
 
 
+@pytest.mark.fast
+@pytest.mark.parametrize("kind", ["grpo", "rloo"])
+def test_an_unscored_reply_moves_nothing_and_leaves_its_group_as_trl(kind):
+    """A NaN score (no reward source scored the reply; a missing-EOS penalty keeps it NaN):
+    the update is the NumPy derivation's with TRL's advantages, the reply left out of its
+    group's mean and std (GRPO) or leave-one-out baselines (RLOO), its own advantage 0, its
+    tokens still counted; the loss is finite, so the NaN guard skips nothing; `reward` and
+    `reward_std` are over the scored replies."""
+    module, params, ref_params, batch, logps, ref_logps = setup()
+    resp = batch["response_mask"]
+    batch["scores"][1] = np.nan
+    k, lr = 4, 0.5
+    if kind == "grpo":
+        grouped = batch["scores"].astype(np.float64).reshape(-1, k)
+        mean = np.nanmean(grouped, 1, keepdims=True)
+        std = np.sqrt(np.nansum((grouped - mean) ** 2, 1, keepdims=True) / (np.sum(~np.isnan(grouped), 1,
+                                                                                   keepdims=True) - 1))
+        advantages = np.nan_to_num(((grouped - mean) / (std + 1e-4)).reshape(-1), nan=0.0)
+        config, make = GRPOConfig(num_generations=k), make_grpo_update
+    else:
+        beta = 0.5
+        grouped = (batch["scores"] - beta * ((logps - ref_logps) * resp).sum(1)).reshape(-1, k)
+        counts = np.sum(~np.isnan(grouped), 1, keepdims=True)
+        advantages = np.nan_to_num((grouped - (np.nansum(grouped, 1, keepdims=True) - grouped) / (counts - 1))
+                                   .reshape(-1), nan=0.0)
+        config, make = RLOOConfig(num_generations=k, beta=beta), make_rloo_update
+    assert advantages[1] == 0.0 and np.count_nonzero(advantages) == B - 1
+
+    def surrogate(params):  # at ratio 1, without a KL term: the advantage-weighted logprobs
+        lp = response_logps(module, params, batch)
+        if kind == "grpo":  # dapo: over every token of the rollout, the unscored reply's too
+            return -jnp.sum(advantages[:, None] * jnp.exp(lp - logps) * resp) / resp.sum()
+        return -jnp.mean(advantages * jnp.exp(jnp.sum((lp - logps) * resp, 1)))
+
+    want = sgd_step(params, surrogate, lr)
+    state = TrainState.create(module, params, optax.sgd(lr), ref_params=ref_params, skip_nonfinite=True)
+    state, metrics = jit_step(make(config))(state, batch, jax.random.key(0))
+    assert np.isfinite(metrics["loss"]) and metrics["skipped"] == 0.0
+    scored = np.delete(batch["scores"], 1)
+    np.testing.assert_allclose(metrics["reward"], scored.mean(), rtol=1e-6)
+    np.testing.assert_allclose(metrics["reward_std"], scored.std(ddof=1), rtol=1e-5)
+    assert_params_close(state.params, want, atol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
 def test_grpo_losses_over_two_minibatches_keep_their_whole_rollout_normaliser(loss_type):

@@ -6,6 +6,7 @@ conversational prompts as message lists, and one error line for a bad function."
 import json
 import shutil
 import warnings
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -17,7 +18,7 @@ from jaxrlhf.errors import ConfigError, JaxRLHFError
 from jaxrlhf.models import load_tokenizer
 from jaxrlhf.parallel import make_mesh
 from jaxrlhf.tasks.politeness import TASKS, write_jsonl
-from jaxrlhf.rewards import make_scorer, source_metrics
+from jaxrlhf.rewards import make_scorer, penalise_missing_eos, source_metrics
 from tests.conftest import randomize
 from tests.test_glue_stages import record_step_batches, split_rollout
 
@@ -121,13 +122,19 @@ def test_the_total_is_the_weighted_nansum_and_each_source_logs_trls_mean_and_std
 @pytest.mark.fast
 def test_a_reply_no_source_applies_to_scores_zero_with_trls_warning():
     """None is "not applicable" (NaN for its source, left out of its metrics); a reply every
-    source returned None for adds 0 to the total, with a warning naming it, as TRL's nansum."""
+    source returned None for adds 0 to the total, with a warning naming it, as TRL's nansum,
+    or is NaN (unscored) where GRPO and RLOO ask for it, a missing-EOS penalty keeping it so."""
     scorer = make_scorer((source("first_word_known"), source("only_long", weight=2.0)), make_mesh())
     rows = [{"prompt": "q", "id": i} for i in range(3)]
-    with pytest.warns(UserWarning, match=r"every reward source returned None for 1 of 3 responses, which score 0; "
+    with pytest.warns(UserWarning, match=r"every reward source returned None for 1 of 3 responses; "
                                          r"the first: prompt 'q', response '', columns \{'id': 1\}"):
-        total = scorer(["q"] * 3, ["yes", "", "no thanks"], rows)
-    np.testing.assert_array_equal(total, [1.0 + 2.0, 0.0, 1.0 + 2.0])
+        by_source = scorer.by_source(["q"] * 3, ["yes", "", "no thanks"], rows)
+    np.testing.assert_array_equal(scorer.total(by_source), [1.0 + 2.0, 0.0, 1.0 + 2.0])
+    unscored = scorer.total(by_source, unscored=np.nan)
+    assert unscored.dtype == np.float32
+    np.testing.assert_array_equal(unscored, [1.0 + 2.0, np.nan, 1.0 + 2.0])
+    rollout = SimpleNamespace(sequences=np.array([[7, 0], [7, 0], [7, 0]]), response_mask=np.ones((3, 1)))
+    np.testing.assert_array_equal(penalise_missing_eos(unscored, rollout, (1,), 1.0), [2.0, np.nan, 2.0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning while some source applies
         scorer(["q"] * 2, ["yes", "no thanks"], rows[:2])

@@ -75,8 +75,9 @@ def run(config, section: str, make_update, resume: bool = False):
         gen_key, update_key = jax.random.split(common.step_key(train.seed, i))
         started = time.perf_counter()
         rollout = sample(module, state.model_params(state.params), ids[idx], mask[idx], gen_key, sampler, mesh)
+        # A reply no reward source scored is NaN: the update leaves it out of its group, as TRL's.
         batch, reward_metrics = scored_batch(rollout, idx, ready["prompts"], tokenizer, sampler, scorer,
-                                             config.missing_eos_penalty)
+                                             config.missing_eos_penalty, unscored=np.nan)
         rollout_s = time.perf_counter() - started
         state, metrics = update(state, batch, update_key)
         return state, {**metrics, **reward_metrics, "time/rollout_s": rollout_s}

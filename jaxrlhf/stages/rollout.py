@@ -143,26 +143,28 @@ def sample(module, params, ids_BxP, mask_BxP, key, settings: SamplingConfig, mes
 
 
 def score_rollout(rollout: GenerateOutput, idx_B, prompts, tokenizer, sampler: SamplingConfig, scorer,
-                  missing_eos_penalty: float | None) -> tuple[np.ndarray, dict]:
+                  missing_eos_penalty: float | None, unscored: float = 0.0) -> tuple[np.ndarray, dict]:
     """The reward of each response of a rollout sampled with `sampler` from prompts `idx_B` of
     `prompts` (ids, mask, texts, rows: what `online_preflight` returns), row b's response
     scored with prompt idx_B[b]'s text and row (every column, for the reward functions) ->
     (the weighted total float32 `[B]`, less TRL's `missing_eos_penalty` where a reply did not
-    end; each source's `rewards/<name>/mean|std`)."""
+    end, `unscored` (0 or NaN, see `Scorer.total`) where no source scored it, penalty or not;
+    each source's `rewards/<name>/mean|std`)."""
     _, _, texts, rows = prompts
     by_source = scorer.by_source([texts[j] for j in idx_B], decode_responses(tokenizer, rollout, sampler.eos_ids),
                                  [rows[j] for j in idx_B])
-    scores = scorer.total(by_source)
+    scores = scorer.total(by_source, unscored)
     if missing_eos_penalty is not None:
         scores = penalise_missing_eos(scores, rollout, sampler.eos_ids, missing_eos_penalty)
     return scores, source_metrics(by_source)
 
 
 def scored_batch(rollout: GenerateOutput, idx_B, prompts, tokenizer, sampler: SamplingConfig, scorer,
-                 missing_eos_penalty: float | None) -> tuple[dict, dict]:
+                 missing_eos_penalty: float | None, unscored: float = 0.0) -> tuple[dict, dict]:
     """`score_rollout`'s scores as the update's batch (`sequences`, `attention_mask`,
     `response_mask`, `scores`), and its metrics."""
-    scores, metrics = score_rollout(rollout, idx_B, prompts, tokenizer, sampler, scorer, missing_eos_penalty)
+    scores, metrics = score_rollout(rollout, idx_B, prompts, tokenizer, sampler, scorer, missing_eos_penalty,
+                                    unscored)
     return rollout_batch(rollout, scores), metrics
 
 

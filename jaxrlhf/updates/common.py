@@ -289,10 +289,11 @@ def check_group_config(config, why_two: str) -> None:
 
 def group_rollout_metrics(scores_all_B, std_all_B, resp_BxN, axis_name: str | None) -> Metrics:
     """What TRL's RLOO and GRPO trainers log of a rollout, under their names: `reward` (mean
-    score), `reward_std` (its std, Bessel), `frac_reward_zero_std` (the share of rows whose
-    group (or batch) std `std_all_B` is 0: no signal) and `completions/mean_length`.
+    score), `reward_std` (its std, Bessel), both of the scored rows (a NaN score, a response
+    no reward source scored, left out, as TRL's), `frac_reward_zero_std` (the share of rows
+    whose group (or batch) std `std_all_B` is 0: no signal) and `completions/mean_length`.
     `scores_all_B`, `std_all_B`: the global batch's; `resp_BxN`: this device's response mask."""
-    return {"reward": jnp.mean(scores_all_B), "reward_std": jnp.std(scores_all_B, ddof=1),
+    return {"reward": group_losses.nanmean(scores_all_B), "reward_std": group_losses.nanstd(scores_all_B),
             "frac_reward_zero_std": group_losses.frac_zero_std(std_all_B),
             "completions/mean_length": global_mean(jnp.sum(resp_BxN, axis=-1), axis_name)}
 

@@ -1,11 +1,12 @@
-"""The LoRA table of benchmarks/RESULTS.md: SFT's and GRPO's own compiled update on one CPU
-device, full fine-tuning against `lora: {rank: 16, alpha: 32, targets: all-linear}`, on GPT-2
-small's and SmolLM2-135M's shapes (random weights from configs/models, no download): the
-memory per device from `memory.plan` and the steady-state step time, the two variants timed in
-turn (A/B/A/B) so the machine's drift falls on both. Prints the table; `--write` puts it in
-RESULTS.md between its markers.
+"""The LoRA table of benchmarks/RESULTS.md: full fine-tuning against LoRA in SFT and GRPO.
 
-    python benchmarks/lora_table.py --write      # about 20 minutes on 2 shared cores
+SFT's and GRPO's own compiled update on one CPU device, full fine-tuning against `lora: {rank:
+16, alpha: 32, targets: all-linear}`, on GPT-2 small's and SmolLM2-135M's shapes (random
+weights from configs/models, no download): the memory per device from `memory.plan` and the
+steady-state step time, the two variants timed in turn (A/B/A/B) so the machine's drift falls
+on both. Prints the table; `--write` puts it in RESULTS.md between its markers.
+
+    python benchmarks/lora_table.py --write      # about 25 minutes on 2 shared cores
 """
 
 import argparse
@@ -108,9 +109,9 @@ def write(table: str, command: str) -> None:
     RESULTS.write_text(text)
 
 
-def main(argv=None) -> str:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps of each variant (default 5)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps of each variant (default 3)")
     parser.add_argument("--write", action="store_true", help="put the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     memory.fake_cpu_devices(1)
@@ -123,7 +124,6 @@ def main(argv=None) -> str:
     print(table)
     if args.write:
         write(table, "python benchmarks/lora_table.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    return table
 
 
 if __name__ == "__main__":

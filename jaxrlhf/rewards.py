@@ -23,7 +23,7 @@ import numpy as np
 from jaxrlhf import parallel
 from jaxrlhf.config import Reward, RewardSource
 from jaxrlhf.data import encode_texts, set_pad_token, warn_cut
-from jaxrlhf.errors import CheckpointError, ConfigError, JaxRLHFError
+from jaxrlhf.errors import CheckpointError, ConfigError, JaxRLHFError, first_line
 from jaxrlhf.models import frozen_params, load_pretrained, load_tokenizer
 
 # One source: (prompts [B], responses [B], rows [B] or None) -> float32 [B], NaN where it does not apply.
@@ -145,7 +145,7 @@ def function_scorer(source: RewardSource) -> SourceScorer:
             values = (fn(prompts=prompts, completions=responses, **kwargs) if by_keyword
                       else fn(prompts, responses, **kwargs))
         except Exception as e:
-            raise JaxRLHFError(f"reward function {source.function} raised {type(e).__name__}: {e}") from e
+            raise JaxRLHFError(f"reward function {source.function} raised {type(e).__name__}: {first_line(e)}") from e
         return _checked_scores(values, len(responses), source.function)
 
     score.check_columns = columns  # what a preflight runs on the prompt rows

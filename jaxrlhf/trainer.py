@@ -20,7 +20,7 @@ from typing import Any, Callable
 import jax
 
 from jaxrlhf import outputs, parallel
-from jaxrlhf.errors import CheckpointError, JaxRLHFError, OutputError
+from jaxrlhf.errors import CheckpointError, JaxRLHFError, OutputError, first_line
 
 
 class MetricLog:
@@ -126,7 +126,7 @@ class Checkpoints:
                                                             record=args.JsonSave(record)))
                 self.manager.wait_until_finished()
         except Exception as e:  # orbax and tensorstore raise many types for one failed write
-            raise OutputError(f"cannot write checkpoint {step} to {directory}: {_first_line(e)}; {last_good}") from e
+            raise OutputError(f"cannot write checkpoint {step} to {directory}: {first_line(e)}; {last_good}") from e
 
     def restore(self, step: int, template: Any) -> tuple[Any, dict]:
         """Checkpoint `step` in the layout of `template` (whatever mesh wrote it); what it does
@@ -297,10 +297,3 @@ def _interrupt_after():
         signal.signal(signal.SIGINT, previous)
     if pending:
         raise KeyboardInterrupt
-
-
-def _first_line(error: BaseException) -> str:
-    """The root cause of a library error, in one line."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

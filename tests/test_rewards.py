@@ -74,6 +74,10 @@ def raises(prompts, responses):
     raise KeyError("answer")
 
 
+def raises_lines(prompts, responses):
+    raise ValueError("no number in the reply\nTraceback of the parser:\n  ...")
+
+
 def aligned(prompts, completions, task, n, **kwargs):
     """Raises unless each prompt is its row's (task named in it); scores each reply by its row's n."""
     bad = [i for i, (p, t) in enumerate(zip(prompts, task)) if f"Could you {t}?" not in p]
@@ -167,6 +171,7 @@ def test_columns_reach_the_function_as_trl_passes_them():
     ("wrong_count", "returned 1 scores for 2 responses"),
     ("not_numbers", r"returned a list \['high', 'high'\]; it must return one number per response"),
     ("raises", "raised KeyError: 'answer'"),
+    ("raises_lines", "raised ValueError: no number in the reply"),
 ])
 def test_a_bad_function_among_several_is_one_error_line_naming_it(function, message):
     scorer = make_scorer((source("length"), source(function, weight=0.5)), make_mesh())

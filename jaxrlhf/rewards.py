@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import numbers
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -154,13 +155,20 @@ def function_scorer(source: RewardSource) -> SourceScorer:
 
 def _checked_scores(values, n: int, name: str) -> np.ndarray:
     """What reward function `name` returned for `n` responses, as float32 `[n]`, NaN where it
-    returned None (TRL: not applicable); else an error saying what is wrong: None, not numbers,
-    the wrong count, or a score that is not finite."""
+    returned None (TRL: not applicable), a bool as 1 or 0 (as TRL's float tensor of them); else
+    an error saying what is wrong: None, not numbers (a numeric string too), the wrong count, or
+    a score that is not finite."""
     must = "it must return one number per response (None where it does not apply), in a list or array"
     if values is None:
         raise JaxRLHFError(f"reward function {name} returned None; {must}")
     rows = values.tolist() if isinstance(values, np.ndarray) else values
     if isinstance(rows, (list, tuple)):
+        # NumPy would read "1.0" as 1.0; TRL's torch.tensor refuses it, and so do we
+        wrong = next((i for i, v in enumerate(rows)
+                      if v is not None and not isinstance(v, (numbers.Real, np.bool_))), None)
+        if wrong is not None:
+            raise JaxRLHFError(f"reward function {name} returned {_shown(rows[wrong])} for response {wrong + 1} "
+                               f"(counted from 1); {must}")
         values = [np.nan if v is None else v for v in rows]
     try:
         scores = np.asarray(values, dtype=np.float32).reshape(-1)

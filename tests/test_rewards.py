@@ -70,6 +70,14 @@ def not_numbers(prompts, responses):
     return ["high"] * len(responses)
 
 
+def numeric_strings(prompts, responses):
+    return [1.0, "2.5"][:len(responses)]
+
+
+def bools(prompts, responses):
+    return [r == "a" for r in responses]
+
+
 def raises(prompts, responses):
     raise KeyError("answer")
 
@@ -169,7 +177,8 @@ def test_columns_reach_the_function_as_trl_passes_them():
 @pytest.mark.fast
 @pytest.mark.parametrize("function, message", [
     ("wrong_count", "returned 1 scores for 2 responses"),
-    ("not_numbers", r"returned a list \['high', 'high'\]; it must return one number per response"),
+    ("not_numbers", r"returned a str 'high' for response 1 \(counted from 1\); it must return one number per"),
+    ("numeric_strings", r"returned a str '2.5' for response 2 \(counted from 1\); it must return one number"),
     ("raises", "raised KeyError: 'answer'"),
     ("raises_lines", "raised ValueError: no number in the reply"),
 ])
@@ -180,6 +189,12 @@ def test_a_bad_function_among_several_is_one_error_line_naming_it(function, mess
     assert "\n" not in str(error.value)
     assert str(error.value).startswith(f"reward function {HERE}:{function} {message.split(chr(92))[0]}")
     assert error.match(message)
+
+
+@pytest.mark.fast
+def test_a_bool_scores_one_or_zero_as_in_trl():
+    """TRL makes a float tensor of what a function returns, so True and False count 1 and 0."""
+    np.testing.assert_array_equal(make_scorer(source("bools"), make_mesh())(["q", "q"], ["a", "b"]), [1.0, 0.0])
 
 
 @pytest.mark.fast

@@ -6,6 +6,7 @@ Nested sections are nested dataclasses (`train.learning_rate=1e-4` on the comman
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -385,6 +386,7 @@ class RewardSource:
         check(self.function is None or ":" in self.function,
               f"function={self.function!r} must look like 'package.module:function'")
         check(self.name is None or (bool(self.name) and "/" not in self.name), f"name={self.name!r}: empty or has '/'")
+        check(math.isfinite(self.weight), f"weight={self.weight} must be a finite number")
 
 
 Reward = RewardSource | tuple[RewardSource, ...]  # a stage's `reward:`: one source, or a weighted list

@@ -207,6 +207,10 @@ def test_a_list_of_sources_loads_from_yaml_with_each_items_own_errors():
     assert from_dict(GRPOStageConfig, {**base, "reward": {"model": "rm"}}, "c").reward == RewardSource(model="rm")
     with pytest.raises(ConfigError, match=r"^c\.reward\[1\]: unknown key 'wieght'; did you mean 'weight'\?$"):
         from_dict(GRPOStageConfig, {**base, "reward": [{"model": "rm"}, {"model": "rm", "wieght": 1}]}, "c")
+    with pytest.raises(ConfigError, match=r"^c\.reward\[0\]: weight=nan must be a finite number$"):
+        from_dict(GRPOStageConfig, {**base, "reward": [{"model": "rm", "weight": float("nan")}]}, "c")
+    with pytest.raises(ConfigError, match=r"^c\.reward: weight=-inf must be a finite number$"):
+        from_dict(GRPOStageConfig, {**base, "reward": {"model": "rm", "weight": float("-inf")}}, "c")
     with pytest.raises(ConfigError, match=r"reward source names \['a', 'a'\] repeat"):
         make_scorer((source("length", name="a"), source("length", name="a")), make_mesh())
 

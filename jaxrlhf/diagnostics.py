@@ -68,11 +68,18 @@ def per_token(scores_B: np.ndarray, tokens_B: np.ndarray) -> float:
     return float(np.mean(np.asarray(scores_B, np.float64) / np.maximum(np.asarray(tokens_B, np.float64), 1)))
 
 
-def mean_and_se(scores_B: np.ndarray) -> tuple[float, float]:
-    """The mean of the scores that are known (NaN: a reward function's None, left out) and its
-    standard error, std (Bessel-corrected) / sqrt(count): for a 0/1 score, accuracy +- its SE.
-    NaN where none (the SE: fewer than two) are known."""
+def mean_and_std(scores_B: np.ndarray) -> tuple[float, float, int]:
+    """The mean of the scores that are known (NaN: a reward function's None, left out), their
+    std with Bessel's correction (TRL's nanstd) and their count; the mean NaN where none, the
+    std where fewer than two, are known."""
     known = np.asarray(scores_B, np.float64)
     known = known[~np.isnan(known)]
     mean = float(known.mean()) if known.size else float("nan")
-    return mean, float(known.std(ddof=1) / np.sqrt(known.size)) if known.size > 1 else float("nan")
+    return mean, float(known.std(ddof=1)) if known.size > 1 else float("nan"), int(known.size)
+
+
+def mean_and_se(scores_B: np.ndarray) -> tuple[float, float]:
+    """`mean_and_std`'s mean and its standard error, std / sqrt(count): for a 0/1 score,
+    accuracy +- its SE. NaN where none (the SE: fewer than two) are known."""
+    mean, std, count = mean_and_std(scores_B)
+    return mean, std / count ** 0.5 if count > 1 else float("nan")

@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jaxrlhf import parallel
+from jaxrlhf import diagnostics, parallel
 from jaxrlhf.config import Reward, RewardSource
 from jaxrlhf.data import encode_texts, set_pad_token, warn_cut
 from jaxrlhf.errors import CheckpointError, ConfigError, JaxRLHFError, first_line
@@ -316,9 +316,7 @@ def source_metrics(scores: dict[str, np.ndarray]) -> dict[str, float]:
     nanstd; NaN when under 2 responses count)."""
     out = {}
     for name, v in scores.items():
-        known = v[~np.isnan(v)].astype(np.float64)
-        out[f"rewards/{name}/mean"] = float(known.mean()) if known.size else float("nan")
-        out[f"rewards/{name}/std"] = float(known.std(ddof=1)) if known.size > 1 else float("nan")
+        out[f"rewards/{name}/mean"], out[f"rewards/{name}/std"], _ = diagnostics.mean_and_std(v)
     return out
 
 

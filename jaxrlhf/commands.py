@@ -160,7 +160,7 @@ def stage_command(stage: str, summary: str) -> Command:
     return Command(summary, functools.partial(_stage, stage), stage)
 
 
-# A stage's subcommand is its name with "-" for "_".
+# A stage's subcommand is its name with "-" for "_" (the data and gguf stages have none: pipeline only).
 COMMANDS: dict[str, Command] = {
     "sft": stage_command("sft", "supervised fine-tuning on prompt/response pairs or plain text"),
     "reward": stage_command("reward", "train a reward model (regression on scores or pairwise on chosen/rejected)"),

@@ -12,7 +12,7 @@ import pytest
 from jaxrlhf import config as cfg
 from jaxrlhf import memory
 from jaxrlhf.errors import ConfigError
-from jaxrlhf.models import from_config, lora
+from jaxrlhf.models import from_config, frozen_params, lora
 from jaxrlhf.sampling import SamplingConfig, generate
 from jaxrlhf.stages import common, grpo, sft
 from jaxrlhf.updates import TrainState, make_dpo_step, make_grpo_update, make_reward_step, make_sft_step
@@ -122,6 +122,30 @@ def test_only_the_adapters_and_heads_train_and_hold_optimizer_state():
         np.testing.assert_array_equal(a, b)
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new.params, state.params)
     assert min(jax.tree.leaves(moved["heads"])) > 0 and max(jax.tree.leaves(moved["lora"])) > 0
+
+
+@pytest.mark.fast
+def test_a_bfloat16_base_trains_float32_adapters_and_the_nan_guard_skips_a_poisoned_update():
+    """`compute.dtype: bfloat16` with LoRA, as the stages build it: the base stored and run in
+    bfloat16, the adapters and their Adam state float32 and moving; an update whose loss is NaN
+    (an adapter poisoned) leaves the trained leaves and the optimizer state as they were."""
+    module, params = model("gpt2", dtype=jnp.bfloat16)
+    adapters = lora.init(params, ALL_LINEAR, "gpt2", jax.random.key(1))
+    state = TrainState.create(module, lora.trainable(params, adapters), optax.adam(1e-2),
+                              base_params=frozen_params(params, jnp.bfloat16), lora_scale=2.0, skip_nonfinite=True)
+    step = jax.jit(make_sft_step())
+    new, metrics = step(state, sft_batch(), jax.random.key(0))
+    assert np.isfinite(metrics["loss"]) and metrics["skipped"] == 0
+    assert {x.dtype for x in jax.tree.leaves(new.base_params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves((new.params, new.opt_state)) if x.ndim} == {jnp.dtype(jnp.float32)}
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(state.params))) > 0
+    leaves, tree = jax.tree.flatten(state.params)
+    poisoned = state.replace(params=jax.tree.unflatten(tree, [jnp.full_like(leaves[0], jnp.nan), *leaves[1:]]))
+    after, metrics = step(poisoned, sft_batch(), jax.random.key(0))
+    assert not np.isfinite(metrics["loss"]) and metrics["skipped"] == 1
+    for a, b in zip(jax.tree.leaves((after.params, after.opt_state)), jax.tree.leaves((poisoned.params, poisoned.opt_state)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("method", tiered(["grpo", "dpo"], fast={"grpo"}))

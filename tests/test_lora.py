@@ -163,6 +163,8 @@ def test_the_lora_section_refuses_what_peft_would_not_take():
     assert lora.module_names(None, "llama") == {"q_proj", "v_proj"}  # PEFT's default targets
     assert lora.module_names("all-linear", "llama") == lora.module_names(["all-linear"], "llama")
     assert lora.module_names(["dense"], "bert") == {"attn_out", "ffn_in", "ffn_out", "pooler"}
+    with pytest.raises(ConfigError, match=r"\['pre_classifier'\] not among distilbert's"):  # it trains whole
+        lora.module_names(["pre_classifier"], "distilbert")
 
 
 @pytest.mark.fast

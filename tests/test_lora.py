@@ -3,6 +3,9 @@ heads train and sit in the optimizer; the merged export is base + scale B A with
 logits; the reference is the base with the adapter off, as an explicit copy would be; the
 `lora` section's errors; the memory plan counts base, adapters and their optimizer state."""
 
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,6 +187,8 @@ def test_the_lora_section_refuses_what_peft_would_not_take():
     assert lora.module_names(None, "llama") == {"q_proj", "v_proj"}  # PEFT's default targets
     assert lora.module_names("all-linear", "llama") == lora.module_names(["all-linear"], "llama")
     assert lora.module_names(["dense"], "bert") == {"attn_out", "ffn_in", "ffn_out", "pooler"}
+    with pytest.raises(ConfigError, match=r"\['pre_classifier'\] not among distilbert's"):  # it trains whole
+        lora.module_names(["pre_classifier"], "distilbert")
 
 
 @pytest.mark.fast
@@ -222,16 +227,22 @@ def test_dropout_draws_on_the_adapters_input_in_the_loss_passes_only():
 
 
 @pytest.mark.fast
-def test_a_stage_starts_from_a_peft_adapter_folder_with_its_settings_and_saved_head(tmp_path):
+def test_a_stage_starts_from_a_peft_adapter_folder_with_its_settings_and_saved_head(tmp_path, monkeypatch):
     """`lora.adapter`: the folder's adapters (and a classifier head PEFT saved whole) are the
-    start; a rank, alpha or targets other than the folder's is refused, naming the keys."""
+    start, as the stages save them (a local base by its absolute path); a rank, alpha or targets
+    other than the folder's is refused, naming the keys, and so is a module saved whole that the
+    frozen base would hold (an embedding)."""
     from jaxrlhf.models import peft
 
     module, params = model("bert")
     adapters = random_b(lora.init(params, ALL_LINEAR, "bert", jax.random.key(1)))
     head = {"classifier": jax.tree.map(lambda x: x + 1.0, params["classifier"])}
-    peft.save_adapter(tmp_path / "adapter", adapters, lora.peft_settings(ALL_LINEAR, "bert"), "bert", None,
-                      modules_to_save=head)
+    (tmp_path / "base").mkdir()
+    monkeypatch.chdir(tmp_path)  # "base" as a config names it, relative to the working directory
+    for base, recorded in (("base", str(tmp_path / "base")), ("some/hub-model", "some/hub-model")):
+        common.save_lora_adapter(tmp_path / "adapter", {"lora": adapters, "heads": head}, ALL_LINEAR, "bert", base)
+        config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == recorded
     section = cfg.LoRAConfig(rank=4, alpha=8.0, targets="all-linear", adapter=str(tmp_path / "adapter"))
     start, with_head = common.starting_adapters(section, params, "bert")
     for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(adapters), strict=True):
@@ -240,3 +251,9 @@ def test_a_stage_starts_from_a_peft_adapter_folder_with_its_settings_and_saved_h
     np.testing.assert_array_equal(with_head["bert"]["pooler"]["kernel"], params["bert"]["pooler"]["kernel"])
     with pytest.raises(ConfigError, match="has rank 4, alpha 8.0 .* set lora.rank, lora.alpha and lora.targets"):
         common.starting_adapters(cfg.LoRAConfig(rank=4, adapter=str(tmp_path / "adapter")), params, "bert")
+    embeddings = {"bert": {"embeddings": {"word_embeddings": params["bert"]["embeddings"]["word_embeddings"]}}}
+    peft.save_adapter(tmp_path / "adapter", adapters, lora.peft_settings(ALL_LINEAR, "bert"), "bert", None,
+                      modules_to_save={**head, **embeddings}, overwrite=True)
+    with pytest.raises(ConfigError, match=rf"^lora.adapter {re.escape(str(tmp_path / 'adapter'))} saves modules "
+                                          r"\['bert/embeddings/word_embeddings'\] whole; [^\n]*$"):
+        common.starting_adapters(section, params, "bert")

@@ -16,8 +16,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import load_file, save_file
 
 from jaxrlhf.errors import CheckpointError, ConfigError
-from jaxrlhf.models import load_pretrained, save_pretrained
+from jaxrlhf.models import load_pretrained, lora, save_pretrained
 from jaxrlhf.models.peft import load_adapter, load_modules_to_save, save_adapter
+from jaxrlhf.stages.common import save_lora_adapter
 from tests.conftest import padded_batch, randomize, tiered
 
 # family -> (transformers class, config, LoRA targets as PEFT spells them)
@@ -100,9 +101,12 @@ def settings(family, targets=None):
 def test_our_adapter_loads_in_peft_with_the_logits_of_our_merged_params(tmp_path, family):
     module, params, base = exported_base(tmp_path, family)
     adapters = random_adapters(params, family)
-    # A reward model's trained head, saved whole (PEFT's modules_to_save).
-    heads = {m: {k: np.asarray(v) + 0.3 for k, v in params[m].items()} for m in HEADS.get(family, [])}
-    save_adapter(tmp_path / "adapter", adapters, settings(family), family, tmp_path / "base", modules_to_save=heads)
+    # Saved as a stage saves its trained leaves: a reward model's heads (moved off the base's)
+    # whole, as PEFT's modules_to_save.
+    trained = lora.trainable(params, adapters)
+    heads = jax.tree.map(lambda x: np.asarray(x) + 0.3, trained["heads"])
+    assert sorted(heads) == HEADS.get(family, [])
+    save_lora_adapter(tmp_path / "adapter", {**trained, "heads": heads}, settings(family), family, tmp_path / "base")
     tuned = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     want = torch_logits(tuned)
     np.testing.assert_allclose(our_logits(module, merged(params, adapters, ALPHA / RANK, heads)), want,

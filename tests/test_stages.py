@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import sys
 import warnings
 
@@ -133,18 +134,24 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_params(tiny_data, 
     saved = ocp.StandardCheckpointer().metadata(tmp_path / "interrupted" / "checkpoints" / "8" / "state")
     assert saved.item_metadata.tree["base_params"] is None  # LoRA: the base is not in the checkpoint
     assert set(saved.item_metadata.tree["params"]) == ({"lora", "heads"} if lora else {"transformer"})
-    if lora:  # the adapter alone, in PEFT's format beside final/, is the checkpoint's
-        from jaxrlhf.models import peft
+    from jaxrlhf.models import peft
+    from jaxrlhf.stages.export import export_run
 
+    def check_adapter():  # the adapter alone, in PEFT's format beside final/, is the checkpoint's
         adapters, _ = peft.load_adapter(tmp_path / "interrupted" / "adapter", a, "gpt2")
         trained = Checkpoints(tmp_path / "interrupted", keep=2).restore_params(8)["lora"]
         for x, y in zip(jax.tree.leaves(adapters), jax.tree.leaves(trained), strict=True):
             np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    from jaxrlhf.stages.export import export_run  # the checkpoint exports as final/ (LoRA: merged onto the base)
 
+    if lora:  # the run's end wrote it; export writes it anew
+        check_adapter()
+        shutil.rmtree(tmp_path / "interrupted" / "adapter")
+    # The checkpoint exports as final/ (LoRA: merged onto the base, and the adapter to adapter/).
     _, c, _ = load_pretrained(export_run(tmp_path / "interrupted", tmp_path / "exported"))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    if lora:
+        check_adapter()
 
 
 @pytest.mark.fast

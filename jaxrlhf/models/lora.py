@@ -26,8 +26,9 @@ import jax.numpy as jnp
 from jaxrlhf.errors import ConfigError
 
 # What trains fully beside the adapters (PEFT's modules_to_save): PPO's value head, a reward
-# model's classifier. Top-level keys of the params tree.
-HEADS = ("v_head", "classifier")
+# model's classifier and, for DistilBERT, its pre_classifier too (PEFT's SEQ_CLS matches
+# "classifier" as a name suffix). Top-level keys of the params tree, each one family's own.
+HEADS = ("v_head", "classifier", "pre_classifier")
 
 # PEFT's target names -> our Dense module names, per model family. GPT-2 and Llama share
 # transformers' names; BERT's "dense" is PEFT's suffix match on attention.output.dense,
@@ -38,7 +39,7 @@ PEFT_NAMES = {
     "bert": {"query": ("query",), "key": ("key",), "value": ("value",),
              "dense": ("attn_out", "ffn_in", "ffn_out", "pooler")},
     "distilbert": {"q_lin": ("query",), "k_lin": ("key",), "v_lin": ("value",), "out_lin": ("attn_out",),
-                   "lin1": ("ffn_in",), "lin2": ("ffn_out",), "pre_classifier": ("pre_classifier",)},
+                   "lin1": ("ffn_in",), "lin2": ("ffn_out",)},
 }
 # PEFT's defaults when no targets are given (its TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 # (None for DistilBERT: PEFT asks for target_modules there.)

@@ -203,6 +203,10 @@ def starting_adapters(section: cfg.LoRAConfig | None, params, family: str):
         raise ConfigError(f"lora.adapter {section.adapter} has rank {saved['rank']}, alpha {saved['alpha']} and "
                           f"targets {saved['targets']}; set lora.rank, lora.alpha and lora.targets to match")
     whole = flatten_dict(peft.load_modules_to_save(section.adapter, params, family))
+    frozen = sorted({"/".join(path[:-1]) for path in whole if path[0] not in lora.HEADS})
+    if frozen:  # the base is frozen: a module trained whole elsewhere would be folded into it silently
+        raise ConfigError(f"lora.adapter {section.adapter} saves modules {frozen} whole; a LoRA run trains only "
+                          f"{', '.join(lora.HEADS)} whole (merge that adapter into the base model first)")
     return adapters, unflatten_dict({**flatten_dict(params), **whole})
 
 
@@ -334,6 +338,19 @@ def trained_model(state: TrainState):
                                                                         state.lora_scale)
 
 
+def save_lora_adapter(folder: Path, trained: dict, lora_settings: dict, family: str, base_model: str | None,
+                      **record) -> Path:
+    """A LoRA run's trained leaves (`state.params` or a checkpoint's: adapters and heads) as a
+    PEFT adapter in `folder`, the heads saved whole as PEFT's `modules_to_save` (PPO's value head
+    is ours: left out), for `base_model` (a local folder by its absolute path, so the adapter
+    finds it from anywhere; a hub name as it is). `record` goes into its marker file."""
+    heads = {k: v for k, v in trained["heads"].items() if k != "v_head"}
+    if base_model is not None and Path(base_model).exists():
+        base_model = str(Path(base_model).resolve())
+    return peft.save_adapter(folder, trained["lora"], lora.peft_settings(lora_settings, family), family, base_model,
+                             modules_to_save=heads or None, **record)
+
+
 def export(out: Path, module, state: TrainState, tokenizer, lora_settings: dict | None = None,
            base_model: str | None = None) -> Path:
     """The run's final model (`state`'s, as global arrays; with LoRA merged, `trained_model`)
@@ -345,11 +362,7 @@ def export(out: Path, module, state: TrainState, tokenizer, lora_settings: dict 
     if getattr(module, "value_head", False):
         module, params = module.clone(value_head=False), {k: v for k, v in params.items() if k != "v_head"}
     params = parallel.gather(params)
-    family = module.config.model_type
-    if lora_settings is not None:  # PEFT keeps a classifier's head whole beside the adapter (PPO's value head is ours)
-        adapters, heads = parallel.gather((state.params["lora"], state.params["heads"]))
-        adapter = (adapters, lora.peft_settings(lora_settings, family), {k: v for k, v in heads.items()
-                                                                        if k != "v_head"})
+    trained = None if lora_settings is None else parallel.gather(state.params)
 
     def write():
         try:
@@ -360,8 +373,7 @@ def export(out: Path, module, state: TrainState, tokenizer, lora_settings: dict 
                               "jaxrlhf export") from None
         print(f"exported {type(module).__name__} in Hugging Face layout to {path}")
         if lora_settings is not None:
-            adapters, settings, heads = adapter
-            peft.save_adapter(out / "adapter", adapters, settings, family, base_model, modules_to_save=heads or None,
+            save_lora_adapter(out / "adapter", trained, lora_settings, module.config.model_type, base_model,
                               source=str(out.resolve()))
             print(f"exported its LoRA adapter in PEFT's format to {out / 'adapter'}")
 

@@ -9,7 +9,7 @@ import numpy as np
 from jaxrlhf import outputs
 from jaxrlhf.errors import CheckpointError
 from jaxrlhf.models import frozen_params, lora, save_pretrained
-from jaxrlhf.stages.common import load_model, load_policy
+from jaxrlhf.stages.common import load_model, load_policy, save_lora_adapter
 from jaxrlhf.trainer import Checkpoints
 
 
@@ -44,13 +44,19 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, overwrite: boo
         head = {"head": "classification", "num_labels": 1} if "kind" in config else {"head": "lm"}
         module, like, _, tokenizer = load_model(local(config.get("model")), config.get("model_config"),
                                                 local(config.get("tokenizer")), config["train"]["seed"], **head)
-    if config.get("lora") is not None:  # a LoRA checkpoint holds adapters and heads: merged onto the run's base
+    section = config.get("lora")
+    if section is not None:  # a LoRA checkpoint holds adapters and heads: merged onto the run's base
         base = frozen_params(like, config.get("compute", {}).get("dtype", "float32"))
-        params = lora.merged(base, params, config["lora"]["alpha"] / config["lora"]["rank"])
+        trained, params = params, lora.merged(base, params, section["alpha"] / section["rank"])
     params = {k: v for k, v in params.items() if k != "v_head"}  # PPO's value head is left out
     shapes = lambda tree: jax.tree.map(np.shape, tree)  # noqa: E731
     if jax.tree.structure(shapes(params)) != jax.tree.structure(shapes(like)) or shapes(params) != shapes(like):
         raise CheckpointError(f"checkpoint {step} in {run_dir} does not hold the {type(module).__name__} its "
                               f"config.json describes; is {run_dir / 'config.json'} that run's own?")
-    return save_pretrained(out, module, jax.tree.map(np.asarray, params), tokenizer=tokenizer, overwrite=overwrite,
+    path = save_pretrained(out, module, jax.tree.map(np.asarray, params), tokenizer=tokenizer, overwrite=overwrite,
                            source=str(run_dir.resolve()), step=step)
+    if section is not None:  # and the adapter alone, in PEFT's format, where the run's end writes it
+        settings = lora.settings(section["rank"], section["alpha"], section["dropout"], section["targets"])
+        save_lora_adapter(run_dir / "adapter", trained, settings, module.config.model_type,
+                          local(config.get("policy", config.get("model"))), source=str(run_dir.resolve()), step=step)
+    return path

@@ -233,7 +233,7 @@ CASES = [
     ("reward function with the wrong length", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:wrong_length"),
      r"reward function tests.test_stages:wrong_length returned 1 scores for 8 responses"),
     ("reward function returning text", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:words"),
-     r"reward function tests.test_stages:words returned a list \['good', .*; it must return one number per response"),
+     r"reward function tests.test_stages:words returned a str 'good' for response 1 \(counted from 1\); it must return one number per response"),
     ("reward function returning a dict", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null", "reward.function=tests.test_stages:a_dict"),
      r"reward function tests.test_stages:a_dict returned a dict \{'score': .*; it must return one number per response"),
     ("reward function returning None", "ppo", lambda r, t, o: ppo_args(r, o, "reward.model=null",

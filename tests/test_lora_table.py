@@ -23,7 +23,6 @@ def test_sft_rows_compare_full_fine_tuning_with_the_adapters_alone(tmp_path):
     # Rank 16 on every linear layer of the one block: c_attn 32->96, c_proj 32->32, c_fc 32->128, c_proj 128->32.
     assert lora[3] == f"{16 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32)):,}"
     assert int(full[3].replace(",", "")) > 100_000
-    resident, peak, seconds = 4, 6, 7
+    resident, peak = 4, 6
     assert float(lora[resident].replace(",", "")) < float(full[resident].replace(",", ""))
     assert float(full[peak].replace(",", "")) >= float(full[resident].replace(",", ""))
-    assert float(full[seconds]) > 0 and float(lora[seconds]) > 0

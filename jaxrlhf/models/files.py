@@ -38,6 +38,18 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None) -> Pat
         ) from e
 
 
+def json_object(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, generation_config.json, adapter_config.json) that
+    must hold an object; anything else is a CheckpointError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
 def generation_eos(directory: Path) -> dict:
     """`{"eos_token_id": ...}` from the checkpoint's generation_config.json when it sets one, else
     `{}`: transformers' `generate` stops on that file's ids (Llama 3's list several) and on
@@ -45,10 +57,7 @@ def generation_eos(directory: Path) -> dict:
     path = directory / "generation_config.json"
     if not path.is_file():
         return {}
-    try:
-        eos = json.loads(path.read_text()).get("eos_token_id")
-    except (OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path} is not a JSON object: {e}") from e
+    eos = json_object(path).get("eos_token_id")
     try:
         token_ids(eos)
     except ConfigError as e:

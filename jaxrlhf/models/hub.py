@@ -29,7 +29,7 @@ from jaxrlhf.models.bert import (
     DistilBertModel,
 )
 from jaxrlhf.models.configs import BertConfig, DistilBertConfig, GPT2Config, LlamaConfig
-from jaxrlhf.models.files import generation_eos, read_tensors, resolve, weight_files
+from jaxrlhf.models.files import generation_eos, json_object, read_tensors, resolve, weight_files
 from jaxrlhf.models.gpt2 import GPT2LMHeadModel, GPT2Model
 from jaxrlhf.models.llama import LlamaForCausalLM, LlamaModel
 
@@ -171,12 +171,7 @@ def read_hf_config(directory: Path) -> dict[str, Any]:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory} has no config.json; is it a Hugging Face checkpoint directory?")
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
+    hf = json_object(path)
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise CheckpointError(

@@ -26,7 +26,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxrlhf import outputs
 from jaxrlhf.errors import CheckpointError, ConfigError
-from jaxrlhf.models.files import read_tensors
+from jaxrlhf.models.files import json_object, read_tensors
 from jaxrlhf.models.hub import ARCHITECTURES, _candidates, _hf_key
 
 Params = dict[str, Any]
@@ -230,12 +230,7 @@ def _read_config(config_path: Path) -> tuple[int, float, float, list[str] | str]
         raise CheckpointError(f"adapter folder {config_path.parent} does not exist")
     if not config_path.is_file():
         raise CheckpointError(f"{config_path.parent} has no {CONFIG_NAME}; is it a PEFT adapter folder?")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} must hold a JSON object")
+    config = json_object(config_path)
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{config_path}: peft_type {config.get('peft_type')!r} is not supported; "
                               "jaxrlhf loads LORA adapters")

@@ -202,11 +202,11 @@ class _Watchdog(threading.Thread):
         self.join()
 
 
-def _own_verdict() -> None:
-    """Every process stops on the settings check's verdict and says so in its own line; another's
-    failed word, which may arrive first, must not replace it."""
+def _own_verdict(own: bool) -> None:
+    """While the settings check runs, every process stops on its verdict and says so in its own
+    line; another's failed word, which may arrive first, must not replace it."""
     if _watchdog is not None:
-        _watchdog.own_verdict = True
+        _watchdog.own_verdict = own
 
 
 _settings_round = count()  # each call of `check_same_settings` reads and writes its own keys
@@ -224,16 +224,16 @@ def check_same_settings(settings: dict[str, Any] | Exception) -> None:
         return
     n, me, prefix = distributed.global_state.num_processes, distributed.global_state.process_id, \
         f"jaxrlhf/settings/{next(_settings_round)}"
+    # Every process reaches the verdict itself: from here on, another's failed word (its own line
+    # of the same verdict, posted while this one still reads) must not replace this one's.
+    _own_verdict(True)
     if isinstance(settings, Exception):
-        _own_verdict()
         client.key_value_set(f"{prefix}/{me}", json.dumps({"error": str(settings)}))
         return
     digests = {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest()[:16] for k, v in settings.items()}
     client.key_value_set(f"{prefix}/{me}", json.dumps({"settings": digests}))
     # As long as JAX waits for the processes to join (a lost one ends this sooner: see above).
     posted = [json.loads(client.blocking_key_value_get(f"{prefix}/{p}", 300_000)) for p in range(n)]
-    if any("error" in post for post in posted) or any(post["settings"] != posted[0]["settings"] for post in posted):
-        _own_verdict()
     for p, post in enumerate(posted):
         if "error" in post:
             raise ConfigError(f"process {p} of this run could not start: {post['error']}")
@@ -246,3 +246,4 @@ def check_same_settings(settings: dict[str, Any] | Exception) -> None:
         raise ConfigError(f"the processes of this run were started with different settings (process 0 and "
                           f"process {', '.join(map(str, differ))} differ in {', '.join(keys)}); start every process "
                           "with the same config, overrides and flags")
+    _own_verdict(False)  # all agree: a later failure elsewhere is reported as the other's

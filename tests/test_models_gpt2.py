@@ -91,7 +91,8 @@ def test_bf16_attention_scores_accumulate_in_float32():
 
     from jaxrlhf.models.layers import attend
 
-    q, k, v = (jnp.ones((1, 3, 2, 4), jnp.bfloat16) for _ in range(3))
+    q = jnp.ones((1, 3, 2, 4), jnp.bfloat16)  # [B, T, H, K]
+    k = v = jnp.ones((1, 2, 3, 4), jnp.bfloat16)  # [B, H, S, K]
     jaxpr = jax.make_jaxpr(lambda q, k, v: attend(q, k, v, jnp.ones((1, 3, 3), bool), 0.5))(q, k, v)
     dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
     scores = dots[0]  # q.k; the second is probs.v, which stays in bf16

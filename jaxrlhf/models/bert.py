@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.configs import BertConfig, DistilBertConfig
-from jaxrlhf.models.layers import Dense, LayerNorm, activation, attend, merge_heads, split_heads
+from jaxrlhf.models.layers import Dense, LayerNorm, activation, attend, heads_major, merge_heads, split_heads
 
 
 def _init(config):
@@ -38,7 +38,7 @@ class EncoderLayer(nn.Module):
 
         q, k, v = (split_heads(dense(d, n)(x_BxTxD), self.num_heads) for n in ("query", "key", "value"))
         scale = (d // self.num_heads) ** -0.5
-        attn_BxTxD = dense(d, "attn_out")(merge_heads(attend(q, k, v, mask_BxTxS, scale)))
+        attn_BxTxD = dense(d, "attn_out")(merge_heads(attend(q, heads_major(k), heads_major(v), mask_BxTxS, scale)))
         x_BxTxD = LayerNorm(self.eps, dtype=self.dtype, name="attn_ln")(attn_BxTxD + x_BxTxD)
         h = activation(self.act)(dense(self.intermediate_size, "ffn_in")(x_BxTxD))
         return LayerNorm(self.eps, dtype=self.dtype, name="ffn_ln")(dense(d, "ffn_out")(h) + x_BxTxD)

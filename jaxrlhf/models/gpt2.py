@@ -18,6 +18,7 @@ from jaxrlhf.models.layers import (
     activation,
     attend,
     causal_positions_and_mask,
+    heads_major,
     init_cache,
     merge_heads,
     rows_matmul,
@@ -51,6 +52,7 @@ class GPT2Attention(nn.Module):
         cfg = self.config
         qkv_BxTx3D = _dense(3 * cfg.n_embd, cfg, self.dtype, "c_attn")(x_BxTxD)
         q, k, v = (split_heads(t, cfg.n_head) for t in jnp.split(qkv_BxTx3D, 3, axis=-1))
+        k, v = heads_major(k), heads_major(v)
         if kv is not None:
             kv = k, v = write_cache(kv, k, v, index)
         scale = 1.0

@@ -106,26 +106,39 @@ def activation(name: str, key: str = "activation") -> Callable[[jax.Array], jax.
 
 def attend(
     q_BxTxHxK: jax.Array,
-    k_BxSxHxK: jax.Array,
-    v_BxSxHxK: jax.Array,
+    k_BxGxSxK: jax.Array,
+    v_BxGxSxK: jax.Array,
     mask_BxTxS: jax.Array,
     scale: float,
 ) -> jax.Array:
     """Softmax attention in float32 (scores accumulated in float32 from bf16 q and k too);
-    `mask_BxTxS` is True where a query may see a key.
+    `mask_BxTxS` is True where a query may see a key -> `[B, T, H, K]`.
+
+    Keys and values come heads-major, as the KV cache stores them, so a decode step reads the
+    cache in place (a `[B, S, H, K]` cache was transposed whole at every step and layer: 8% of
+    GPT-2 small's decode step, benchmarks/RESULTS.md). Each of the G key/value heads serves
+    H / G query heads (grouped-query attention; G = H for GPT-2 and BERT): query head j reads
+    key/value head j // (H / G), as transformers' `repeat_kv`, without repeating the keys.
 
     A query that sees no key at all (a left-pad position) gets a uniform average instead of
     NaN; its output is garbage by design and callers mask it out.
     """
-    # Heads-major operands make every head's product one contiguous batched matmul: timed
-    # alone on CPU, 2-25% faster (fwd + grad) than contracting the [B, T, H, K] layout.
-    q_BxHxTxK, k_BxHxSxK, v_BxHxSxK = (x.transpose(0, 2, 1, 3) for x in (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK))
-    logits_BxHxTxS = jnp.einsum("bhtk,bhsk->bhts", q_BxHxTxK, k_BxHxSxK, preferred_element_type=jnp.float32)
-    logits_BxHxTxS = jnp.where(
-        mask_BxTxS[:, None], logits_BxHxTxS * scale, jnp.finfo(jnp.float32).min
+    b, t, h, k = q_BxTxHxK.shape
+    g = k_BxGxSxK.shape[1]
+    q_BxGxRxTxK = q_BxTxHxK.reshape(b, t, g, h // g, k).transpose(0, 2, 3, 1, 4)
+    logits_BxGxRxTxS = jnp.einsum("bgrtk,bgsk->bgrts", q_BxGxRxTxK, k_BxGxSxK, preferred_element_type=jnp.float32)
+    logits_BxGxRxTxS = jnp.where(
+        mask_BxTxS[:, None, None], logits_BxGxRxTxS * scale, jnp.finfo(jnp.float32).min
     )
-    probs_BxHxTxS = jax.nn.softmax(logits_BxHxTxS, axis=-1).astype(v_BxSxHxK.dtype)
-    return jnp.einsum("bhts,bhsk->bhtk", probs_BxHxTxS, v_BxHxSxK).transpose(0, 2, 1, 3)
+    probs_BxGxRxTxS = jax.nn.softmax(logits_BxGxRxTxS, axis=-1).astype(v_BxGxSxK.dtype)
+    out_BxGxRxTxK = jnp.einsum("bgrts,bgsk->bgrtk", probs_BxGxRxTxS, v_BxGxSxK)
+    return out_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k)
+
+
+def heads_major(x_BxTxHxK: jax.Array) -> jax.Array:
+    """`[B, T, H, K]` -> `[B, H, T, K]`, the layout `attend` and the KV cache take keys and
+    values in: each head's rows contiguous, one batched matmul per head."""
+    return x_BxTxHxK.transpose(0, 2, 1, 3)
 
 
 def split_heads(x_BxTxD: jax.Array, num_heads: int) -> jax.Array:
@@ -146,8 +159,8 @@ def positions_from_mask(mask_BxT: jax.Array) -> jax.Array:
 class KVCache(NamedTuple):
     """Keys and values of every position seen so far, for decoding one token at a time.
 
-    `layers[i]` is layer i's `(k, v)`, each `[B, S, H, K]` for S slots (H the key/value
-    heads); `mask_BxS` is 1 on slots that hold a real token; `index` is the next slot to
+    `layers[i]` is layer i's `(k, v)`, each `[B, H, S, K]` for S slots (H the key/value
+    heads; heads-major, the layout `attend` reads); `mask_BxS` is 1 on slots that hold a real token; `index` is the next slot to
     write. Made by `init_cache`.
     """
 
@@ -160,16 +173,16 @@ def init_cache(config, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for a causal LM whose config gives `kv_cache_dims` (layers, key/value
     heads, head dim)."""
     layers, heads, head_dim = config.kv_cache_dims
-    shape = (batch, max_len, heads, head_dim)
+    shape = (batch, heads, max_len, head_dim)
     kv = tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(layers))
     return KVCache(kv, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def write_cache(kv, k_BxTxHxK: jax.Array, v_BxTxHxK: jax.Array, index):
-    """This step's keys and values written into a layer's cache `kv` at slot `index` -> the
-    updated `(k, v)`, each `[B, S, H, K]`."""
-    k = lax.dynamic_update_slice(kv[0], k_BxTxHxK.astype(kv[0].dtype), (0, index, 0, 0))
-    v = lax.dynamic_update_slice(kv[1], v_BxTxHxK.astype(kv[1].dtype), (0, index, 0, 0))
+def write_cache(kv, k_BxHxTxK: jax.Array, v_BxHxTxK: jax.Array, index):
+    """This step's keys and values (heads-major) written into a layer's cache `kv` at slot
+    `index` -> the updated `(k, v)`, each `[B, H, S, K]`."""
+    k = lax.dynamic_update_slice(kv[0], k_BxHxTxK.astype(kv[0].dtype), (0, 0, index, 0))
+    v = lax.dynamic_update_slice(kv[1], v_BxHxTxK.astype(kv[1].dtype), (0, 0, index, 0))
     return k, v
 
 

@@ -21,6 +21,7 @@ from jaxrlhf.models.layers import (
     activation,
     attend,
     causal_positions_and_mask,
+    heads_major,
     merge_heads,
     rows_matmul,
     split_heads,
@@ -74,11 +75,10 @@ class LlamaAttention(nn.Module):
         k = split_heads(_dense(g * k_dim, cfg, self.dtype, bias, "k_proj")(x_BxTxD), g)
         v = split_heads(_dense(g * k_dim, cfg, self.dtype, bias, "v_proj")(x_BxTxD), g)
         q, k = rotate(q, positions_BxT, cfg.rope_theta), rotate(k, positions_BxT, cfg.rope_theta)
+        k, v = heads_major(k), heads_major(v)
         if kv is not None:
             kv = k, v = write_cache(kv, k, v, index)
-        # Query head j reads key/value head j // (h / g), as transformers' repeat_kv.
-        k_BxSxHxK, v_BxSxHxK = (jnp.repeat(t, h // g, axis=2) for t in (k, v))
-        out_BxTxHxK = attend(q, k_BxSxHxK, v_BxSxHxK, mask_BxTxS, k_dim ** -0.5)
+        out_BxTxHxK = attend(q, k, v, mask_BxTxS, k_dim ** -0.5)
         return _dense(cfg.hidden_size, cfg, self.dtype, bias, "o_proj")(merge_heads(out_BxTxHxK)), kv
 
 

@@ -118,7 +118,7 @@ def bench(w: wl.Workload, repeats: int, workdir: Path) -> dict:
         for i in range(repeats):
             for side, worker in sides.items():
                 times[side].append(worker.step())
-            print(f"  {w.label}: round {i + 1}/{repeats}: "
+            print(f"  {w.label} (batch {w.batch}): round {i + 1}/{repeats}: "
                   + ", ".join(f"{s} {t[-1]:.3f} s" for s, t in times.items()), file=sys.stderr)
         return {side: {"first_s": first[side], "median_s": statistics.median(times[side]),
                        "peak_mb": worker.finish()} for side, worker in sides.items()}
@@ -131,7 +131,7 @@ def row(w: wl.Workload, r: dict, peak_flops: float) -> list[str]:
     ours, ref = r["ours"], r["reference"]
     flops = wl.step_flops(w)
     return [
-        w.name, w.size,
+        w.name, w.size, str(w.batch),
         f"{ours['median_s'] * 1e3:.1f}", f"{ref['median_s'] * 1e3:.1f}",
         f"**{ref['median_s'] / ours['median_s']:.2f}x**",
         f"{w.tokens() / ours['median_s']:.0f}", f"{w.tokens() / ref['median_s']:.0f}",
@@ -141,7 +141,7 @@ def row(w: wl.Workload, r: dict, peak_flops: float) -> list[str]:
     ]
 
 
-HEADER = ["workload", "model", "jaxrlhf ms", "reference ms", "speed-up", "jaxrlhf tok/s", "reference tok/s",
+HEADER = ["workload", "model", "batch", "jaxrlhf ms", "reference ms", "speed-up", "jaxrlhf tok/s", "reference tok/s",
           "jaxrlhf compile s", "reference warm-up s", "jaxrlhf peak MB", "reference peak MB",
           "jaxrlhf % of matmul peak", "reference % of matmul peak"]
 REFERENCES = {
@@ -170,6 +170,7 @@ def machine_summary() -> str:
 
 def report(command: str, peaks: dict, rows: list[list[str]], repeats: int, workloads: list[wl.Workload]) -> str:
     shapes = {w.name: w for w in workloads}
+    batches = {name: sorted({w.batch for w in workloads if w.name == name}) for name in shapes}
     lines = [
         f"Machine: {machine_summary()}", "",
         f"Command: `{command}` ({time.strftime('%Y-%m-%d')}; steady-state medians of {repeats} interleaved steps "
@@ -185,7 +186,7 @@ def report(command: str, peaks: dict, rows: list[list[str]], repeats: int, workl
     for name, ref in REFERENCES.items():
         if name in shapes:
             w = shapes[name]
-            lines.append(f"- **{name}**: {ref}; batch {w.batch}, {_shape(w)}.")
+            lines.append(f"- **{name}**: {ref}; batch {' and '.join(map(str, batches[name]))}, {_shape(w)}.")
     return "\n".join(lines)
 
 
@@ -245,7 +246,7 @@ def main(argv=None) -> list[list[str]]:
         peaks = matmul_peak(tmp)
         rows = []
         for i, w in enumerate(chosen):
-            print(f"[{i + 1}/{len(chosen)}] {w.label}", file=sys.stderr)
+            print(f"[{i + 1}/{len(chosen)}] {w.label} (batch {w.batch})", file=sys.stderr)
             rows.append(row(w, bench(w, repeats, tmp / w.size), max(peaks.values())))
     command = "python benchmarks/run.py" + " ".join(["", *(argv if argv is not None else sys.argv[1:])])
     text = report(command.strip(), peaks, rows, repeats, chosen)

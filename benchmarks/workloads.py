@@ -78,6 +78,8 @@ def workloads(quick: bool) -> list[Workload]:
     # the pretrained policy's shape: the SFT step and generation
     out += [Workload("sft", "smollm2-135m", batch=8, prompt=32, response=96),
             Workload("generation", "smollm2-135m", batch=16, prompt=8, response=48)]
+    # decoding at a batch where each weight read serves 4x the rows (RESULTS.md, the decode profile)
+    out += [Workload("generation", size, batch=64, prompt=8, response=48) for size in ("gpt2-small", "smollm2-135m")]
     return out + [Workload("reward", "minilm", batch=32, prompt=0, response=64)]
 
 

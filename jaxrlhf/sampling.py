@@ -193,6 +193,20 @@ def generate(
     return out
 
 
+class _Carry(NamedTuple):
+    """The decode loop's state: `[B, N]` output buffers written one column per step, which rows
+    have ended, the KV cache, and the last token written with its mask (the next step's input)."""
+
+    tokens: jax.Array
+    mask: jax.Array
+    logprobs: jax.Array
+    raw_logprobs: jax.Array | None
+    done_B: jax.Array
+    cache: KVCache
+    last_B: jax.Array
+    last_alive_B: jax.Array
+
+
 @functools.lru_cache(maxsize=16)
 def _rows_cache(config, batch: int, max_len: int, dtype, rows: NamedSharding):
     """A compiled maker of an empty KV cache whose rows split as `rows` says (the prompts'
@@ -216,48 +230,57 @@ def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_m
 
     row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, rows_B)
 
-    def record(carry, step, logits_BxV):
+    def record(carry: _Carry, step, logits_BxV) -> _Carry:
         """Pick token `step` from `logits_BxV` and write it into the buffers."""
-        tokens, mask, lps, raws, done, cache = carry
         keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, step)
         token_B, lp_B, raw_B = _pick(logits_BxV, keys_B, step, settings)
-        token_B = jnp.where(done, settings.pad_token_id, token_B)
-        tokens = tokens.at[:, step].set(token_B)
-        mask = mask.at[:, step].set(~done)
-        lps = lps.at[:, step].set(jnp.where(done, 0.0, lp_B))
+        done_B = carry.done_B
+        token_B = jnp.where(done_B, settings.pad_token_id, token_B)
+        raws = carry.raw_logprobs
         if raws is not None:
-            raws = raws.at[:, step].set(jnp.where(done, 0.0, raw_B))
-        return tokens, mask, lps, raws, done | jnp.isin(token_B, eos_E), cache
+            raws = raws.at[:, step].set(jnp.where(done_B, 0.0, raw_B))
+        return carry._replace(
+            tokens=carry.tokens.at[:, step].set(token_B),
+            mask=carry.mask.at[:, step].set(~done_B),
+            logprobs=carry.logprobs.at[:, step].set(jnp.where(done_B, 0.0, lp_B)),
+            raw_logprobs=raws,
+            done_B=done_B | jnp.isin(token_B, eos_E),
+            last_B=token_B,
+            last_alive_B=~done_B,
+        )
 
     zeros = jnp.zeros((b, n), jnp.float32)
-    carry = (
-        jnp.full((b, n), settings.pad_token_id, jnp.int32),
-        jnp.zeros((b, n), bool),
-        zeros,
-        zeros if settings.return_raw_logprobs else None,
-        jnp.zeros((b,), bool),
-        prefill.cache,
+    carry = _Carry(
+        tokens=jnp.full((b, n), settings.pad_token_id, jnp.int32),
+        mask=jnp.zeros((b, n), bool),
+        logprobs=zeros,
+        raw_logprobs=zeros if settings.return_raw_logprobs else None,
+        done_B=jnp.zeros((b,), bool),
+        cache=prefill.cache,
+        last_B=jnp.zeros((b,), jnp.int32),
+        last_alive_B=jnp.zeros((b,), bool),
     )
     carry = record(carry, 0, prefill.logits[:, -1])
 
     def cond(state):
         step, carry = state
-        return (step < n) & ~jnp.all(carry[4])
+        return (step < n) & ~jnp.all(carry.done_B)
 
     def body(state):
-        step, (tokens, mask, lps, raws, done, cache) = state
-        prev_B1 = lax.dynamic_slice_in_dim(tokens, step - 1, 1, axis=1)
-        alive_B1 = lax.dynamic_slice_in_dim(mask, step - 1, 1, axis=1).astype(jnp.int32)
-        out = module.apply({"params": params}, prev_B1, alive_B1, cache=cache)
-        carry = (tokens, mask, lps, raws, done, out.cache)
-        return step + 1, record(carry, step, out.logits[:, 0])
+        step, carry = state
+        # The last token and its mask come with the carry: reading them back from the buffers
+        # the step then writes made XLA copy the mask buffer at every step.
+        out = module.apply({"params": params}, carry.last_B[:, None], carry.last_alive_B[:, None].astype(jnp.int32),
+                           cache=carry.cache)
+        return step + 1, record(carry._replace(cache=out.cache), step, out.logits[:, 0])
 
-    _, (tokens, mask, lps, raws, _, cache) = lax.while_loop(cond, body, (jnp.int32(1), carry))
+    _, carry = lax.while_loop(cond, body, (jnp.int32(1), carry))
+    tokens, mask = carry.tokens, carry.mask
     out = GenerateOutput(
         sequences=jnp.concatenate([prompt_ids_BxP.astype(jnp.int32), tokens], axis=1),
         attention_mask=jnp.concatenate([prompt_mask_BxP, mask.astype(jnp.int32)], axis=1),
         response_mask=mask.astype(jnp.int32),
-        logprobs=lps,
-        raw_logprobs=raws,
+        logprobs=carry.logprobs,
+        raw_logprobs=carry.raw_logprobs,
     )
-    return out, cache
+    return out, carry.cache

@@ -1,0 +1,157 @@
+"""Where a decode step's time goes: the sampler's compiled call profiled op by op.
+
+    python benchmarks/decode_profile.py            # GPT-2 small and SmolLM2-135M, batch 16 and 64
+    python benchmarks/decode_profile.py --write    # and rewrite the table in benchmarks/RESULTS.md
+
+Each case runs `sampling.generate` on the generation workload's shape (random-init weights of
+the model's config, 8-token prompts, 48 new tokens at temperature 1), takes a
+`jax.profiler` trace of one call after warm-ups, and joins every op of the trace to the
+compiled program (`_generate`'s HLO) through its `op_name`, which names the JAX code it came
+from. Ops inside the decoding `while_loop` are summed per category and divided by the decode
+steps (new tokens - 1: the first token comes from the prefill). Op times are summed over the
+runtime's threads (two ops may run at once), so a step's op time can exceed its wall time.
+"""
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import workloads as wl  # noqa: E402
+from benchmarks.run import RESULTS, markdown_table  # noqa: E402
+from jaxrlhf.models import from_config  # noqa: E402
+from jaxrlhf.models.layers import init_cache  # noqa: E402
+from jaxrlhf.sampling import SamplingConfig, _generate, generate  # noqa: E402
+
+START, END = "<!-- decode-profile:start (written by benchmarks/decode_profile.py) -->", "<!-- decode-profile:end -->"
+CASES = [("gpt2-small", 16), ("smollm2-135m", 16), ("gpt2-small", 64), ("smollm2-135m", 64)]
+# (category, test on the op's lower-cased op_name and HLO instruction name), first match wins
+CATEGORIES = [
+    ("q/k/v projections", lambda o, n: "dot_general" in o and re.search(r"/(c_attn|q_proj|k_proj|v_proj)/", o)),
+    ("attention output projection", lambda o, n: "dot_general" in o and re.search(r"/(attn/c_proj|o_proj)/", o)),
+    ("MLP matmuls", lambda o, n: "dot_general" in o and "/mlp/" in o),
+    ("LM head", lambda o, n: "dot_general" in o and re.search(r"(lmheadmodel|forcausallm|lm_head)/dot_general", o)),
+    ("attention over the cache", lambda o, n: re.search(r"/(attn|self_attn)/", o) and re.search(
+        r"einsum|dot_general|softmax|reduce_max|reduce_sum|exp|div|select|where|sub", o)
+        and "dynamic_update_slice" not in o),
+    ("copies and transposes", lambda o, n: re.search(r"transpose|copy", n) or re.search(r"transpose|repeat|pad", o)),
+    ("cache and output writes", lambda o, n: "dynamic_update_slice" in o or "scatter" in o),
+    ("random numbers", lambda o, n: re.search(r"threefry|random|uniform|fold_in", o)),
+    ("sampling (vocabulary passes, search)", lambda o, n: not re.search(r"lmheadmodel|forcausallm", o)),
+    ("norms, activations, residuals", lambda o, n: True),
+]
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """instruction name -> its op_name metadata, over every computation of the HLO text."""
+    out = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
+        if m:
+            meta = re.search(r'op_name="([^"]+)"', line)
+            out[m.group(1)] = meta.group(1) if meta else ""
+    return out
+
+
+def _category(op_name: str, name: str) -> str:
+    o = op_name.lower()
+    return next(c for c, test in CATEGORIES if test(o, name))
+
+
+def profile(size: str, batch: int, calls: int = 3) -> dict:
+    """-> wall ms of a call, op ms per decode step by category, prefill op ms."""
+    w = wl.Workload("generation", size, batch=batch, prompt=8, response=48)
+    module, params, _ = from_config(w.model_config(), jax.random.key(0), head="lm")
+    ids = jnp.asarray(wl.prompts(w))
+    mask = jnp.ones_like(ids)
+    settings = SamplingConfig(max_new_tokens=w.response, pad_token_id=w.eos)
+    rows = jnp.arange(batch, dtype=jnp.int32)
+
+    def call(seed):
+        generate(module, params, ids, mask, jax.random.key(seed), settings).sequences.block_until_ready()
+
+    call(0)
+    walls = []
+    for i in range(calls):
+        start = time.perf_counter()
+        call(i + 1)
+        walls.append(time.perf_counter() - start)
+    cache = init_cache(module.config, batch, w.prompt + w.response, module.dtype)
+    names = _computations(_generate.lower(module, settings, params, cache, ids, mask, jax.random.key(0), rows)
+                          .compile().as_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            call(99)
+        trace = json.load(gzip.open(next(Path(tmp).rglob("*.trace.json.gz"))))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    steps = w.response - 1
+    per_step, prefill = collections.Counter(), 0.0
+    for e in events:
+        if e.get("ph") != "X" or e["name"] not in names:
+            continue
+        op_name = names[e["name"]]
+        if "/while/body/" in op_name and "_generate" in op_name:
+            per_step[_category(op_name, e["name"])] += e["dur"] / 1e3 / steps
+        elif "_generate" in op_name:
+            prefill += e["dur"] / 1e3
+    return {"wall_ms": statistics.median(walls) * 1e3, "per_step": per_step, "prefill_ms": prefill,
+            "gflop_per_s": wl.step_flops(w) / statistics.median(walls) / 1e9}
+
+
+def table(results: dict) -> str:
+    cases = list(results)
+    header = ["per decode step, op ms"] + [f"{s} b{b}" for s, b in cases]
+    rows = []
+    for category, _ in CATEGORIES:
+        cells = [results[c]["per_step"].get(category, 0.0) for c in cases]
+        totals = [sum(results[c]["per_step"].values()) for c in cases]
+        rows.append([category] + [f"{x:.2f} ({100 * x / t:.0f}%)" for x, t in zip(cells, totals)])
+    rows.append(["**all ops of a step**"] + [f"**{sum(results[c]['per_step'].values()):.2f}**" for c in cases])
+    rows.append(["prefill, op ms"] + [f"{results[c]['prefill_ms']:.1f}" for c in cases])
+    rows.append(["whole call, wall ms (median)"] + [f"{results[c]['wall_ms']:.0f}" for c in cases])
+    rows.append(["model GFLOP/s (benchmarks/workloads.py)"] + [f"{results[c]['gflop_per_s']:.1f}" for c in cases])
+    return markdown_table(header, rows)
+
+
+def write(text: str, path: Path = RESULTS) -> None:
+    old = path.read_text()
+    if START not in old:
+        raise SystemExit(f"{path} has no {START} marker: add one where the table goes")
+    head, rest = old.split(START, 1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    tmp.replace(path)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(f"{s}:{b}" for s, b in CASES), help="model:batch,...")
+    parser.add_argument("--write", action="store_true", help="rewrite the table in benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    results = {}
+    for case in args.cases.split(","):
+        size, batch = case.split(":")
+        print(f"profiling {size} batch {batch}", file=sys.stderr)
+        results[(size, int(batch))] = profile(size, int(batch))
+    text = (f"Command: `python benchmarks/decode_profile.py{' --write' if args.write else ''}` "
+            f"({time.strftime('%Y-%m-%d')}), jax {jax.__version__}, one CPU device.\n\n{table(results)}")
+    print(text)
+    if args.write:
+        write(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

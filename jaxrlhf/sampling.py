@@ -94,11 +94,24 @@ def process_logits(logits_BxV: jax.Array, step: jax.Array, settings: SamplingCon
 def sample_categorical(keys_B: jax.Array, logits_BxV: jax.Array, chunk: int = 128) -> jax.Array:
     """One draw per row from softmax(logits), row b with its own key `keys_B[b]` -> `[B]`
     int32, by inverting the CDF (see `_draw`)."""
-    return _draw(keys_B, logits_BxV, chunk)[0]
+    return _draw(jax.vmap(_uniform)(keys_B), logits_BxV, chunk)[0]
 
 
-def _draw(keys_B: jax.Array, logits_BxV: jax.Array, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
-    """-> (one draw per row `[B]` int32, log of the softmax's normaliser `[B]`).
+def _uniform(key: jax.Array) -> jax.Array:
+    """The one uniform in [0, 1) a row's draw takes from its key."""
+    return jax.random.uniform(key, (1,))[0]
+
+
+def _step_uniforms(row_keys_B: jax.Array, n: int) -> jax.Array:
+    """-> `[B, N]`: row b's uniform for token t, from `fold_in(row_keys_B[b], t)`. Drawn for every
+    step before the decode loop: drawn inside it, the per-row threefry compiled to two small
+    while loops (with their carry copies) in every step."""
+    return jax.vmap(lambda key: jax.vmap(lambda t: _uniform(jax.random.fold_in(key, t)))(jnp.arange(n)))(row_keys_B)
+
+
+def _draw(u_B: jax.Array, logits_BxV: jax.Array, chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+    """-> (one draw per row `[B]` int32, log of the softmax's normaliser `[B]`), row b at its
+    uniform `u_B[b]`.
 
     Exact like `jax.random.categorical`, but it needs one uniform per row instead of V Gumbel
     draws, which dominate a decode step on CPU at GPT-2's vocabulary (measured 8.8 ms vs 0.5 ms
@@ -116,7 +129,7 @@ def _draw(keys_B: jax.Array, logits_BxV: jax.Array, chunk: int = 128) -> tuple[j
     if whole < v:
         mass_BxC = jnp.concatenate([mass_BxC, jnp.sum(p_BxV[:, whole:], axis=-1, keepdims=True)], axis=-1)
     cdf_BxC = jnp.cumsum(mass_BxC, axis=-1)
-    u_B1 = jax.vmap(lambda k: jax.random.uniform(k, (1,)))(keys_B) * cdf_BxC[:, -1:]
+    u_B1 = u_B[:, None] * cdf_BxC[:, -1:]
 
     def first_above(cdf, weights):
         # The first index whose cdf exceeds u, clamped to the last index with mass so that
@@ -134,14 +147,14 @@ def _draw(keys_B: jax.Array, logits_BxV: jax.Array, chunk: int = 128) -> tuple[j
     return (c_B * chunk + j_B).astype(jnp.int32), log_normaliser_B
 
 
-def _pick(logits_BxV, keys_B, step, settings):
+def _pick(logits_BxV, u_B, step, settings):
     """-> (token `[B]`, its processed logprob `[B]`, its raw logprob `[B]` or None)."""
     processed_BxV = process_logits(logits_BxV, step, settings)
     if settings.greedy:
         token_B = jnp.argmax(processed_BxV, axis=-1)
         log_normaliser_B = jax.nn.logsumexp(processed_BxV, axis=-1)
     else:
-        token_B, log_normaliser_B = _draw(keys_B, processed_BxV)
+        token_B, log_normaliser_B = _draw(u_B, processed_BxV)
 
     def logit_of(x_BxV):
         return jnp.take_along_axis(x_BxV, token_B[:, None], axis=-1)[:, 0]
@@ -229,11 +242,12 @@ def _generate(module, settings, params, cache: KVCache, prompt_ids_BxP, prompt_m
                            head_slice=slice(-1, None))
 
     row_keys_B = jax.vmap(jax.random.fold_in, (None, 0))(key, rows_B)
+    u_BxN = _step_uniforms(row_keys_B, n)
 
     def record(carry: _Carry, step, logits_BxV) -> _Carry:
         """Pick token `step` from `logits_BxV` and write it into the buffers."""
-        keys_B = jax.vmap(jax.random.fold_in, (0, None))(row_keys_B, step)
-        token_B, lp_B, raw_B = _pick(logits_BxV, keys_B, step, settings)
+        u_B = lax.dynamic_index_in_dim(u_BxN, step, axis=1, keepdims=False)
+        token_B, lp_B, raw_B = _pick(logits_BxV, u_B, step, settings)
         done_B = carry.done_B
         token_B = jnp.where(done_B, settings.pad_token_id, token_B)
         raws = carry.raw_logprobs

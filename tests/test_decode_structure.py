@@ -2,7 +2,8 @@
 
 Compile-only (no timing): the decoding `while_loop`'s body in `_generate`'s optimised HLO must
 not copy or transpose the KV cache, the output buffers or a `[B, V]` logits array at each
-step, and must read the vocabulary in one exp pass (benchmarks/RESULTS.md, the decode profile).
+step, nor draw random numbers (each row's are drawn for every step before the loop), and must
+read the vocabulary in one exp pass (benchmarks/RESULTS.md, the decode profile).
 """
 
 import re
@@ -62,6 +63,8 @@ def test_a_decode_step_copies_no_cache_buffer_or_logits(model):
              if re.match(r"\s*(?:ROOT )?%[\w\-]*(copy|transpose|pad|concatenate)[\w\-.]* = ", line)
              and shape_of(line) in big]
     assert not moved, f"per-step copies in the decode loop: {moved}"
+    rng = [line.strip()[:80] for line in body if "threefry" in line]
+    assert not rng, f"random numbers drawn inside a decode step (each row's are drawn before the loop): {rng}"
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))

@@ -9,14 +9,24 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxrlhf.errors import ConfigError
 
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU as torch computes it, x / 2 * (1 + erf(x / sqrt 2)). `jax.nn.gelu`'s
+    x / 2 * erfc(-x / sqrt 2) is the same function (within 1e-6), but XLA lowers erfc to two
+    polynomials, an exp and a select, erf to one polynomial: on CPU the erf form's forward and
+    gradient on the MiniLM reward step's `[2048, 1536]` take 3.7 ms against 10 ms."""
+    return 0.5 * x * (1.0 + lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 # The activations Hugging Face configs name (transformers' ACT2FN), with the same formulas.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": gelu_erf,
+    "gelu_python": gelu_erf,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),

@@ -103,3 +103,21 @@ def test_real_minilm_checkpoint_matches_transformers(minilm_dir):
     )
     check(hidden, out.last_hidden_state, enc["attention_mask"])
     check(pooled, out.pooler_output)
+
+
+@pytest.mark.fast
+def test_layer_norm_and_gelu_gradients_match_torch():
+    """LayerNorm's hand-written gradient and the erf GELU's, against torch's autograd."""
+    import jax
+
+    from jaxrlhf.models.layers import ACTIVATIONS, layer_norm
+
+    rng = np.random.default_rng(0)
+    x = (3 + 4 * rng.normal(size=(3, 5, 16))).astype(np.float32)
+    scale, bias = (1 + 0.3 * rng.normal(size=16)).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    g = rng.normal(size=x.shape).astype(np.float32)
+    ours = jax.vjp(lambda *a: ACTIVATIONS["gelu"](layer_norm(*a, 1e-5)), x, scale, bias)[1](g)
+    tx, ts, tb = (torch.tensor(a, requires_grad=True) for a in (x, scale, bias))
+    torch.nn.functional.gelu(torch.nn.functional.layer_norm(tx, (16,), ts, tb, 1e-5)).backward(torch.tensor(g))
+    for got, want in zip(ours, (tx.grad, ts.grad, tb.grad)):
+        np.testing.assert_allclose(np.asarray(got), want.numpy(), rtol=1e-5, atol=1e-5)

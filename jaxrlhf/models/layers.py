@@ -9,14 +9,24 @@ from typing import Callable, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxrlhf.errors import ConfigError
 
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact GELU as torch computes it, x / 2 * (1 + erf(x / sqrt 2)). `jax.nn.gelu`'s
+    x / 2 * erfc(-x / sqrt 2) is the same function (within 1e-6), but XLA lowers erfc to two
+    polynomials, an exp and a select, erf to one polynomial: on CPU the erf form's forward and
+    gradient on the MiniLM reward step's `[2048, 1536]` take 3.7 ms against 10 ms."""
+    return 0.5 * x * (1.0 + lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
 # The activations Hugging Face configs name (transformers' ACT2FN), with the same formulas.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "gelu_python": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": gelu_erf,
+    "gelu_python": gelu_erf,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
@@ -56,6 +66,37 @@ class Dense(nn.Dense):
         return y.reshape(*x_NxD.shape[:-1], y.shape[-1])
 
 
+def _layer_norm_parts(x_NxD, scale_D, bias_D, eps):
+    mean = jnp.mean(x_NxD, axis=-1, keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(lax.square(x_NxD), axis=-1, keepdims=True) - lax.square(mean))
+    inv_Nx1 = lax.rsqrt(var + eps)
+    y = (x_NxD - mean) * (inv_Nx1 * scale_D) + bias_D
+    return y, ((x_NxD - mean) * inv_Nx1, inv_Nx1, scale_D)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x_NxD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm of float32 `x` over its last axis, the variance as E[x^2] - E[x]^2.
+
+    Its gradient is the closed form (torch's layer_norm_backward) from the normalised input and
+    the inverse deviation kept by the forward pass: with autodiff's, XLA on CPU also kept the
+    scale broadcast to `[N, D]` for the backward's row sums (a materialised copy per norm) and
+    spread them over more passes; the reward step trains ~2% faster."""
+    return _layer_norm_parts(x_NxD, scale_D, bias_D, eps)[0]
+
+
+def _layer_norm_bwd(eps, residuals, g_NxD):
+    xhat_NxD, inv_Nx1, scale_D = residuals
+    gs_NxD = g_NxD * scale_D
+    dx = inv_Nx1 * (gs_NxD - jnp.mean(gs_NxD, axis=-1, keepdims=True)
+                    - xhat_NxD * jnp.mean(gs_NxD * xhat_NxD, axis=-1, keepdims=True))
+    rows = tuple(range(g_NxD.ndim - 1))
+    return dx, jnp.sum(g_NxD * xhat_NxD, axis=rows), jnp.sum(g_NxD, axis=rows)
+
+
+layer_norm.defvjp(lambda x, scale, bias, eps: _layer_norm_parts(x, scale, bias, eps), _layer_norm_bwd)
+
+
 class LayerNorm(nn.Module):
     """`nn.LayerNorm` (same params, same float32 maths: statistics, scale and shift in float32,
     the variance as E[x^2] - E[x]^2) with the output in the compute `dtype`, and its scale and
@@ -71,10 +112,7 @@ class LayerNorm(nn.Module):
         d = x_NxD.shape[-1]
         scale_D, bias_D = (self.param(n, init, (d,)).astype(self.dtype).astype(jnp.float32)
                            for n, init in (("scale", nn.initializers.ones), ("bias", nn.initializers.zeros)))
-        x = x_NxD.astype(jnp.float32)
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.maximum(0.0, jnp.mean(lax.square(x), axis=-1, keepdims=True) - lax.square(mean))
-        return ((x - mean) * (lax.rsqrt(var + self.epsilon) * scale_D) + bias_D).astype(self.dtype)
+        return layer_norm(x_NxD.astype(jnp.float32), scale_D, bias_D, self.epsilon).astype(self.dtype)
 
 
 def frozen_params(params, dtype):

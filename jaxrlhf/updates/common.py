@@ -72,6 +72,20 @@ class TrainState(struct.PyTreeNode):
         return self.base_params if self.ref_params is None else self.ref_params
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (same empty state) as torch's `clip_grad_norm_` computes it:
+    every gradient times one scalar, min(1, max_norm / norm). optax selects between the gradient
+    and gradient / norm * max_norm, and XLA keeps that division a pass of its own over every
+    gradient (a divide is too costly to repeat in each consumer), while a multiply by a scalar
+    fuses into the AdamW moments. Equal up to rounding when clipping, bitwise otherwise."""
+
+    def update(updates, state, params=None):
+        factor = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
+        return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(
     learning_rate: float,
     *,
@@ -100,7 +114,7 @@ def make_optimizer(
         "cosine": optax.cosine_decay_schedule(learning_rate, decay_steps),
     }[schedule]
     lr = optax.join_schedules([warmup, after], [warmup_steps]) if warmup else after
-    parts = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
+    parts = [clip_by_global_norm(max_grad_norm)] if max_grad_norm else []
     tx = optax.chain(*parts, optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
     return tx, lr
 

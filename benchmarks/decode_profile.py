@@ -3,6 +3,9 @@
     python benchmarks/decode_profile.py            # GPT-2 small and SmolLM2-135M, batch 16 and 64
     python benchmarks/decode_profile.py --write    # and rewrite the table in benchmarks/RESULTS.md
 
+It also times the step's matmuls alone, in XLA and in PyTorch: the rate the whole step could
+reach if nothing but its matmuls took time.
+
 Each case runs `sampling.generate` on the generation workload's shape (random-init weights of
 the model's config, 8-token prompts, 48 new tokens at temperature 1), takes a
 `jax.profiler` trace of one call after warm-ups, and joins every op of the trace to the
@@ -110,6 +113,42 @@ def profile(size: str, batch: int, calls: int = 3) -> dict:
             "gflop_per_s": wl.step_flops(w) / statistics.median(walls) / 1e9}
 
 
+def matmuls_alone(size: str, rows: int, repeats: int = 7) -> dict[str, float]:
+    """GFLOP/s of one decode step's matmuls timed alone -> {"jaxrlhf (XLA)": ..., "PyTorch": ...}:
+    every 2-D kernel of the model (and its LM head) times `rows` rows, each weight distinct and
+    streamed from memory as in a decode step, nothing else (no attention, norms or sampling)."""
+    import numpy as np
+    import torch
+
+    w = wl.Workload("generation", size, batch=rows, prompt=8, response=48)
+    _, params, _ = from_config(w.model_config(), jax.random.key(0), head="lm")
+    kernels = [np.array(x) for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if x.ndim == 2 and "kernel" in jax.tree_util.keystr(path)]
+    head = [np.ascontiguousarray(np.asarray(x).T) for path, x in jax.tree_util.tree_leaves_with_path(params)
+            if re.search(r"wte|embed_tokens|lm_head", jax.tree_util.keystr(path))][:1]  # tied or not: one [D, V]
+    weights = kernels + head
+    xs = {k: np.random.default_rng(0).normal(size=(rows, k)).astype(np.float32) for k in {m.shape[0] for m in weights}}
+    flops = sum(2 * rows * m.shape[0] * m.shape[1] for m in weights)
+    step = jax.jit(lambda xs, ws: [xs[m.shape[0]] @ m for m in ws])
+    on_device = jax.device_put((xs, weights))
+    xt, wt = {k: torch.from_numpy(v) for k, v in xs.items()}, [torch.from_numpy(m) for m in weights]
+
+    def torch_step():
+        with torch.no_grad():
+            return [xt[m.shape[0]] @ m for m in wt]
+
+    out = {}
+    for name, run in (("jaxrlhf (XLA)", lambda: jax.block_until_ready(step(*on_device))), ("PyTorch", torch_step)):
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        out[name] = flops / statistics.median(times) / 1e9
+    return out
+
+
 def table(results: dict) -> str:
     cases = list(results)
     header = ["per decode step, op ms"] + [f"{s} b{b}" for s, b in cases]
@@ -140,13 +179,17 @@ def main(argv=None) -> str:
     parser.add_argument("--cases", default=",".join(f"{s}:{b}" for s, b in CASES), help="model:batch,...")
     parser.add_argument("--write", action="store_true", help="rewrite the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
-    results = {}
+    results, alone = {}, []
     for case in args.cases.split(","):
         size, batch = case.split(":")
         print(f"profiling {size} batch {batch}", file=sys.stderr)
         results[(size, int(batch))] = profile(size, int(batch))
+        alone.append(f"{size} at {batch} rows: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in matmuls_alone(size, int(batch)).items()))
     text = (f"Command: `python benchmarks/decode_profile.py{' --write' if args.write else ''}` "
-            f"({time.strftime('%Y-%m-%d')}), jax {jax.__version__}, one CPU device.\n\n{table(results)}")
+            f"({time.strftime('%Y-%m-%d')}), jax {jax.__version__}, one CPU device.\n\n{table(results)}\n\n"
+            "The same step's matmuls timed alone (every dense kernel and the LM head at the step's rows, distinct "
+            f"weights, nothing else), GFLOP/s: {'; '.join(alone)}.")
     print(text)
     if args.write:
         write(text)

@@ -71,3 +71,25 @@ def test_results_file_keeps_its_prose_and_gains_a_table_block(tmp_path):
     text = results.read_text()
     assert text.startswith("# Benchmarks\n\nnotes without a table yet\n")
     assert "| t3 |" in text and "| t2 |" not in text and text.count(run.START) == 1
+
+
+@pytest.mark.slow
+def test_decode_profile_puts_a_steps_ops_in_categories_and_rewrites_only_its_table(tmp_path, monkeypatch):
+    from benchmarks import decode_profile
+
+    result = decode_profile.profile("tiny", 2, calls=1)
+    per_step = result["per_step"]
+    assert set(per_step) <= {c for c, _ in decode_profile.CATEGORIES}
+    for category in ("q/k/v projections", "MLP matmuls", "LM head", "sampling (vocabulary passes, search)"):
+        assert per_step[category] > 0, category
+    assert per_step.get("copies and transposes", 0.0) == 0.0
+    assert result["prefill_ms"] > 0 and result["wall_ms"] > 0
+    alone = decode_profile.matmuls_alone("tiny", 2, repeats=1)
+    assert set(alone) == {"jaxrlhf (XLA)", "PyTorch"} and min(alone.values()) > 0
+
+    results = tmp_path / "RESULTS.md"
+    results.write_text(f"before\n{decode_profile.START}\nold\n{decode_profile.END}\nafter\n")
+    decode_profile.write(decode_profile.table({("tiny", 2): result}), results)
+    text = results.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| LM head |" in text

@@ -74,7 +74,7 @@ def test_results_file_keeps_its_prose_and_gains_a_table_block(tmp_path):
 
 
 @pytest.mark.slow
-def test_decode_profile_puts_a_steps_ops_in_categories_and_rewrites_only_its_table(tmp_path, monkeypatch):
+def test_decode_profile_puts_a_steps_ops_in_categories_and_rewrites_only_its_table(tmp_path):
     from benchmarks import decode_profile
 
     result = decode_profile.profile("tiny", 2, calls=1)

@@ -57,10 +57,13 @@ def shape_of(line: str) -> tuple[int, ...] | None:
 def test_a_decode_step_copies_no_cache_buffer_or_logits(model):
     body, _, config = decode_body(MODELS[model], SamplingConfig(max_new_tokens=N, pad_token_id=0))
     _, heads, head_dim = config.kv_cache_dims
-    big = {(B, heads, P + N, head_dim), (B, P + N, heads, head_dim), (B, N), (B, V)}
+    queries = MODELS[model].get("num_attention_heads", MODELS[model].get("n_head"))
+    # the cache in either layout, repeated to the query heads, grouped; the buffers; the logits
+    big = {(B, heads, P + N, head_dim), (B, P + N, heads, head_dim), (B, queries, P + N, head_dim),
+           (B, P + N, queries, head_dim), (B, heads, queries // heads, P + N, head_dim), (B, N), (B, V)}
     assert any(shape_of(line) == (B, heads, P + N, head_dim) for line in body), "the cache is updated in the loop"
     moved = [line.strip()[:120] for line in body
-             if re.match(r"\s*(?:ROOT )?%[\w\-]*(copy|transpose|pad|concatenate)[\w\-.]* = ", line)
+             if re.match(r"\s*(?:ROOT )?%[\w\-]*(copy|transpose|pad|concatenate|broadcast)[\w\-.]* = ", line)
              and shape_of(line) in big]
     assert not moved, f"per-step copies in the decode loop: {moved}"
     rng = [line.strip()[:80] for line in body if "threefry" in line]

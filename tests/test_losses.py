@@ -5,11 +5,13 @@ import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 from jaxrlhf import losses
+from jaxrlhf.updates.common import clip_by_global_norm
 from jaxrlhf.updates.ppo import PPOConfig, update_kl_coef
 
 pytestmark = pytest.mark.fast
@@ -205,3 +207,15 @@ def test_clipped_side_has_zero_gradient_outside_the_clip_range(adv, eps):
     # ...while inside the range the gradient is not zero.
     inside = jax.grad(lambda lp: losses.ppo_policy_loss(lp, old, adv, np.ones((B, T)), eps)[0])(np.zeros_like(lp))
     assert (np.asarray(inside) != 0).all()
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_gradient_clipping_is_optaxs(max_norm):
+    """Our clip (one scalar factor) gives optax's clipped gradients and state; unclipped, the same bits."""
+    grads = {"a": jnp.arange(6.0).reshape(2, 3) - 2.5, "b": jnp.full(4, 0.3)}
+    ours, ref = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(ref.init(grads))
+    got, want = (tx.update(grads, tx.init(grads))[0] for tx in (ours, ref))
+    for k in grads:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=0 if max_norm > 10 else 1e-7)
+        assert max_norm < 10 or np.array_equal(got[k], grads[k])

@@ -94,7 +94,7 @@ def _layer_norm_bwd(eps, residuals, g_NxD):
     return dx, jnp.sum(g_NxD * xhat_NxD, axis=rows), jnp.sum(g_NxD, axis=rows)
 
 
-layer_norm.defvjp(lambda x, scale, bias, eps: _layer_norm_parts(x, scale, bias, eps), _layer_norm_bwd)
+layer_norm.defvjp(_layer_norm_parts, _layer_norm_bwd)
 
 
 class LayerNorm(nn.Module):
@@ -198,8 +198,8 @@ class KVCache(NamedTuple):
     """Keys and values of every position seen so far, for decoding one token at a time.
 
     `layers[i]` is layer i's `(k, v)`, each `[B, H, S, K]` for S slots (H the key/value
-    heads; heads-major, the layout `attend` reads); `mask_BxS` is 1 on slots that hold a real token; `index` is the next slot to
-    write. Made by `init_cache`.
+    heads; heads-major, the layout `attend` reads); `mask_BxS` is 1 on slots that hold a real
+    token; `index` is the next slot to write. Made by `init_cache`.
     """
 
     layers: tuple[tuple[jax.Array, jax.Array], ...]

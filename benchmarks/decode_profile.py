@@ -34,10 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import workloads as wl  # noqa: E402
 from benchmarks.run import RESULTS, markdown_table  # noqa: E402
+from benchmarks.worker import matmul_flops_per_s  # noqa: E402
 from jaxrlhf.models import from_config  # noqa: E402
 from jaxrlhf.models.layers import init_cache  # noqa: E402
 from jaxrlhf.sampling import SamplingConfig, _generate, generate  # noqa: E402
 
+ONE_MATMUL = "jaxrlhf (XLA) as one matmul"
 START, END = "<!-- decode-profile:start (written by benchmarks/decode_profile.py) -->", "<!-- decode-profile:end -->"
 CASES = [("gpt2-small", 16), ("smollm2-135m", 16), ("gpt2-small", 64), ("smollm2-135m", 64)]
 # (category, test on the op's lower-cased op_name and HLO instruction name), first match wins
@@ -114,9 +116,11 @@ def profile(size: str, batch: int, calls: int = 3) -> dict:
 
 
 def matmuls_alone(size: str, rows: int, repeats: int = 7) -> dict[str, float]:
-    """GFLOP/s of one decode step's matmuls timed alone -> {"jaxrlhf (XLA)": ..., "PyTorch": ...}:
-    every 2-D kernel of the model (and its LM head) times `rows` rows, each weight distinct and
-    streamed from memory as in a decode step, nothing else (no attention, norms or sampling)."""
+    """GFLOP/s of one decode step's matmuls timed alone -> {"jaxrlhf (XLA)": ..., "PyTorch": ...,
+    ONE_MATMUL: ...}: every 2-D kernel of the model (and its LM head) times `rows` rows, each
+    weight distinct and streamed from memory as in a decode step, nothing else (no attention,
+    norms or sampling); and the same FLOPs and weight bytes as one `[rows, D] @ [D, N]` matmul
+    in XLA: whether one large call at that row count does better than the step's many."""
     import numpy as np
     import torch
 
@@ -131,6 +135,8 @@ def matmuls_alone(size: str, rows: int, repeats: int = 7) -> dict[str, float]:
     flops = sum(2 * rows * m.shape[0] * m.shape[1] for m in weights)
     step = jax.jit(lambda xs, ws: [xs[m.shape[0]] @ m for m in ws])
     on_device = jax.device_put((xs, weights))
+    d = head[0].shape[0]
+    one = jax.device_put((xs[d], np.random.default_rng(1).normal(size=(d, flops // (2 * rows * d))).astype(np.float32)))
     xt, wt = {k: torch.from_numpy(v) for k, v in xs.items()}, [torch.from_numpy(m) for m in weights]
 
     def torch_step():
@@ -138,7 +144,9 @@ def matmuls_alone(size: str, rows: int, repeats: int = 7) -> dict[str, float]:
             return [xt[m.shape[0]] @ m for m in wt]
 
     out = {}
-    for name, run in (("jaxrlhf (XLA)", lambda: jax.block_until_ready(step(*on_device))), ("PyTorch", torch_step)):
+    runs = (("jaxrlhf (XLA)", lambda: jax.block_until_ready(step(*on_device))), ("PyTorch", torch_step),
+            (ONE_MATMUL, lambda: jax.block_until_ready(jnp.matmul(*one))))
+    for name, run in runs:
         run()
         times = []
         for _ in range(repeats):
@@ -149,7 +157,9 @@ def matmuls_alone(size: str, rows: int, repeats: int = 7) -> dict[str, float]:
     return out
 
 
-def table(results: dict) -> str:
+def table(results: dict, peak: float | None = None) -> str:
+    """The per-step table of `profile`'s results by case; with `peak` (GFLOP/s), each call's
+    model FLOP rate also as a share of it."""
     cases = list(results)
     header = ["per decode step, op ms"] + [f"{s} b{b}" for s, b in cases]
     rows = []
@@ -160,17 +170,20 @@ def table(results: dict) -> str:
     rows.append(["**all ops of a step**"] + [f"**{sum(results[c]['per_step'].values()):.2f}**" for c in cases])
     rows.append(["prefill, op ms"] + [f"{results[c]['prefill_ms']:.1f}" for c in cases])
     rows.append(["whole call, wall ms (median)"] + [f"{results[c]['wall_ms']:.0f}" for c in cases])
-    rows.append(["model GFLOP/s (benchmarks/workloads.py)"] + [f"{results[c]['gflop_per_s']:.1f}" for c in cases])
+    rows.append(["model GFLOP/s (benchmarks/workloads.py)"] + [
+        f"{results[c]['gflop_per_s']:.1f}" + (f" ({100 * results[c]['gflop_per_s'] / peak:.0f}% of peak)" if peak else "")
+        for c in cases])
     return markdown_table(header, rows)
 
 
-def write(text: str, path: Path = RESULTS) -> None:
+def write(text: str, path: Path = RESULTS, start: str = START, end: str = END) -> None:
+    """Replace what lies between the `start` and `end` markers of `path` with `text`."""
     old = path.read_text()
-    if START not in old:
-        raise SystemExit(f"{path} has no {START} marker: add one where the table goes")
-    head, rest = old.split(START, 1)
+    if start not in old:
+        raise SystemExit(f"{path} has no {start} marker: add one where the table goes")
+    head, rest = old.split(start, 1)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    tmp.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
     tmp.replace(path)
 
 
@@ -179,17 +192,21 @@ def main(argv=None) -> str:
     parser.add_argument("--cases", default=",".join(f"{s}:{b}" for s, b in CASES), help="model:batch,...")
     parser.add_argument("--write", action="store_true", help="rewrite the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
+    # the matmul peak as benchmarks/run.py measures it: the larger of XLA's and PyTorch's
+    peak = max(matmul_flops_per_s(side) for side in ("peak-ours", "peak-reference")) / 1e9
     results, alone = {}, []
     for case in args.cases.split(","):
         size, batch = case.split(":")
         print(f"profiling {size} batch {batch}", file=sys.stderr)
         results[(size, int(batch))] = profile(size, int(batch))
         alone.append(f"{size} at {batch} rows: " + ", ".join(
-            f"{k} {v:.0f}" for k, v in matmuls_alone(size, int(batch)).items()))
+            f"{k} {v:.0f} ({100 * v / peak:.0f}%)" for k, v in matmuls_alone(size, int(batch)).items()))
     text = (f"Command: `python benchmarks/decode_profile.py{' --write' if args.write else ''}` "
-            f"({time.strftime('%Y-%m-%d')}), jax {jax.__version__}, one CPU device.\n\n{table(results)}\n\n"
+            f"({time.strftime('%Y-%m-%d')}), jax {jax.__version__}, one CPU device; float32 matmul peak "
+            f"{peak:.0f} GFLOP/s (as benchmarks/run.py measures it).\n\n{table(results, peak)}\n\n"
             "The same step's matmuls timed alone (every dense kernel and the LM head at the step's rows, distinct "
-            f"weights, nothing else), GFLOP/s: {'; '.join(alone)}.")
+            "weights, nothing else; and the same FLOPs as one `[rows, D] @ [D, N]` matmul), "
+            f"GFLOP/s (% of the peak): {'; '.join(alone)}.")
     print(text)
     if args.write:
         write(text)

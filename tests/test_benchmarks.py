@@ -85,7 +85,7 @@ def test_decode_profile_puts_a_steps_ops_in_categories_and_rewrites_only_its_tab
     assert per_step.get("copies and transposes", 0.0) == 0.0
     assert result["prefill_ms"] > 0 and result["wall_ms"] > 0
     alone = decode_profile.matmuls_alone("tiny", 2, repeats=1)
-    assert set(alone) == {"jaxrlhf (XLA)", "PyTorch"} and min(alone.values()) > 0
+    assert set(alone) == {"jaxrlhf (XLA)", "PyTorch", decode_profile.ONE_MATMUL} and min(alone.values()) > 0
 
     results = tmp_path / "RESULTS.md"
     results.write_text(f"before\n{decode_profile.START}\nold\n{decode_profile.END}\nafter\n")
@@ -93,3 +93,25 @@ def test_decode_profile_puts_a_steps_ops_in_categories_and_rewrites_only_its_tab
     text = results.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert "| LM head |" in text
+
+
+@pytest.mark.slow
+def test_reward_profile_splits_both_steps_into_the_same_categories_and_rewrites_only_its_table(tmp_path):
+    from benchmarks import ours, reward_profile
+
+    w = wl.Workload("reward", "minilm", batch=2, prompt=0, response=8)
+    ours.prepare(w, tmp_path)
+    results = {"jaxrlhf (XLA)": reward_profile.ours_ops(tmp_path, 1, w),
+               "PyTorch": reward_profile.reference_ops(tmp_path, 1, w)}
+    names = [c for c, *_ in reward_profile.CATEGORIES]
+    for side, result in results.items():
+        assert set(result["ops"]) <= set(names) and result["wall_ms"] > 0, side
+        for category in ("dense matmuls", "LayerNorm", "GELU", "loss, clipping, AdamW", names[2]):
+            assert result["ops"][category] > 0, (side, category)
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"before\n{reward_profile.START}\nold\n{reward_profile.END}\nafter\n")
+    reward_profile.write(reward_profile.table(results), path, reward_profile.START, reward_profile.END)
+    text = path.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| dense matmuls |" in text

@@ -38,9 +38,14 @@ class EncoderLayer(nn.Module):
 
         q, k, v = (split_heads(dense(d, n)(x_BxTxD), self.num_heads) for n in ("query", "key", "value"))
         scale = (d // self.num_heads) ** -0.5
-        attn_BxTxD = dense(d, "attn_out")(merge_heads(attend(q, heads_major(k), heads_major(v), mask_BxTxS, scale)))
+        # The named scopes label these ops in profiles (benchmarks/reward_profile.py).
+        with jax.named_scope("attention"):
+            context_BxTxHxK = attend(q, heads_major(k), heads_major(v), mask_BxTxS, scale)
+        attn_BxTxD = dense(d, "attn_out")(merge_heads(context_BxTxHxK))
         x_BxTxD = LayerNorm(self.eps, dtype=self.dtype, name="attn_ln")(attn_BxTxD + x_BxTxD)
-        h = activation(self.act)(dense(self.intermediate_size, "ffn_in")(x_BxTxD))
+        h = dense(self.intermediate_size, "ffn_in")(x_BxTxD)
+        with jax.named_scope("activation"):
+            h = activation(self.act)(h)
         return LayerNorm(self.eps, dtype=self.dtype, name="ffn_ln")(dense(d, "ffn_out")(h) + x_BxTxD)
 
 

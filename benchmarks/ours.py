@@ -39,7 +39,7 @@ def _keys():
     return iter(jax.random.split(jax.random.key(1), 100_000))
 
 
-def _runner(step, state, batch):
+def runner(step, state, batch):
     """Run `step(state, batch, key) -> (state, metrics)` on `state` in place; each call
     blocks until the step is done."""
     keys = _keys()
@@ -59,7 +59,7 @@ def setup(w: wl.Workload, workdir: Path):
         b = wl.sft_batch(w)
         batch = {"input_ids": b["input_ids"], "attention_mask": np.ones_like(b["input_ids"]),
                  "loss_mask": b["loss_mask"]}
-        return _runner(jit_step(make_sft_step()), _state(module, params), jax.tree.map(jnp.asarray, batch))
+        return runner(jit_step(make_sft_step()), _state(module, params), jax.tree.map(jnp.asarray, batch))
     if w.name == "generation":
         module, params, _ = load_pretrained(model_dir, head="lm")
         ids = jnp.asarray(wl.prompts(w))
@@ -76,17 +76,23 @@ def setup(w: wl.Workload, workdir: Path):
             batch |= {f"{k}_ids": ids, f"{k}_mask": np.ones_like(ids),
                       f"{k}_loss_mask": (np.arange(ids.shape[1]) >= w.prompt)[None].repeat(w.batch, 0)}
         state = _state(module, params, ref_params=jax.tree.map(jnp.array, params))
-        return _runner(jit_step(make_dpo_step("sigmoid", beta=0.1)), state, jax.tree.map(jnp.asarray, batch))
+        return runner(jit_step(make_dpo_step("sigmoid", beta=0.1)), state, jax.tree.map(jnp.asarray, batch))
     if w.name == "ppo":
         return _ppo(w, model_dir, workdir / "heads.npz")
     if w.name in ("rloo", "grpo"):
         return _group(w, model_dir, workdir / "heads.npz")
     if w.name == "reward":
-        module, params, _ = load_pretrained(model_dir, head="classification", num_labels=1)
-        b = wl.regression_batch(w)
-        batch = {"input_ids": b["input_ids"], "attention_mask": np.ones_like(b["input_ids"]), "target": b["target"]}
-        return _runner(jit_step(make_reward_step("regression")), _state(module, params), jax.tree.map(jnp.asarray, batch))
+        return runner(*reward_step(w, model_dir))
     raise ValueError(f"unknown workload {w.name!r}")
+
+
+def reward_step(w: wl.Workload, model_dir: Path):
+    """The reward workload's compiled step, its state and batch -> (step, state, batch);
+    `step(state, batch, key) -> (state, metrics)`."""
+    module, params, _ = load_pretrained(model_dir, head="classification", num_labels=1)
+    b = wl.regression_batch(w)
+    batch = {"input_ids": b["input_ids"], "attention_mask": np.ones_like(b["input_ids"]), "target": b["target"]}
+    return jit_step(make_reward_step("regression")), _state(module, params), jax.tree.map(jnp.asarray, batch)
 
 
 def _reward_fn(config, params, heads):
@@ -126,7 +132,7 @@ def _group(w: wl.Workload, model_dir: Path, heads_file: Path):
         return update(state, batch, update_key)
 
     ids = jnp.asarray(wl.prompts(w))
-    return _runner(iteration, state, {"ids": ids, "mask": jnp.ones_like(ids)})
+    return runner(iteration, state, {"ids": ids, "mask": jnp.ones_like(ids)})
 
 
 def _ppo(w: wl.Workload, model_dir: Path, heads_file: Path):
@@ -149,4 +155,4 @@ def _ppo(w: wl.Workload, model_dir: Path, heads_file: Path):
         return update(state, batch, update_key)
 
     ids = jnp.asarray(wl.prompts(w))
-    return _runner(iteration, state, {"ids": ids, "mask": jnp.ones_like(ids)})
+    return runner(iteration, state, {"ids": ids, "mask": jnp.ones_like(ids)})

@@ -6,15 +6,16 @@
 Both sides run the reward workload's step (`benchmarks/ours.py`, `benchmarks/reference.py`: the
 same random-init weights and batch, one AdamW step). jaxrlhf's step is traced with
 `jax.profiler` and every op joined to the compiled program's HLO through its `op_name`, as
-`decode_profile.py` does; PyTorch's with `torch.profiler`, each aten op's self time. Both are
-summed per category over the traced steps and divided by their number. Op times are summed
-over the runtimes' threads, so a step's op time and its wall time differ.
+`decode_profile.py` does (trace events not named after an instruction of the step are runtime
+and Python spans, not ops); PyTorch's with `torch.profiler`, each aten op's self time, counted
+in the category of its outermost aten caller that has one (the zero-fills and copies inside
+PyTorch's attention kernel are attention), else its own. Both are summed per category over
+the traced steps and divided by their number. Op times are summed over the runtimes'
+threads, so a step's op time and its wall time differ.
 """
 
 import argparse
 import collections
-import gzip
-import json
 import re
 import statistics
 import sys
@@ -23,120 +24,124 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import ours, reference  # noqa: E402
 from benchmarks import workloads as wl  # noqa: E402
-from benchmarks.decode_profile import _computations, write  # noqa: E402
+from benchmarks.decode_profile import call_ms, hlo_op_names, trace_events, write  # noqa: E402
 from benchmarks.run import markdown_table  # noqa: E402
-from jaxrlhf.models import load_pretrained  # noqa: E402
-from jaxrlhf.parallel import jit_step  # noqa: E402
-from jaxrlhf.updates import make_reward_step  # noqa: E402
 
 START, END = "<!-- reward-profile:start (written by benchmarks/reward_profile.py) -->", "<!-- reward-profile:end -->"
 WORKLOAD = next(w for w in wl.workloads(quick=False) if w.name == "reward")
-DENSE = r"/(query|key|value|attn_out|ffn_in|ffn_out|dense|classifier)/"
-# (category, test on jaxrlhf's lower-cased op_name and HLO instruction name, test on a PyTorch
-# aten op's name), first match wins on each side
+DENSE = r"/(query|key|value|attn_out|ffn_in|ffn_out|pooler|classifier)/"
+OTHER, LAST = "dense bias gradients, residuals, other model ops", "loss, clipping, AdamW"
+# (category, test on a jaxrlhf op: its lower-cased op_name and HLO instruction name, test on a
+# PyTorch aten op's name); the first match wins. The last two are what is left on each side.
 CATEGORIES = [
     ("dense matmuls", lambda o, n: re.search(DENSE, o) and ("dot_general" in o or n.startswith("dot")),
      lambda a: a in ("aten::mm", "aten::addmm")),
+    # XLA's batched matmul wants each head's rows contiguous: the head transposes and the copies
+    # of layout changes; PyTorch's `contiguous` / `reshape` copies
+    ("copies and transposes", lambda o, n: re.search(r"transpose|copy", n),
+     lambda a: a in ("aten::copy_", "aten::clone", "aten::contiguous")),
     ("LayerNorm", lambda o, n: re.search(r"(layernorm|_ln)/", o), lambda a: "layer_norm" in a),
-    ("attention (scores, softmax, context, head transposes)", lambda o, n: "/attention/" in o,
+    ("attention (scores, mask, softmax, context)", lambda o, n: "/attention/" in o,
      lambda a: "attention" in a or a in ("aten::bmm", "aten::baddbmm", "aten::_softmax")),
     ("GELU", lambda o, n: "/activation/" in o, lambda a: "gelu" in a),
-    # PyTorch's one large fill is the embedding table's zeroed gradient (jaxrlhf's: a broadcast)
-    ("embeddings", lambda o, n: "/embeddings/" in o, lambda a: re.search(r"embedding|index_select|fill_", a)),
-    ("dense bias gradients, residuals, other model ops", lambda o, n: "bertforsequenceclassification" in o,
+    ("embeddings", lambda o, n: "/embeddings/" in o, lambda a: "embedding" in a or a == "aten::index_select"),
+    (OTHER, lambda o, n: "bertforsequenceclassification" in o,
      lambda a: not re.search(r"adam|foreach|norm|clip|mse|zero|fill", a)),
-    ("loss, clipping, AdamW", lambda o, n: True, lambda a: True),
+    (LAST, lambda o, n: True, lambda a: True),
 ]
 
 
-def _category(side: int, *args) -> str:
-    """The category of an op: `side` 1 with (op_name, HLO name) for jaxrlhf, 2 with (aten name,)."""
-    return next(c[0] for c in CATEGORIES if c[side](*args))
+def xla_category(op_name: str, instruction: str) -> str:
+    """The category of a jaxrlhf op, from its op_name and HLO instruction name."""
+    return next(c for c, test, _ in CATEGORIES if test(op_name.lower(), instruction))
+
+
+def torch_category(event) -> str:
+    """The category of a PyTorch profiler event (an aten op): its outermost aten caller's that
+    has one of the named categories, else its own."""
+    chain = []
+    while event is not None:
+        chain.append(event.name)
+        event = event.cpu_parent
+    for name in reversed(chain):
+        if name.startswith("aten::"):
+            named = next((c for c, _, test in CATEGORIES[:-2] if test(name)), None)
+            if named:
+                return named
+    return next(c for c, _, test in CATEGORIES[-2:] if test(chain[0]))
+
+
+def dense_flops(params, tokens: int) -> int:
+    """The FLOPs of a training step's encoder matmuls: every 2-D kernel of the encoder layers
+    times `tokens` rows, forward and the two gradients (the pooler and head see one row per
+    sequence and are left out)."""
+    kernels = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if x.ndim == 2 and re.search(r"layer_\d+/.*kernel", "/".join(str(getattr(k, "key", k)) for k in path))]
+    return 6 * tokens * sum(x.size for x in kernels)
 
 
 def ours_ops(workdir: Path, steps: int, w: wl.Workload = WORKLOAD) -> dict:
-    """jaxrlhf's step of `w` (its model prepared in `workdir`): op ms per step by category and
-    the median wall ms."""
-    module, params, _ = load_pretrained(workdir / "model", head="classification", num_labels=1)
-    b = wl.regression_batch(w)
-    batch = jax.tree.map(jax.numpy.asarray, {"input_ids": b["input_ids"], "attention_mask": np.ones_like(b["input_ids"]),
-                                             "target": b["target"]})
-    step, state, keys = jit_step(make_reward_step("regression")), ours._state(module, params), ours._keys()
-    names = _computations(step.lower(state, batch, next(keys)).compile().as_text())
-
-    def run():
-        nonlocal state
-        state, metrics = step(state, batch, next(keys))
-        jax.block_until_ready((state, metrics))
-
-    walls = _walls(run, steps)
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(steps):
-                run()
-        trace = json.load(gzip.open(next(Path(tmp).rglob("*.trace.json.gz"))))
+    """jaxrlhf's step of `w` (its model prepared in `workdir`) -> op ms per step by category,
+    the median wall ms, the encoder matmuls' FLOPs."""
+    step, state, batch = ours.reward_step(w, workdir / "model")
+    names = hlo_op_names(step.lower(state, batch, jax.random.key(0)).compile().as_text())
+    flops = dense_flops(state.params, w.batch * w.response)
+    run = ours.runner(step, state, batch)
+    wall_ms = statistics.median(call_ms(run, steps))
     ops = collections.Counter()
-    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
-        if e.get("ph") == "X" and e["name"] in names:
-            ops[_category(1, names[e["name"]].lower(), e["name"])] += e["dur"] / 1e3 / steps
-    return {"ops": ops, "wall_ms": walls}
+    for e in trace_events(run, steps):
+        if e["name"] in names:
+            ops[xla_category(names[e["name"]], e["name"])] += e["dur"] / 1e3 / steps
+    return {"ops": ops, "wall_ms": wall_ms, "dense_flops": flops}
 
 
 def reference_ops(workdir: Path, steps: int, w: wl.Workload = WORKLOAD) -> dict:
-    """PyTorch's step of `w`: each aten op's self ms per step by category and the median wall ms."""
+    """PyTorch's step of `w` -> each aten op's self ms per step by category, the median wall ms."""
     import torch
 
     run = reference.setup(w, workdir)
-    walls = _walls(run, steps)
+    wall_ms = statistics.median(call_ms(run, steps))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             run()
     ops = collections.Counter()
     for e in prof.events():
         if e.name.startswith("aten::"):
-            ops[_category(2, e.name)] += e.self_cpu_time_total / 1e3 / steps
-    return {"ops": ops, "wall_ms": walls}
+            ops[torch_category(e)] += e.self_cpu_time_total / 1e3 / steps
+    return {"ops": ops, "wall_ms": wall_ms}
 
 
-def _walls(run, steps: int) -> float:
-    """The median wall ms of `steps` calls of `run`, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def table(results: dict) -> str:
+def table(results: dict, dense_flops: int) -> str:
+    """Op ms per category, their sum and the wall time, one column per side of `results`; and
+    the dense matmuls' rate from `dense_flops` (both sides do the same)."""
     sides = list(results)
     rows = [[c] + [f"{results[s]['ops'].get(c, 0.0):.1f}" for s in sides] for c, *_ in CATEGORIES]
     rows.append(["**all ops of a step**"] + [f"**{sum(results[s]['ops'].values()):.1f}**" for s in sides])
     rows.append(["whole step, wall ms (median, not profiled)"] + [f"{results[s]['wall_ms']:.0f}" for s in sides])
+    rows.append(["dense matmuls, GFLOP/s (encoder layers' FLOPs / their op ms)"] + [
+        f"{dense_flops / results[s]['ops']['dense matmuls'] / 1e6:.0f}" for s in sides])
     return markdown_table(["per reward step, op ms"] + sides, rows)
 
 
 def main(argv=None) -> str:
+    """Profile both sides, print the table (and with `--write`, put it in RESULTS.md)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6, help="steps timed and steps profiled, per side")
     parser.add_argument("--write", action="store_true", help="rewrite the table in benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         ours.prepare(WORKLOAD, Path(tmp))
-        results = {"jaxrlhf (XLA)": ours_ops(Path(tmp), args.steps),
-                   "PyTorch": reference_ops(Path(tmp), args.steps)}
+        results = {"jaxrlhf (XLA)": ours_ops(Path(tmp), args.steps), "PyTorch": reference_ops(Path(tmp), args.steps)}
     w = WORKLOAD
     text = (f"Command: `python benchmarks/reward_profile.py{' --write' if args.write else ''}` "
-            f"({time.strftime('%Y-%m-%d')}), the {w.size} reward step, batch {w.batch} x {w.response} tokens, "
-            f"jax {jax.__version__}, one CPU device.\n\n{table(results)}")
+            f"({time.strftime('%Y-%m-%d %H:%M')}), the {w.size} reward step, batch {w.batch} x {w.response} tokens, "
+            f"jax {jax.__version__}, one CPU device.\n\n{table(results, results['jaxrlhf (XLA)']['dense_flops'])}")
     print(text)
     if args.write:
         write(text, start=START, end=END)

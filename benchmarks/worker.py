@@ -19,7 +19,7 @@ from pathlib import Path
 MATMUL_N = 2048  # big enough to reach the matmul peak on a CPU, small enough to be quick
 
 
-def matmul_flops_per_s(role: str, repeats: int = 10) -> float:
+def _matmul_flops_per_s(role: str, repeats: int = 10) -> float:
     """Best of `repeats` timed float32 MATMUL_N^2 matmuls (after a warm-up)."""
     import numpy as np
 
@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
 
     try:
         if role.startswith("peak-"):
-            reply(flops_per_s=matmul_flops_per_s(role))
+            reply(flops_per_s=_matmul_flops_per_s(role))
             return
         from benchmarks.workloads import Workload
 

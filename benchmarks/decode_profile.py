@@ -18,8 +18,6 @@ runtime's threads (two ops may run at once), so a step's op time can exceed its 
 
 import argparse
 import collections
-import gzip
-import json
 import re
 import statistics
 import sys
@@ -34,12 +32,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import workloads as wl  # noqa: E402
+from benchmarks.profiling import call_ms, hlo_op_names, trace_events, write  # noqa: E402
 from benchmarks.run import RESULTS, markdown_table, matmul_peak  # noqa: E402
 from jaxrlhf.models import from_config  # noqa: E402
 from jaxrlhf.models.layers import init_cache  # noqa: E402
 from jaxrlhf.sampling import SamplingConfig, _generate, generate  # noqa: E402
 
 ONE_MATMUL = "jaxrlhf (XLA) as one matmul"
+ALONE_REPEATS = 10  # calls of the matmuls alone, the fastest counted (as the peak's best of 10)
 START, END = "<!-- decode-profile:start (written by benchmarks/decode_profile.py) -->", "<!-- decode-profile:end -->"
 CASES = [("gpt2-small", 16), ("smollm2-135m", 16), ("gpt2-small", 64), ("smollm2-135m", 64)]
 # (category, test on the op's lower-cased op_name and HLO instruction name), first match wins
@@ -59,47 +59,14 @@ CATEGORIES = [
 ]
 
 
-def hlo_op_names(hlo: str) -> dict[str, str]:
-    """instruction name -> its op_name metadata (the JAX code it came from), over every
-    computation of the HLO text: a trace event's name is its instruction's."""
-    out = {}
-    for line in hlo.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%(\S+) = ", line)
-        if m:
-            meta = re.search(r'op_name="([^"]+)"', line)
-            out[m.group(1)] = meta.group(1) if meta else ""
-    return out
-
-
 def _category(op_name: str, name: str) -> str:
     o = op_name.lower()
     return next(c for c, test in CATEGORIES if test(o, name))
 
 
-def trace_events(run, calls: int = 1) -> list[dict]:
-    """The complete ("X") events of a `jax.profiler` trace of `calls` calls of `run`; each
-    event's `name` is an HLO instruction's (or a runtime's) and `dur` its microseconds."""
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, create_perfetto_trace=True):
-            for _ in range(calls):
-                run()
-        trace = json.load(gzip.open(next(Path(tmp).rglob("*.trace.json.gz"))))
-    return [e for e in (trace["traceEvents"] if isinstance(trace, dict) else trace) if e.get("ph") == "X"]
-
-
-def call_ms(run, calls: int) -> list[float]:
-    """The wall ms of each of `calls` calls of `run`, after one warm-up call."""
-    run()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def profile(size: str, batch: int, calls: int = 3) -> dict:
-    """-> wall ms of a call, op ms per decode step by category, prefill op ms."""
+    """-> wall ms of a call, op ms per decode step by category, prefill op ms, the call's model
+    GFLOP/s."""
     w = wl.Workload("generation", size, batch=batch, prompt=8, response=48)
     module, params, _ = from_config(w.model_config(), jax.random.key(0), head="lm")
     ids = jnp.asarray(wl.prompts(w))
@@ -130,12 +97,13 @@ def profile(size: str, batch: int, calls: int = 3) -> dict:
             "gflop_per_s": wl.step_flops(w) / wall_ms / 1e6}
 
 
-def matmuls_alone(size: str, rows: int, repeats: int = 10) -> dict[str, float]:
-    """GFLOP/s of one decode step's matmuls timed alone (the best of `repeats` calls) -> {"jaxrlhf (XLA)": ..., "PyTorch": ...,
-    ONE_MATMUL: ...}: every 2-D kernel of the model (and its LM head) times `rows` rows, each
-    weight distinct and streamed from memory as in a decode step, nothing else (no attention,
-    norms or sampling); and the same FLOPs and weight bytes as one `[rows, D] @ [D, N]` matmul
-    in XLA: whether one large call at that row count does better than the step's many."""
+def matmuls_alone(size: str, rows: int, repeats: int = ALONE_REPEATS) -> dict[str, float]:
+    """GFLOP/s of one decode step's matmuls timed alone, the best of `repeats` calls ->
+    {"jaxrlhf (XLA)": ..., "PyTorch": ..., ONE_MATMUL: ...}: every 2-D kernel of the model (and
+    its LM head) times `rows` rows, each weight distinct and streamed from memory as in a decode
+    step, nothing else (no attention, norms or sampling); and the same FLOPs and weight bytes as
+    one `[rows, D] @ [D, N]` matmul in XLA: whether one large call at that row count does better
+    than the step's many."""
     import numpy as np
     import torch
 
@@ -151,7 +119,8 @@ def matmuls_alone(size: str, rows: int, repeats: int = 10) -> dict[str, float]:
     step = jax.jit(lambda xs, ws: [xs[m.shape[0]] @ m for m in ws])
     on_device = jax.device_put((xs, weights))
     d = head[0].shape[0]
-    one = jax.device_put((xs[d], np.random.default_rng(1).standard_normal((d, flops // (2 * rows * d)), np.float32)))
+    wide = np.random.default_rng(1).standard_normal((d, flops // (2 * rows * d)), np.float32)
+    one = jax.device_put((xs[d], wide))
     xt, wt = {k: torch.from_numpy(v) for k, v in xs.items()}, [torch.from_numpy(m) for m in weights]
 
     def torch_step():
@@ -178,20 +147,9 @@ def table(results: dict, peak: float | None = None) -> str:
     rows.append(["prefill, op ms"] + [f"{results[c]['prefill_ms']:.1f}" for c in cases])
     rows.append(["whole call, wall ms (median)"] + [f"{results[c]['wall_ms']:.0f}" for c in cases])
     rows.append(["model GFLOP/s (benchmarks/workloads.py)"] + [
-        f"{results[c]['gflop_per_s']:.1f}" + (f" ({100 * results[c]['gflop_per_s'] / peak:.0f}% of peak)" if peak else "")
-        for c in cases])
+        f"{results[c]['gflop_per_s']:.1f}"
+        + (f" ({100 * results[c]['gflop_per_s'] / peak:.0f}% of peak)" if peak else "") for c in cases])
     return markdown_table(header, rows)
-
-
-def write(text: str, path: Path = RESULTS, start: str = START, end: str = END) -> None:
-    """Replace what lies between the `start` and `end` markers of `path` with `text`."""
-    old = path.read_text()
-    if start not in old:
-        raise SystemExit(f"{path} has no {start} marker: add one where the table goes")
-    head, rest = old.split(start, 1)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
-    tmp.replace(path)
 
 
 def main(argv=None) -> str:
@@ -212,12 +170,12 @@ def main(argv=None) -> str:
             f"({time.strftime('%Y-%m-%d')}), jax {jax.__version__}, one CPU device; float32 matmul peak "
             f"{peak:.0f} GFLOP/s (as benchmarks/run.py measures it).\n\n{table(results, peak)}\n\n"
             "The same step's matmuls timed alone (every dense kernel and the LM head at the step's rows, distinct "
-            "weights, nothing else; and the same FLOPs as one `[rows, D] @ [D, N]` matmul; the best of 10 calls, "
-            "as the peak), "
+            "weights, nothing else; and the same FLOPs as one `[rows, D] @ [D, N]` matmul; the best of "
+            f"{ALONE_REPEATS} calls, as the peak), "
             f"GFLOP/s (% of the peak): {'; '.join(alone)}.")
     print(text)
     if args.write:
-        write(text)
+        write(text, RESULTS, START, END)
     return text
 
 

@@ -30,51 +30,55 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import ours, reference  # noqa: E402
 from benchmarks import workloads as wl  # noqa: E402
-from benchmarks.decode_profile import call_ms, hlo_op_names, trace_events, write  # noqa: E402
-from benchmarks.run import markdown_table  # noqa: E402
+from benchmarks.profiling import call_ms, hlo_op_names, layout_only, trace_events, write  # noqa: E402
+from benchmarks.run import RESULTS, markdown_table  # noqa: E402
 
 START, END = "<!-- reward-profile:start (written by benchmarks/reward_profile.py) -->", "<!-- reward-profile:end -->"
 WORKLOAD = next(w for w in wl.workloads(quick=False) if w.name == "reward")
 DENSE = r"/(query|key|value|attn_out|ffn_in|ffn_out|pooler|classifier)/"
 OTHER, LAST = "dense bias gradients, residuals, other model ops", "loss, clipping, AdamW"
-# (category, test on a jaxrlhf op: its lower-cased op_name and HLO instruction name, test on a
-# PyTorch aten op's name); the first match wins. The last two are what is left on each side.
+# (category, test on a jaxrlhf op: its lower-cased op_name, HLO instruction name and whether it
+# only moves data, test on a PyTorch aten op's name); the first match wins. The last two are
+# what is left on each side.
 CATEGORIES = [
-    ("dense matmuls", lambda o, n: re.search(DENSE, o) and ("dot_general" in o or n.startswith("dot")),
+    ("dense matmuls", lambda o, n, moves: re.search(DENSE, o) and ("dot_general" in o or n.startswith("dot")),
      lambda a: a in ("aten::mm", "aten::addmm")),
-    # XLA's batched matmul wants each head's rows contiguous: the head transposes and the copies
-    # of layout changes; PyTorch's `contiguous` / `reshape` copies
-    ("copies and transposes", lambda o, n: re.search(r"transpose|copy", n),
+    # XLA's batched matmul wants each head's rows contiguous: the head transposes and other
+    # layout changes; PyTorch's `contiguous` / `reshape` copies
+    ("copies and transposes", lambda o, n, moves: moves,
      lambda a: a in ("aten::copy_", "aten::clone", "aten::contiguous")),
-    ("LayerNorm", lambda o, n: re.search(r"(layernorm|_ln)/", o), lambda a: "layer_norm" in a),
-    ("attention (scores, mask, softmax, context)", lambda o, n: "/attention/" in o,
+    ("LayerNorm", lambda o, n, moves: re.search(r"(layernorm|_ln)/", o), lambda a: "layer_norm" in a),
+    ("attention (scores, mask, softmax, context)", lambda o, n, moves: "/attention/" in o,
      lambda a: "attention" in a or a in ("aten::bmm", "aten::baddbmm", "aten::_softmax")),
-    ("GELU", lambda o, n: "/activation/" in o, lambda a: "gelu" in a),
-    ("embeddings", lambda o, n: "/embeddings/" in o, lambda a: "embedding" in a or a == "aten::index_select"),
-    (OTHER, lambda o, n: "bertforsequenceclassification" in o,
+    ("GELU", lambda o, n, moves: "/activation/" in o, lambda a: "gelu" in a),
+    ("embeddings", lambda o, n, moves: "/embeddings/" in o,
+     lambda a: "embedding" in a or a == "aten::index_select"),
+    (OTHER, lambda o, n, moves: "bertforsequenceclassification" in o,
      lambda a: not re.search(r"adam|foreach|norm|clip|mse|zero|fill", a)),
-    (LAST, lambda o, n: True, lambda a: True),
+    (LAST, lambda o, n, moves: True, lambda a: True),
 ]
 
 
-def xla_category(op_name: str, instruction: str) -> str:
-    """The category of a jaxrlhf op, from its op_name and HLO instruction name."""
-    return next(c for c, test, _ in CATEGORIES if test(op_name.lower(), instruction))
+def xla_category(op_name: str, instruction: str, moves_data_only: bool) -> str:
+    """The category of a jaxrlhf op, from its op_name, HLO instruction name and whether it only
+    moves data (`profiling.layout_only`)."""
+    return next(c for c, test, _ in CATEGORIES if test(op_name.lower(), instruction, moves_data_only))
 
 
 def torch_category(event) -> str:
-    """The category of a PyTorch profiler event (an aten op): its outermost aten caller's that
-    has one of the named categories, else its own."""
+    """The category of a PyTorch profiler event (an aten op): that of its outermost aten
+    caller (or itself) with one of the named categories; else one of the last two, by its
+    outermost aten caller (the fill inside `mse_loss` is the loss's)."""
     chain = []
     while event is not None:
-        chain.append(event.name)
+        if event.name.startswith("aten::"):  # autograd nodes and Python spans are not ops
+            chain.append(event.name)
         event = event.cpu_parent
     for name in reversed(chain):
-        if name.startswith("aten::"):
-            named = next((c for c, _, test in CATEGORIES[:-2] if test(name)), None)
-            if named:
-                return named
-    return next(c for c, _, test in CATEGORIES[-2:] if test(chain[0]))
+        named = next((c for c, _, test in CATEGORIES[:-2] if test(name)), None)
+        if named:
+            return named
+    return next(c for c, _, test in CATEGORIES[-2:] if test(chain[-1]))
 
 
 def dense_flops(params, tokens: int) -> int:
@@ -90,14 +94,15 @@ def ours_ops(workdir: Path, steps: int, w: wl.Workload = WORKLOAD) -> dict:
     """jaxrlhf's step of `w` (its model prepared in `workdir`) -> op ms per step by category,
     the median wall ms, the encoder matmuls' FLOPs."""
     step, state, batch = ours.reward_step(w, workdir / "model")
-    names = hlo_op_names(step.lower(state, batch, jax.random.key(0)).compile().as_text())
+    hlo = step.lower(state, batch, jax.random.key(0)).compile().as_text()
+    names, moves = hlo_op_names(hlo), layout_only(hlo)
     flops = dense_flops(state.params, w.batch * w.response)
     run = ours.runner(step, state, batch)
     wall_ms = statistics.median(call_ms(run, steps))
     ops = collections.Counter()
     for e in trace_events(run, steps):
         if e["name"] in names:
-            ops[xla_category(names[e["name"]], e["name"])] += e["dur"] / 1e3 / steps
+            ops[xla_category(names[e["name"]], e["name"], e["name"] in moves)] += e["dur"] / 1e3 / steps
     return {"ops": ops, "wall_ms": wall_ms, "dense_flops": flops}
 
 
@@ -117,15 +122,16 @@ def reference_ops(workdir: Path, steps: int, w: wl.Workload = WORKLOAD) -> dict:
     return {"ops": ops, "wall_ms": wall_ms}
 
 
-def table(results: dict, dense_flops: int) -> str:
+def table(results: dict, flops: int) -> str:
     """Op ms per category, their sum and the wall time, one column per side of `results`; and
-    the dense matmuls' rate from `dense_flops` (both sides do the same)."""
+    the dense matmuls' rate from their `flops` (both sides do the same)."""
     sides = list(results)
     rows = [[c] + [f"{results[s]['ops'].get(c, 0.0):.1f}" for s in sides] for c, *_ in CATEGORIES]
     rows.append(["**all ops of a step**"] + [f"**{sum(results[s]['ops'].values()):.1f}**" for s in sides])
     rows.append(["whole step, wall ms (median, not profiled)"] + [f"{results[s]['wall_ms']:.0f}" for s in sides])
-    rows.append(["dense matmuls, GFLOP/s (encoder layers' FLOPs / their op ms)"] + [
-        f"{dense_flops / results[s]['ops']['dense matmuls'] / 1e6:.0f}" for s in sides])
+    rows.append(["dense matmuls, GFLOP/s (the encoder layers' FLOPs over the row's op ms, which hold the "
+                 "pooler and head too)"] + [f"{flops / max(results[s]['ops']['dense matmuls'], 1e-9) / 1e6:.0f}"
+                                            for s in sides])
     return markdown_table(["per reward step, op ms"] + sides, rows)
 
 
@@ -144,7 +150,7 @@ def main(argv=None) -> str:
             f"jax {jax.__version__}, one CPU device.\n\n{table(results, results['jaxrlhf (XLA)']['dense_flops'])}")
     print(text)
     if args.write:
-        write(text, start=START, end=END)
+        write(text, RESULTS, START, END)
     return text
 
 

@@ -4,7 +4,7 @@ PyTorch / TRL reference) so it cannot rot. Speed is reported, never asserted."""
 import numpy as np
 import pytest
 
-from benchmarks import run
+from benchmarks import profiling, run
 from benchmarks import workloads as wl
 
 
@@ -89,7 +89,7 @@ def test_decode_profile_puts_a_steps_ops_in_categories_and_rewrites_only_its_tab
 
     results = tmp_path / "RESULTS.md"
     results.write_text(f"before\n{decode_profile.START}\nold\n{decode_profile.END}\nafter\n")
-    decode_profile.write(decode_profile.table({("tiny", 2): result}), results)
+    profiling.write(decode_profile.table({("tiny", 2): result}), results, decode_profile.START, decode_profile.END)
     text = results.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert "| LM head |" in text
@@ -112,8 +112,61 @@ def test_reward_profile_splits_both_steps_into_the_same_categories_and_rewrites_
     assert results["jaxrlhf (XLA)"]["dense_flops"] == 6 * 16 * 6 * (4 * 384 ** 2 + 2 * 384 * 1536)
 
     path = tmp_path / "RESULTS.md"
-    path.write_text(f"before\n{reward_profile.START}\nold\n{reward_profile.END}\nafter\n")
-    reward_profile.write(reward_profile.table(results, 10 ** 9), path, reward_profile.START, reward_profile.END)
+    path.write_text(f"before\n{reward_profile.START}\nOLD TABLE\n{reward_profile.END}\nafter\n")
+    profiling.write(reward_profile.table(results, 10 ** 9), path, reward_profile.START, reward_profile.END)
     text = path.read_text()
-    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert text.startswith("before\n") and text.endswith("after\n") and "OLD TABLE" not in text
     assert "| dense matmuls |" in text
+
+
+HLO = """
+%fused_transpose (param_0: f32[2,3]) -> f32[3,2] {
+  %param_0 = f32[2,3]{1,0} parameter(0)
+  %transpose.1 = f32[3,2]{1,0} transpose(%param_0), dimensions={1,0}
+  ROOT %copy.1 = f32[3,2]{0,1} copy(%transpose.1)
+}
+
+%fused_softmax_grad (param_0.1: f32[2,3]) -> f32[3,2] {
+  %param_0.1 = f32[2,3]{1,0} parameter(0)
+  %multiply.1 = f32[2,3]{1,0} multiply(%param_0.1, %param_0.1)
+  ROOT %transpose.2 = f32[3,2]{1,0} transpose(%multiply.1), dimensions={1,0}
+}
+
+ENTRY %main (x: f32[2,3]) -> f32[3,2] {
+  %x = f32[2,3]{1,0} parameter(0)
+  %copy_bitcast_fusion = f32[3,2]{1,0} fusion(%x), kind=kLoop, calls=%fused_transpose, metadata={op_name="a/attention/transpose"}
+  %copy_bitcast_fusion.1 = f32[3,2]{1,0} fusion(%x), kind=kLoop, calls=%fused_softmax_grad, metadata={op_name="a/attention/mul"}
+  ROOT %copy.2 = f32[3,2]{0,1} copy(%copy_bitcast_fusion.1)
+}
+"""
+
+
+@pytest.mark.fast
+def test_profiles_count_only_data_movement_as_copies_and_torch_ops_by_their_outermost_caller():
+    from types import SimpleNamespace
+
+    from benchmarks import reward_profile as rp
+
+    # XLA names fusions after their ops: a softmax gradient fused with a transpose is no copy
+    moves = profiling.layout_only(HLO)
+    assert "copy_bitcast_fusion" in moves and "copy.2" in moves and "copy_bitcast_fusion.1" not in moves
+    assert profiling.hlo_op_names(HLO)["copy_bitcast_fusion.1"] == "a/attention/mul"
+    copies, attention = rp.CATEGORIES[1][0], rp.CATEGORIES[3][0]
+    assert rp.xla_category("jit(step)/bert/layer_2/attention/transpose", "copy_bitcast_fusion", True) == copies
+    assert rp.xla_category("jit(step)/bert/layer_2/attention/mul", "copy_bitcast_fusion.1", False) == attention
+    assert rp.xla_category("jit(step)/bert/layer_0/ffn_in/ffn_in/dot_general", "ynn_fusion.3", False) == "dense matmuls"
+
+    def op(*names):  # innermost first, each called by the next
+        event = None
+        for name in reversed(names):
+            event = SimpleNamespace(name=name, cpu_parent=event)
+        return event
+
+    sdpa_backward = "aten::_scaled_dot_product_flash_attention_for_cpu_backward"
+    assert rp.torch_category(op("aten::fill_", "aten::zero_", "aten::zeros", sdpa_backward,
+                                "ScaledDotProductFlashAttentionForCpuBackward0")) == attention
+    assert rp.torch_category(op("aten::copy_", "aten::addmm", "aten::linear")) == "dense matmuls"
+    assert rp.torch_category(op("aten::copy_", "aten::clone", "aten::contiguous")) == copies
+    assert rp.torch_category(op("aten::mul", "aten::mse_loss_backward", "MseLossBackward0")) == rp.LAST
+    assert rp.torch_category(op("aten::_fused_adamw_", "Optimizer.step#AdamW.step")) == rp.LAST
+    assert rp.torch_category(op("aten::add")) == rp.OTHER
